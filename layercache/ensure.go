@@ -1,0 +1,367 @@
+package layercache
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/layercache/unpack"
+)
+
+// LayerMeta is what layers/sha256/<diffID>/meta.json records about a layer.
+type LayerMeta struct {
+	DiffID         v1.Hash         `json:"diffID"`
+	Digest         v1.Hash         `json:"digest"`
+	MediaType      types.MediaType `json:"mediaType"`
+	CompressedSize int64           `json:"compressedSize"`
+	// Size is the logical size of the layer's regular-file content.
+	Size int64 `json:"size"`
+	// Files counts the regular files in the layer.
+	Files   int64     `json:"files"`
+	Created time.Time `json:"created"`
+}
+
+// ProgressState is the phase of a layer in a progress event.
+type ProgressState string
+
+// Progress states.
+const (
+	LayerCached   ProgressState = "cached"   // already in the store
+	LayerFetching ProgressState = "fetching" // bytes are arriving
+	LayerJoined   ProgressState = "joined"   // another caller is fetching it
+	LayerDone     ProgressState = "done"     // committed to the store
+)
+
+// ProgressEvent reports the state of one layer.
+type ProgressEvent struct {
+	Layer Layer
+	State ProgressState
+	// Done is the number of compressed bytes read so far (LayerFetching).
+	Done int64
+}
+
+// flight is one in-progress fetch of a layer, shared by every caller that
+// needs it.
+type flight struct {
+	done chan struct{}
+	err  error
+}
+
+// HasLayer reports whether the layer is committed in the store.
+func (s *Store) HasLayer(diffID v1.Hash) bool {
+	p, err := s.layerPath(diffID)
+	if err != nil {
+		return false
+	}
+	_, err = os.Lstat(filepath.Join(p, fsDir))
+	return err == nil
+}
+
+// LayerDir returns the unpacked tree of a layer (its fs/ directory), for use
+// as an overlayfs lower directory.
+func (s *Store) LayerDir(diffID v1.Hash) (string, error) {
+	p, err := s.layerPath(diffID)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(p, fsDir), nil
+}
+
+// Pull resolves ref and ensures all its layers are in the store.
+func (s *Store) Pull(ctx context.Context, ref string, o PullOptions) (*Image, error) {
+	img, err := s.Resolve(ctx, ref, o)
+	if err != nil {
+		return nil, err
+	}
+	return img, s.Ensure(ctx, img, o)
+}
+
+// Ensure fetches and unpacks every layer of img that the store lacks, at most
+// the configured number at a time. Each layer is fetched once however many
+// callers need it at the same time. The fetches run on the store's own
+// context: when ctx ends, Ensure returns ctx's error but the fetches go on,
+// and a later Ensure of the same image joins them.
+func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
+	if o.Policy == PullNever {
+		for _, l := range img.Layers {
+			if !s.HasLayer(l.DiffID) {
+				return fmt.Errorf("%w: layer %s of %s is not in the node's cache and the pull policy is Never", ErrNotCached, l.DiffID, img.Ref)
+			}
+		}
+	}
+	var c *client
+	var waits []*flight
+	var layers []Layer
+	for _, l := range img.Layers {
+		if s.HasLayer(l.DiffID) {
+			report(o.Progress, ProgressEvent{Layer: l, State: LayerCached})
+			continue
+		}
+		if c == nil {
+			r, err := s.parseReference(img.Ref)
+			if err != nil {
+				return err
+			}
+			if c, err = s.newClient(ctx, r.Context(), o.Credentials); err != nil {
+				return err
+			}
+		}
+		waits = append(waits, s.join(c, img.Ref, l, o.Progress))
+		layers = append(layers, l)
+	}
+	var errs []error
+	for i, f := range waits {
+		select {
+		case <-f.done:
+			if f.err != nil {
+				errs = append(errs, f.err)
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("pull %s: %w (the pull goes on in the background; retry to join it)", img.Ref, ctx.Err())
+		}
+		if f.err == nil {
+			report(o.Progress, ProgressEvent{Layer: layers[i], State: LayerDone})
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func report(p func(ProgressEvent), e ProgressEvent) {
+	if p != nil {
+		p(e)
+	}
+}
+
+// join returns the flight fetching l, starting one if there is none.
+func (s *Store) join(c *client, ref string, l Layer, progress func(ProgressEvent)) *flight {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if f, ok := s.flights[l.DiffID.Hex]; ok {
+		report(progress, ProgressEvent{Layer: l, State: LayerJoined})
+		return f
+	}
+	f := &flight{done: make(chan struct{})}
+	s.flights[l.DiffID.Hex] = f
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		start := time.Now()
+		meta, err := s.fetchLayer(s.ctx, c, ref, l, progress)
+		if err != nil {
+			klog.ErrorS(err, "Layer fetch failed", "image", ref, "layer", l.DiffID)
+		} else if meta != nil {
+			klog.V(1).InfoS("Layer unpacked", "image", ref, "layer", l.DiffID, "compressedBytes", meta.CompressedSize,
+				"bytes", meta.Size, "files", meta.Files, "duration", time.Since(start).Round(time.Millisecond))
+		}
+		s.mu.Lock()
+		delete(s.flights, l.DiffID.Hex)
+		s.mu.Unlock()
+		f.err = err
+		close(f.done)
+	}()
+	return f
+}
+
+// fetchLayer streams one layer blob through compressed-digest verification,
+// decompression, diffID verification and unpacking into the work directory,
+// makes it durable and renames it into layers/. It returns nil meta when the
+// layer was already there (committed by another process meanwhile).
+func (s *Store) fetchLayer(ctx context.Context, c *client, ref string, l Layer, progress func(ProgressEvent)) (_ *LayerMeta, err error) {
+	select {
+	case s.sem <- struct{}{}:
+		defer func() { <-s.sem }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	dst, err := s.layerPath(l.DiffID)
+	if err != nil {
+		return nil, err
+	}
+	if s.HasLayer(l.DiffID) {
+		return nil, nil
+	}
+	what := fmt.Sprintf("layer %s (blob %s) of %s", l.DiffID, l.Digest, ref)
+	tmp, err := os.MkdirTemp(s.work, "layer-"+l.DiffID.Hex[:12]+"-")
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			if rerr := os.RemoveAll(tmp); rerr != nil {
+				klog.ErrorS(rerr, "Could not remove a failed layer's files", "path", tmp)
+			}
+		}
+	}()
+	if err := os.Mkdir(filepath.Join(tmp, fsDir), 0o755); err != nil {
+		return nil, err
+	}
+
+	body, n, err := c.blob(ctx, l.Digest)
+	if err != nil {
+		return nil, err
+	}
+	defer body.Close()
+	if n >= 0 && l.Size > 0 && n != l.Size {
+		return nil, fmt.Errorf("%w: %s: registry sends %d bytes, manifest says %d", ErrDigestMismatch, what, n, l.Size)
+	}
+	vr := &verifyReader{r: body, limit: l.Size, h: sha256.New(), what: what, progress: progress, layer: l}
+	stats, err := unpackStream(ctx, vr, filepath.Join(tmp, fsDir), l.DiffID, what)
+	if err != nil {
+		return nil, err
+	}
+	if err := vr.verify(l.Digest); err != nil {
+		return nil, err
+	}
+
+	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: vr.n,
+		Size: stats.Bytes, Files: stats.Files, Created: time.Now().UTC()}
+	data, err := json.Marshal(meta)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, metaFile), data, 0o644); err != nil {
+		return nil, err
+	}
+	if err := syncFS(tmp); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
+			// Another process committed the same layer first.
+			_ = os.RemoveAll(tmp)
+			return nil, nil
+		}
+		return nil, fmt.Errorf("commit %s: %w", what, err)
+	}
+	if err := syncDir(filepath.Dir(dst)); err != nil {
+		return nil, err
+	}
+	return meta, nil
+}
+
+// unpackStream decompresses r (gzip, zstd or plain tar, told apart by their
+// magic numbers rather than by a media type that may lie), checks the
+// diffID of the tar stream, and unpacks it into dir.
+func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string) (unpack.Stats, error) {
+	br := bufio.NewReaderSize(r, 256<<10)
+	magic, _ := br.Peek(4)
+	var tarStream io.Reader = br
+	switch {
+	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return unpack.Stats{}, r.failure(err, what)
+		}
+		defer zr.Close()
+		tarStream = zr
+	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return unpack.Stats{}, r.failure(err, what)
+		}
+		defer zr.Close()
+		tarStream = zr
+	}
+	dh := sha256.New()
+	tee := io.TeeReader(tarStream, dh)
+	stats, err := unpack.Apply(ctx, dir, tee)
+	if err == nil {
+		// The tar's end-of-archive blocks and any padding count in the diffID.
+		_, err = io.Copy(io.Discard, tee)
+	}
+	if err == nil {
+		// Read the compressed stream to its end, so its digest covers it all.
+		_, err = io.Copy(io.Discard, br)
+	}
+	if err != nil {
+		if errors.Is(err, unpack.ErrUnsafe) {
+			return stats, fmt.Errorf("%s: %w: nothing of it was kept", what, err)
+		}
+		return stats, r.failure(err, what)
+	}
+	if got := "sha256:" + hex.EncodeToString(dh.Sum(nil)); got != diffID.String() {
+		return stats, fmt.Errorf("%w: %s: uncompressed content has digest %s: nothing was stored", ErrDigestMismatch, what, got)
+	}
+	return stats, nil
+}
+
+// verifyReader hashes and counts a blob as it is read, and reports progress.
+type verifyReader struct {
+	r        io.Reader
+	limit    int64 // expected size; 0 when unknown
+	n        int64
+	h        hash.Hash
+	readErr  error
+	what     string
+	layer    Layer
+	progress func(ProgressEvent)
+	reported int64
+}
+
+func (v *verifyReader) Read(p []byte) (int, error) {
+	if v.limit > 0 && v.n >= v.limit {
+		return 0, io.EOF
+	}
+	if v.limit > 0 && int64(len(p)) > v.limit-v.n {
+		p = p[:v.limit-v.n]
+	}
+	n, err := v.r.Read(p)
+	v.h.Write(p[:n])
+	v.n += int64(n)
+	if v.progress != nil && (v.n-v.reported >= 1<<20 || err != nil) {
+		v.reported = v.n
+		v.progress(ProgressEvent{Layer: v.layer, State: LayerFetching, Done: v.n})
+	}
+	if err != nil && err != io.EOF {
+		v.readErr = err
+		err = classify(err, "read "+v.what)
+	}
+	return n, err
+}
+
+// verify checks the size and digest of what was read.
+func (v *verifyReader) verify(want v1.Hash) error {
+	if v.limit > 0 && v.n != v.limit {
+		return fmt.Errorf("%w: %s: got %d bytes, want %d: nothing was stored", ErrDigestMismatch, v.what, v.n, v.limit)
+	}
+	if got := "sha256:" + hex.EncodeToString(v.h.Sum(nil)); got != want.String() {
+		return fmt.Errorf("%w: %s: blob has digest %s: nothing was stored", ErrDigestMismatch, v.what, got)
+	}
+	return nil
+}
+
+// failure explains an error met while reading a layer stream. A network
+// error stays a network error; otherwise the rest of the blob is read so
+// that a corrupted blob is reported as a digest mismatch, and a blob that
+// matches its digest but does not decompress or untar as corrupt.
+func (v *verifyReader) failure(err error, what string) error {
+	if v.readErr != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	if _, cerr := io.Copy(io.Discard, v); cerr != nil {
+		return cerr
+	}
+	if v.readErr == nil {
+		if verr := v.verify(v.layer.Digest); verr != nil {
+			return verr
+		}
+	}
+	return fmt.Errorf("%w: %s: %v: nothing was stored", ErrCorruptLayer, what, err)
+}

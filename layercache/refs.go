@@ -1,0 +1,359 @@
+package layercache
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"k8s.io/klog/v2"
+)
+
+// ownerRecord is what refs/<sha256(owner)>.json holds.
+type ownerRecord struct {
+	Owner    string    `json:"owner"`
+	Layers   []v1.Hash `json:"layers"`
+	Acquired time.Time `json:"acquired"`
+}
+
+// Acquire records durably that owner uses layers, replacing what owner used
+// before. Prune never removes a layer that an owner holds. Every layer must be
+// in the store (ErrLayerMissing otherwise: a prune may have removed it since
+// Ensure; ensure again and retry). The check and the record happen under the
+// store lock, so a concurrent prune either sees the reference or ran before
+// the check.
+func (s *Store) Acquire(owner string, layers []v1.Hash) error {
+	if owner == "" {
+		return errors.New("acquire: owner must not be empty")
+	}
+	l, err := s.lock()
+	if err != nil {
+		return err
+	}
+	defer l.unlock()
+	now := time.Now()
+	for _, d := range layers {
+		p, err := s.layerPath(d)
+		if err != nil {
+			return err
+		}
+		if !s.HasLayer(d) {
+			return fmt.Errorf("%w: layer %s", ErrLayerMissing, d)
+		}
+		// The meta file's mtime is the layer's last use.
+		if err := os.Chtimes(filepath.Join(p, metaFile), now, now); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	data, err := json.Marshal(ownerRecord{Owner: owner, Layers: layers, Acquired: now.UTC()})
+	if err != nil {
+		return err
+	}
+	if err := s.writeAtomic(s.ownerPath(owner), data); err != nil {
+		return fmt.Errorf("record references of %s: %w", owner, err)
+	}
+	return nil
+}
+
+// Release drops owner's references. Releasing an owner that holds nothing is
+// not an error.
+func (s *Store) Release(owner string) error {
+	l, err := s.lock()
+	if err != nil {
+		return err
+	}
+	defer l.unlock()
+	p := s.ownerPath(owner)
+	if err := os.Remove(p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("release references of %s: %w", owner, err)
+	}
+	return syncDir(filepath.Dir(p))
+}
+
+// Owners returns every owner's layers, read from disk.
+func (s *Store) Owners() (map[string][]v1.Hash, error) {
+	dir := filepath.Join(s.root, refsDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]v1.Hash{}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		var rec ownerRecord
+		if err := readJSON(filepath.Join(dir, e.Name()), &rec); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // released meanwhile
+			}
+			return nil, err
+		}
+		out[rec.Owner] = rec.Layers
+	}
+	return out, nil
+}
+
+// PruneResult says what a prune removed.
+type PruneResult struct {
+	Layers []v1.Hash
+	Bytes  int64
+}
+
+// Prune removes every layer that no owner holds, and the image records that
+// needed them. It is mark-and-sweep against the reference files on disk,
+// under the store lock, so it cannot race an Acquire.
+func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
+	var res PruneResult
+	l, err := s.lock()
+	if err != nil {
+		return res, err
+	}
+	owners, err := s.Owners()
+	if err != nil {
+		l.unlock()
+		return res, err
+	}
+	inUse := map[v1.Hash]bool{}
+	for _, ls := range owners {
+		for _, d := range ls {
+			inUse[d] = true
+		}
+	}
+	layers, err := s.Layers()
+	if err != nil {
+		l.unlock()
+		return res, err
+	}
+	trash, err := os.MkdirTemp(s.work, "prune-")
+	if err != nil {
+		l.unlock()
+		return res, err
+	}
+	for _, m := range layers {
+		if inUse[m.DiffID] || ctx.Err() != nil {
+			continue
+		}
+		p, err := s.layerPath(m.DiffID)
+		if err != nil {
+			continue
+		}
+		// A rename is atomic: the layer is either fully in the store or
+		// gone; the slow removal happens after the lock is released.
+		if err := os.Rename(p, filepath.Join(trash, m.DiffID.Hex)); err != nil {
+			l.unlock()
+			return res, fmt.Errorf("prune layer %s: %w", m.DiffID, err)
+		}
+		klog.V(2).InfoS("Pruned layer", "layer", m.DiffID, "bytes", m.Size)
+		res.Layers = append(res.Layers, m.DiffID)
+		res.Bytes += m.Size
+	}
+	if len(res.Layers) > 0 {
+		if err := syncDir(filepath.Join(s.root, layersDir)); err != nil {
+			l.unlock()
+			return res, err
+		}
+	}
+	err = s.pruneImageRecords()
+	l.unlock()
+	if rerr := os.RemoveAll(trash); err == nil {
+		err = rerr
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	return res, err
+}
+
+// pruneImageRecords drops the resolution records of images whose layers are
+// not all in the store any more, so that `ls` shows only usable images. The
+// manifests and configs themselves stay: they are small and keep digest
+// references resolvable offline.
+func (s *Store) pruneImageRecords() error {
+	imgs, err := s.Images()
+	if err != nil {
+		return err
+	}
+	for _, im := range imgs {
+		if im.Complete {
+			continue
+		}
+		if err := os.Remove(s.imageRefPath(im.Ref)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+// LayerInfo describes one cached layer.
+type LayerInfo struct {
+	LayerMeta
+	// LastUsed is when the layer was last pulled or acquired.
+	LastUsed time.Time
+	// Owners lists who holds the layer.
+	Owners []string
+}
+
+// Layers lists the cached layers, with their owners.
+func (s *Store) Layers() ([]LayerInfo, error) {
+	dir := filepath.Join(s.root, layersDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	owners, err := s.Owners()
+	if err != nil {
+		return nil, err
+	}
+	users := map[v1.Hash][]string{}
+	for o, ls := range owners {
+		for _, d := range ls {
+			users[d] = append(users[d], o)
+		}
+	}
+	var out []LayerInfo
+	for _, e := range entries {
+		if !validHex(e.Name()) {
+			continue
+		}
+		var info LayerInfo
+		mp := filepath.Join(dir, e.Name(), metaFile)
+		if err := readJSON(mp, &info.LayerMeta); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // pruned meanwhile
+			}
+			return nil, err
+		}
+		if st, err := os.Stat(mp); err == nil {
+			info.LastUsed = st.ModTime()
+		}
+		info.Owners = users[info.DiffID]
+		sort.Strings(info.Owners)
+		out = append(out, info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].DiffID.Hex < out[j].DiffID.Hex })
+	return out, nil
+}
+
+// ImageInfo describes one reference the store has resolved.
+type ImageInfo struct {
+	Ref      string
+	Digest   v1.Hash // what the reference resolved to (manifest or index)
+	Resolved time.Time
+	// Layers lists the image's layers for this store's platform, bottom
+	// first, when its manifest and config are cached.
+	Layers []v1.Hash
+	// Complete is true when every layer is in the store.
+	Complete bool
+	// Size is the content size of its layers that are in the store.
+	Size int64
+}
+
+// Images lists the references the store has resolved, sorted by name.
+func (s *Store) Images() ([]ImageInfo, error) {
+	dir := filepath.Join(s.root, imageRefDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	sizes := map[v1.Hash]int64{}
+	layers, err := s.Layers()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range layers {
+		sizes[l.DiffID] = l.Size
+	}
+	var out []ImageInfo
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		var rec imageRecord
+		if err := readJSON(filepath.Join(dir, e.Name()), &rec); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return nil, err
+		}
+		info := ImageInfo{Ref: rec.Ref, Digest: rec.Digest, Resolved: rec.Resolved}
+		img, err := s.build(rec.Ref, rec.Digest, func(d v1.Hash, _ blobKind) ([]byte, error) { return s.readBlob(d) })
+		if err == nil {
+			info.Complete = true
+			for _, l := range img.Layers {
+				info.Layers = append(info.Layers, l.DiffID)
+				sz, ok := sizes[l.DiffID]
+				info.Complete = info.Complete && ok
+				info.Size += sz
+			}
+		}
+		out = append(out, info)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
+	return out, nil
+}
+
+// Usage summarizes the store's disk use.
+type Usage struct {
+	// Layers is the number of cached layers; Bytes their content size.
+	Layers int
+	Bytes  int64
+	// InUseBytes is the size of layers that some owner holds.
+	InUseBytes int64
+	// SharedBytes is the size of layers that more than one cached image
+	// uses: space that would be paid twice without the cache.
+	SharedBytes int64
+	// UniqueBytes is the size of layers that exactly one cached image uses.
+	UniqueBytes int64
+	// SavedBytes is what the images would take if each had its own copy of
+	// its layers, minus what they take.
+	SavedBytes int64
+}
+
+// Usage computes the store's disk use from its layers and images.
+func (s *Store) Usage() (Usage, error) {
+	var u Usage
+	layers, err := s.Layers()
+	if err != nil {
+		return u, err
+	}
+	imgs, err := s.Images()
+	if err != nil {
+		return u, err
+	}
+	users := map[v1.Hash]int{}
+	for _, im := range imgs {
+		seen := map[v1.Hash]bool{}
+		for _, d := range im.Layers {
+			if !seen[d] {
+				seen[d] = true
+				users[d]++
+			}
+		}
+	}
+	for _, l := range layers {
+		u.Layers++
+		u.Bytes += l.Size
+		if len(l.Owners) > 0 {
+			u.InUseBytes += l.Size
+		}
+		switch n := users[l.DiffID]; {
+		case n > 1:
+			u.SharedBytes += l.Size
+			u.SavedBytes += int64(n-1) * l.Size
+		case n == 1:
+			u.UniqueBytes += l.Size
+		}
+	}
+	return u, nil
+}

@@ -1,0 +1,270 @@
+package layercache
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// Credentials authenticate pulls. The zero value pulls anonymously. They are
+// always passed in by the caller: the node's own docker config is never read.
+type Credentials struct {
+	// Username and Password for basic (or token-exchange) auth.
+	Username, Password string
+	// DockerConfigJSON is the content of a kubernetes.io/dockerconfigjson
+	// secret ({"auths": {"registry": {"auth": ...}}}); the entry matching the
+	// image's registry is used. It takes precedence over Username/Password.
+	DockerConfigJSON []byte
+}
+
+// authenticator picks the credentials for one registry.
+func (c *Credentials) authenticator(reg name.Registry) (authn.Authenticator, error) {
+	if c == nil {
+		return authn.Anonymous, nil
+	}
+	if len(c.DockerConfigJSON) > 0 {
+		return dockerConfigAuth(c.DockerConfigJSON, reg)
+	}
+	if c.Username != "" || c.Password != "" {
+		return &authn.Basic{Username: c.Username, Password: c.Password}, nil
+	}
+	return authn.Anonymous, nil
+}
+
+// dockerConfigAuth finds reg's entry in a dockerconfigjson document. Keys may
+// be bare hosts, host:port, or URLs ("https://index.docker.io/v1/"), as
+// kubelet accepts them.
+func dockerConfigAuth(data []byte, reg name.Registry) (authn.Authenticator, error) {
+	var cfg struct {
+		Auths map[string]struct {
+			Auth          string `json:"auth"`
+			Username      string `json:"username"`
+			Password      string `json:"password"`
+			IdentityToken string `json:"identitytoken"`
+		} `json:"auths"`
+	}
+	if err := json.Unmarshal(data, &cfg); err != nil {
+		return nil, fmt.Errorf("%w: pull secret is not valid dockerconfigjson: %v", ErrUnauthorized, err)
+	}
+	want := reg.RegistryStr()
+	for key, e := range cfg.Auths {
+		if configHost(key) != want && !(want == name.DefaultRegistry && configHost(key) == "docker.io") {
+			continue
+		}
+		user, pass := e.Username, e.Password
+		if e.Auth != "" {
+			raw, err := base64.StdEncoding.DecodeString(e.Auth)
+			if err != nil {
+				return nil, fmt.Errorf("%w: pull secret entry %q: auth is not base64", ErrUnauthorized, key)
+			}
+			u, p, ok := strings.Cut(string(raw), ":")
+			if !ok {
+				return nil, fmt.Errorf("%w: pull secret entry %q: auth is not user:password", ErrUnauthorized, key)
+			}
+			user, pass = u, p
+		}
+		return authn.FromConfig(authn.AuthConfig{Username: user, Password: pass, IdentityToken: e.IdentityToken}), nil
+	}
+	return authn.Anonymous, nil
+}
+
+// configHost reduces a dockerconfig key to host[:port].
+func configHost(key string) string {
+	if strings.Contains(key, "://") {
+		if u, err := url.Parse(key); err == nil {
+			key = u.Host
+		}
+	}
+	key, _, _ = strings.Cut(key, "/")
+	if key == "index.docker.io" {
+		return name.DefaultRegistry
+	}
+	return key
+}
+
+// isLoopback reports whether host ("host" or "host:port") is a loopback
+// address, the only registries reached over plain HTTP without being listed
+// as insecure.
+func isLoopback(host string) bool {
+	h := host
+	if sh, _, err := net.SplitHostPort(host); err == nil {
+		h = sh
+	}
+	h = strings.Trim(h, "[]")
+	if h == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(h)
+	return ip != nil && ip.IsLoopback()
+}
+
+// httpsOnly refuses to let go-containerregistry speak plain HTTP to a
+// registry that is neither loopback nor configured as insecure: its default
+// also uses HTTP for private-range addresses and *.local names, which would
+// send credentials and layers unencrypted across the network.
+type httpsOnly struct {
+	next     http.RoundTripper
+	insecure map[string]bool
+}
+
+func (t *httpsOnly) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Scheme == "http" && !isLoopback(req.URL.Host) && !t.insecure[req.URL.Host] {
+		r := req.Clone(req.Context())
+		r.URL.Scheme = "https"
+		return t.next.RoundTrip(r)
+	}
+	return t.next.RoundTrip(req)
+}
+
+// parseReference parses ref, marking loopback and configured registries as
+// reachable over plain HTTP.
+func (s *Store) parseReference(ref string) (name.Reference, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
+	}
+	if host := r.Context().RegistryStr(); s.opts.insecure[host] || isLoopback(host) {
+		r, err = name.ParseReference(ref, name.Insecure)
+		if err != nil {
+			return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
+		}
+	}
+	return r, nil
+}
+
+// client talks to one repository of one registry with one set of
+// credentials.
+type client struct {
+	repo name.Repository
+	http *http.Client
+}
+
+// newClient authenticates to repo for pulling (a ping and, for token auth, a
+// token exchange).
+func (s *Store) newClient(ctx context.Context, repo name.Repository, creds *Credentials) (*client, error) {
+	auth, err := creds.authenticator(repo.Registry)
+	if err != nil {
+		return nil, err
+	}
+	base := &httpsOnly{next: s.opts.transport, insecure: s.opts.insecure}
+	rt, err := transport.NewWithContext(ctx, repo.Registry, auth,
+		transport.NewUserAgent(base, s.opts.userAgent), []string{repo.Scope(transport.PullScope)})
+	if err != nil {
+		return nil, classify(err, "connect to registry "+repo.RegistryStr())
+	}
+	return &client{repo: repo, http: &http.Client{Transport: rt}}, nil
+}
+
+// manifestAccept lists the manifest media types this store understands.
+var manifestAccept = strings.Join([]string{
+	string(types.OCIImageIndex), string(types.OCIManifestSchema1),
+	string(types.DockerManifestList), string(types.DockerManifestSchema2),
+}, ",")
+
+func (c *client) url(kind, ref string) string {
+	return fmt.Sprintf("%s://%s/v2/%s/%s/%s", c.repo.Scheme(), c.repo.RegistryStr(), c.repo.RepositoryStr(), kind, ref)
+}
+
+// maxManifestSize bounds a manifest or config read into memory.
+const maxManifestSize = 8 << 20
+
+// manifest fetches a manifest by tag or digest. It returns its bytes, media
+// type and digest; a manifest fetched by digest is verified against it.
+func (c *client) manifest(ctx context.Context, ref string) ([]byte, types.MediaType, v1.Hash, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("manifests", ref), nil)
+	if err != nil {
+		return nil, "", v1.Hash{}, err
+	}
+	req.Header.Set("Accept", manifestAccept)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, "", v1.Hash{}, classify(err, "fetch manifest "+c.repo.String()+":"+ref)
+	}
+	defer resp.Body.Close()
+	if err := transport.CheckError(resp, http.StatusOK); err != nil {
+		return nil, "", v1.Hash{}, classify(err, "fetch manifest "+c.repo.String()+":"+ref)
+	}
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxManifestSize+1))
+	if err != nil {
+		return nil, "", v1.Hash{}, classify(err, "read manifest "+c.repo.String()+":"+ref)
+	}
+	if len(data) > maxManifestSize {
+		return nil, "", v1.Hash{}, fmt.Errorf("%w: manifest %s:%s is larger than %d bytes", ErrUnsupported, c.repo, ref, maxManifestSize)
+	}
+	d, _, err := v1.SHA256(strings.NewReader(string(data)))
+	if err != nil {
+		return nil, "", v1.Hash{}, err
+	}
+	if want, err := v1.NewHash(ref); err == nil && want != d {
+		return nil, "", v1.Hash{}, fmt.Errorf("%w: manifest %s@%s has digest %s", ErrDigestMismatch, c.repo, want, d)
+	}
+	return data, types.MediaType(resp.Header.Get("Content-Type")), d, nil
+}
+
+// blob opens a blob for streaming. The caller verifies its digest.
+func (c *client) blob(ctx context.Context, d v1.Hash) (io.ReadCloser, int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("blobs", d.String()), nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, 0, classify(err, "fetch blob "+c.repo.String()+"@"+d.String())
+	}
+	if err := transport.CheckError(resp, http.StatusOK); err != nil {
+		resp.Body.Close()
+		return nil, 0, classify(err, "fetch blob "+c.repo.String()+"@"+d.String())
+	}
+	return resp.Body, resp.ContentLength, nil
+}
+
+// classify wraps a registry or network error with the sentinel that tells a
+// caller what to do about it.
+func classify(err error, what string) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	var terr *transport.Error
+	if errors.As(err, &terr) {
+		switch {
+		case terr.StatusCode == http.StatusUnauthorized || terr.StatusCode == http.StatusForbidden || hasCode(terr, transport.UnauthorizedErrorCode, transport.DeniedErrorCode):
+			return fmt.Errorf("%w: %s: %v: check the pull secret", ErrUnauthorized, what, err)
+		case terr.StatusCode == http.StatusNotFound || hasCode(terr, transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode):
+			return fmt.Errorf("%w: %s: %v: check the image name and tag", ErrNotFound, what, err)
+		case terr.StatusCode == http.StatusTooManyRequests || terr.StatusCode >= 500 || terr.Temporary():
+			return fmt.Errorf("%w: %s: %v", ErrUnavailable, what, err)
+		}
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	var nerr net.Error
+	var operr *net.OpError
+	var uerr *url.Error
+	if errors.As(err, &nerr) || errors.As(err, &operr) || errors.As(err, &uerr) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("%w: %s: %v", ErrUnavailable, what, err)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+func hasCode(e *transport.Error, codes ...transport.ErrorCode) bool {
+	for _, d := range e.Errors {
+		for _, c := range codes {
+			if d.Code == c {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,254 @@
+package layercache
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"k8s.io/klog/v2"
+)
+
+// PullPolicy says when the registry is contacted, as for container images.
+type PullPolicy string
+
+// Pull policies.
+const (
+	// PullIfNotPresent uses the cached resolution of a reference when there
+	// is one, and contacts the registry otherwise.
+	PullIfNotPresent PullPolicy = "IfNotPresent"
+	// PullAlways re-resolves a tag at the registry every time.
+	PullAlways PullPolicy = "Always"
+	// PullNever uses the cache only.
+	PullNever PullPolicy = "Never"
+)
+
+// ParsePullPolicy parses a policy name; empty means PullIfNotPresent.
+func ParsePullPolicy(s string) (PullPolicy, error) {
+	switch p := PullPolicy(s); p {
+	case "":
+		return PullIfNotPresent, nil
+	case PullIfNotPresent, PullAlways, PullNever:
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown pull policy %q: use IfNotPresent, Always or Never", s)
+}
+
+// PullOptions qualify one Resolve, Ensure or Pull.
+type PullOptions struct {
+	Policy      PullPolicy
+	Credentials *Credentials
+	// Progress, if set, is called (from several goroutines) as layers are
+	// fetched.
+	Progress func(ProgressEvent)
+}
+
+// Image is a reference resolved to one platform's manifest.
+type Image struct {
+	// Ref is the reference as given.
+	Ref string
+	// Digest is the platform-specific manifest's digest.
+	Digest v1.Hash
+	// IndexDigest is the digest of the index the manifest was picked from,
+	// if the reference named an index.
+	IndexDigest *v1.Hash
+	// Layers lists the layers bottom first.
+	Layers []Layer
+}
+
+// Layer is one layer of an image.
+type Layer struct {
+	DiffID    v1.Hash         // digest of the uncompressed tar: the cache key
+	Digest    v1.Hash         // digest of the blob as stored in the registry
+	Size      int64           // blob size
+	MediaType types.MediaType // blob media type
+}
+
+// DiffIDs returns the layers' diffIDs, bottom first.
+func (img *Image) DiffIDs() []v1.Hash {
+	ids := make([]v1.Hash, len(img.Layers))
+	for i, l := range img.Layers {
+		ids[i] = l.DiffID
+	}
+	return ids
+}
+
+// imageRecord is what images/refs/<key>.json holds: the digest a reference
+// string resolved to when it was last contacted.
+type imageRecord struct {
+	Ref      string    `json:"ref"`
+	Digest   v1.Hash   `json:"digest"`
+	Resolved time.Time `json:"resolved"`
+}
+
+// Resolve turns a reference into an Image for this store's platform,
+// according to the pull policy. Manifests and configs are cached by digest,
+// so that a reference resolved once resolves again with the registry down
+// (IfNotPresent) or unreachable by policy (Never).
+func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image, error) {
+	policy := o.Policy
+	if policy == "" {
+		policy = PullIfNotPresent
+	}
+	r, err := s.parseReference(ref)
+	if err != nil {
+		return nil, err
+	}
+	if policy != PullAlways || isDigest(r) {
+		img, err := s.resolveCached(ref, r)
+		if err == nil {
+			return img, nil
+		}
+		if !errors.Is(err, ErrNotCached) {
+			return nil, err
+		}
+		if policy == PullNever {
+			return nil, fmt.Errorf("%w: %s is not in the node's cache and the pull policy is Never", ErrNotCached, ref)
+		}
+	}
+	return s.resolveRemote(ctx, ref, r, o.Credentials)
+}
+
+func isDigest(r name.Reference) bool {
+	_, ok := r.(name.Digest)
+	return ok
+}
+
+// resolveCached resolves ref from the cache alone; ErrNotCached if anything
+// needed is missing.
+func (s *Store) resolveCached(ref string, r name.Reference) (*Image, error) {
+	var top v1.Hash
+	if d, ok := r.(name.Digest); ok {
+		h, err := v1.NewHash(d.DigestStr())
+		if err != nil {
+			return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
+		}
+		top = h
+	} else {
+		var rec imageRecord
+		if err := readJSON(s.imageRefPath(r.Name()), &rec); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil, ErrNotCached
+			}
+			return nil, err
+		}
+		top = rec.Digest
+	}
+	img, err := s.build(ref, top, func(d v1.Hash, _ blobKind) ([]byte, error) {
+		data, err := s.readBlob(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, ErrNotCached
+		}
+		return data, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if isDigest(r) {
+		// Record digest references too, so that `strata ls` lists them.
+		if err := s.recordRef(r.Name(), top); err != nil {
+			return nil, err
+		}
+	}
+	return img, nil
+}
+
+// resolveRemote resolves ref at the registry, caching what it fetches.
+func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference, creds *Credentials) (*Image, error) {
+	c, err := s.newClient(ctx, r.Context(), creds)
+	if err != nil {
+		return nil, err
+	}
+	data, _, top, err := c.manifest(ctx, r.Identifier())
+	if err != nil {
+		return nil, err
+	}
+	if err := s.writeBlob(top, data); err != nil {
+		return nil, err
+	}
+	img, err := s.build(ref, top, func(d v1.Hash, kind blobKind) ([]byte, error) {
+		if data, err := s.readBlob(d); err == nil {
+			return data, nil
+		}
+		var data []byte
+		if kind == configBlob {
+			data, err = c.configBlob(ctx, d)
+		} else {
+			data, _, _, err = c.manifest(ctx, d.String())
+		}
+		if err != nil {
+			return nil, err
+		}
+		return data, s.writeBlob(d, data)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.recordRef(r.Name(), top); err != nil {
+		return nil, err
+	}
+	klog.V(2).InfoS("Resolved image", "image", ref, "digest", img.Digest, "layers", len(img.Layers))
+	return img, nil
+}
+
+// recordRef durably records that ref resolved to top.
+func (s *Store) recordRef(ref string, top v1.Hash) error {
+	data, err := json.Marshal(imageRecord{Ref: ref, Digest: top, Resolved: time.Now().UTC()})
+	if err != nil {
+		return err
+	}
+	return s.writeAtomic(s.imageRefPath(ref), data)
+}
+
+// readBlob reads a cached manifest, index or config.
+func (s *Store) readBlob(d v1.Hash) ([]byte, error) {
+	p, err := s.blobPath(d)
+	if err != nil {
+		return nil, err
+	}
+	return os.ReadFile(p)
+}
+
+// writeBlob caches a manifest, index or config, after checking its digest.
+func (s *Store) writeBlob(d v1.Hash, data []byte) error {
+	p, err := s.blobPath(d)
+	if err != nil {
+		return err
+	}
+	got, _, err := v1.SHA256(bytes.NewReader(data))
+	if err != nil {
+		return err
+	}
+	if got != d {
+		return fmt.Errorf("%w: blob %s has digest %s", ErrDigestMismatch, d, got)
+	}
+	if _, err := os.Stat(p); err == nil {
+		return nil
+	}
+	return s.writeAtomic(p, data)
+}
+
+// configBlob fetches an image config blob and verifies it.
+func (c *client) configBlob(ctx context.Context, d v1.Hash) ([]byte, error) {
+	rc, _, err := c.blob(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	data, err := io.ReadAll(io.LimitReader(rc, maxManifestSize+1))
+	if err != nil {
+		return nil, classify(err, "read config "+c.repo.String()+"@"+d.String())
+	}
+	if len(data) > maxManifestSize {
+		return nil, fmt.Errorf("%w: config %s is larger than %d bytes", ErrUnsupported, d, maxManifestSize)
+	}
+	return data, nil
+}

@@ -1,0 +1,237 @@
+package layercache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+)
+
+// DefaultConcurrency is the default number of layers fetched and unpacked at
+// once. Unpacking is CPU-bound (decompression, hashing) and disk-bound; on a
+// 2-core node three streams keep both cores busy while one waits on I/O.
+const DefaultConcurrency = 3
+
+// Store is a node's layer cache rooted at one directory. It is safe for
+// concurrent use by many goroutines, and by several processes that open the
+// same root.
+type Store struct {
+	root string
+	opts options
+
+	// work is this process's private directory under tmp/, held with an
+	// flock so that another process's Open does not remove it.
+	work     string
+	workLock *fileLock
+
+	sem chan struct{} // bounds concurrent layer fetches
+
+	// ctx outlives callers: shared layer fetches run on it, so a caller
+	// whose context is cancelled does not cancel the work of the others.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	flights map[string]*flight // in-progress layer fetches by diffID hex
+}
+
+type options struct {
+	concurrency int
+	platform    v1.Platform
+	insecure    map[string]bool
+	transport   http.RoundTripper
+	userAgent   string
+}
+
+// Option configures a Store.
+type Option func(*options) error
+
+// WithConcurrency sets how many layers are fetched and unpacked at once
+// (default DefaultConcurrency).
+func WithConcurrency(n int) Option {
+	return func(o *options) error {
+		if n < 1 {
+			return fmt.Errorf("concurrency must be at least 1, got %d", n)
+		}
+		o.concurrency = n
+		return nil
+	}
+}
+
+// WithPlatform sets the platform picked from image indexes (default: this
+// process's GOOS/GOARCH, falling back to linux/amd64 when an index lacks it).
+func WithPlatform(p v1.Platform) Option {
+	return func(o *options) error {
+		if p.OS == "" || p.Architecture == "" {
+			return fmt.Errorf("platform needs an OS and an architecture, got %q", p.String())
+		}
+		o.platform = p
+		return nil
+	}
+}
+
+// WithInsecureRegistries lists registries ("host" or "host:port") reached
+// over plain HTTP. Loopback registries always are; every other registry is
+// reached over HTTPS only.
+func WithInsecureRegistries(hosts ...string) Option {
+	return func(o *options) error {
+		for _, h := range hosts {
+			if _, err := name.NewRegistry(h); err != nil {
+				return fmt.Errorf("insecure registry %q: %w", h, err)
+			}
+			o.insecure[h] = true
+		}
+		return nil
+	}
+}
+
+// WithTransport sets the HTTP transport used to reach registries (default: a
+// clone of http.DefaultTransport). Plain HTTP is still refused for
+// registries that are neither loopback nor listed as insecure.
+func WithTransport(rt http.RoundTripper) Option {
+	return func(o *options) error {
+		if rt == nil {
+			return errors.New("transport must not be nil")
+		}
+		o.transport = rt
+		return nil
+	}
+}
+
+// WithUserAgent sets the User-Agent sent to registries.
+func WithUserAgent(ua string) Option {
+	return func(o *options) error {
+		o.userAgent = ua
+		return nil
+	}
+}
+
+// Open opens (creating if needed) the store at root, and removes the debris
+// that a crashed process left in tmp/.
+func Open(root string, opts ...Option) (*Store, error) {
+	o := options{
+		concurrency: DefaultConcurrency,
+		platform:    v1.Platform{OS: "linux", Architecture: runtime.GOARCH},
+		insecure:    map[string]bool{},
+		userAgent:   "strata",
+	}
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	if o.transport == nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConnsPerHost = o.concurrency * 2
+		o.transport = t
+	}
+	if root == "" {
+		return nil, errors.New("store root must not be empty")
+	}
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return nil, err
+	}
+	// The root is private: unpacked layers keep their setuid bits, and must
+	// not be a way for a host user to run an image's setuid binary.
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("create store root: %w", err)
+	}
+	for _, d := range []string{layersDir, imagesDir, imageRefDir, refsDir, tmpDir} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
+			return nil, fmt.Errorf("create store directory: %w", err)
+		}
+	}
+	s := &Store{root: root, opts: o, sem: make(chan struct{}, o.concurrency), flights: map[string]*flight{}}
+	if err := s.claimWork(); err != nil {
+		return nil, err
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Root returns the store's root directory.
+func (s *Store) Root() string { return s.root }
+
+// Close waits for in-flight layer fetches to stop and releases the store.
+func (s *Store) Close() error {
+	s.cancel()
+	s.wg.Wait()
+	err := os.RemoveAll(s.work)
+	s.workLock.unlock()
+	return err
+}
+
+// claimWork removes the work directories of dead processes from tmp/ and
+// creates this process's own. It runs under the store lock, so that no other
+// process sees a work directory between its creation and its flock.
+func (s *Store) claimWork() error {
+	l, err := s.lock()
+	if err != nil {
+		return err
+	}
+	defer l.unlock()
+	tmp := filepath.Join(s.root, tmpDir)
+	entries, err := os.ReadDir(tmp)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		p := filepath.Join(tmp, e.Name())
+		if e.IsDir() {
+			if live, err := isLocked(p); err != nil || live {
+				continue
+			}
+		}
+		klog.V(2).InfoS("Removing debris of an interrupted operation", "path", p)
+		if err := os.RemoveAll(p); err != nil {
+			return fmt.Errorf("remove debris %s: %w", p, err)
+		}
+	}
+	work, err := os.MkdirTemp(tmp, "w-")
+	if err != nil {
+		return err
+	}
+	wl, err := lockPath(work, true)
+	if err != nil {
+		return err
+	}
+	s.work, s.workLock = work, wl
+	return nil
+}
+
+// isLocked reports whether a live process holds the flock on dir.
+func isLocked(dir string) (bool, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	if err == unix.EWOULDBLOCK {
+		return true, nil
+	}
+	return false, err
+}
+
+// lock takes the store-wide lock that orders reference changes against
+// prunes, within this process and across processes.
+func (s *Store) lock() (*fileLock, error) {
+	return lockPath(filepath.Join(s.root, lockFile), true)
+}
+
+// writeAtomic writes a state file durably, staging it in the work directory
+// so that a crash leaves debris only under tmp/.
+func (s *Store) writeAtomic(path string, data []byte) error {
+	return writeFileAtomic(path, data, s.work)
+}
