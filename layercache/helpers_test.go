@@ -94,6 +94,12 @@ func (s *spy) wrap(next http.Handler) http.Handler {
 	})
 }
 
+func (s *spy) set(f func(*spy)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f(s)
+}
+
 func (s *spy) count(d v1.Hash) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -139,7 +139,7 @@ func TestResolveWorksOfflineFromTheCache(t *testing.T) {
 	if _, err := s.Pull(context.Background(), ref, PullOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	sp.down = true
+	sp.set(func(s *spy) { s.down = true })
 	for _, tc := range []struct {
 		name    string
 		ref     string
@@ -231,7 +231,7 @@ func TestCorruptBlobStoresNothing(t *testing.T) {
 	src := sampleImage(t, testimage.Gzip)
 	testimage.Push(t, ref, src)
 	d := layerDigests(t, src)[1]
-	sp.corrupt[d.String()] = true
+	sp.set(func(s *spy) { s.corrupt[d.String()] = true })
 	s := openStore(t, t.TempDir())
 
 	_, err := s.Pull(context.Background(), ref, PullOptions{})
@@ -251,7 +251,7 @@ func TestCorruptBlobStoresNothing(t *testing.T) {
 		t.Errorf("work dir not cleaned: %v", work)
 	}
 	// The registry heals: the next pull succeeds.
-	delete(sp.corrupt, d.String())
+	sp.set(func(s *spy) { delete(s.corrupt, d.String()) })
 	if _, err := s.Pull(context.Background(), ref, PullOptions{}); err != nil {
 		t.Fatalf("Pull after the registry healed: %v", err)
 	}
@@ -368,7 +368,7 @@ func TestCancelledCallerDoesNotCancelTheSharedPull(t *testing.T) {
 	src := testimage.Image(t, big)
 	ref := reg + "/slow:v1"
 	testimage.Push(t, ref, src)
-	sp.delay = 15 * time.Millisecond // 64 chunks: about a second
+	sp.set(func(s *spy) { s.delay = 15 * time.Millisecond }) // 64 chunks: about a second
 	s := openStore(t, t.TempDir())
 
 	short, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)

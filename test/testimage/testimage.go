@@ -161,6 +161,23 @@ func Registry(t testing.TB) string {
 	return strings.TrimPrefix(srv.URL, "http://")
 }
 
+// BasicAuth wraps a registry so that it demands HTTP basic auth with user
+// and password, as a private registry with htpasswd auth does.
+func BasicAuth(user, password string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if u, p, ok := r.BasicAuth(); !ok || u != user || p != password {
+				w.Header().Set("WWW-Authenticate", `Basic realm="strata-test"`)
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusUnauthorized)
+				_, _ = io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
 // Server starts a registry behind a handler wrapper (for fault injection)
 // and returns its host:port.
 func Server(t testing.TB, wrap func(http.Handler) http.Handler) string {
@@ -171,13 +188,13 @@ func Server(t testing.TB, wrap func(http.Handler) http.Handler) string {
 }
 
 // Push writes img to ref and returns its digest.
-func Push(t testing.TB, ref string, img v1.Image) v1.Hash {
+func Push(t testing.TB, ref string, img v1.Image, opts ...remote.Option) v1.Hash {
 	t.Helper()
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := remote.Write(r, img); err != nil {
+	if err := remote.Write(r, img, opts...); err != nil {
 		t.Fatalf("push %s: %v", ref, err)
 	}
 	d, err := img.Digest()
