@@ -108,7 +108,6 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	}
 	var c *client
 	var waits []*flight
-	var layers []Layer
 	for _, l := range img.Layers {
 		if s.HasLayer(l.DiffID) {
 			report(o.Progress, ProgressEvent{Layer: l, State: LayerCached})
@@ -124,10 +123,9 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 			}
 		}
 		waits = append(waits, s.join(c, img.Ref, l, o.Progress))
-		layers = append(layers, l)
 	}
 	var errs []error
-	for i, f := range waits {
+	for _, f := range waits {
 		select {
 		case <-f.done:
 			if f.err != nil {
@@ -135,9 +133,6 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 			}
 		case <-ctx.Done():
 			return fmt.Errorf("pull %s: %w (the pull goes on in the background; retry to join it)", img.Ref, ctx.Err())
-		}
-		if f.err == nil {
-			report(o.Progress, ProgressEvent{Layer: layers[i], State: LayerDone})
 		}
 	}
 	return errors.Join(errs...)
@@ -149,12 +144,22 @@ func report(p func(ProgressEvent), e ProgressEvent) {
 	}
 }
 
-// join returns the flight fetching l, starting one if there is none.
+// join returns the flight fetching l, starting one if there is none. The
+// caller's progress function hears of the layer's completion as soon as it
+// is committed.
 func (s *Store) join(c *client, ref string, l Layer, progress func(ProgressEvent)) *flight {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if f, ok := s.flights[l.DiffID.Hex]; ok {
 		report(progress, ProgressEvent{Layer: l, State: LayerJoined})
+		if progress != nil {
+			go func() {
+				<-f.done
+				if f.err == nil {
+					progress(ProgressEvent{Layer: l, State: LayerDone})
+				}
+			}()
+		}
 		return f
 	}
 	f := &flight{done: make(chan struct{})}
@@ -165,7 +170,8 @@ func (s *Store) join(c *client, ref string, l Layer, progress func(ProgressEvent
 		start := time.Now()
 		meta, err := s.fetchLayer(s.ctx, c, ref, l, progress)
 		if err != nil {
-			klog.ErrorS(err, "Layer fetch failed", "image", ref, "layer", l.DiffID)
+			// The callers report the error; this records the layer's part.
+			klog.V(2).InfoS("Layer fetch failed", "image", ref, "layer", l.DiffID, "err", err)
 		} else if meta != nil {
 			klog.V(1).InfoS("Layer unpacked", "image", ref, "layer", l.DiffID, "compressedBytes", meta.CompressedSize,
 				"bytes", meta.Size, "files", meta.Files, "duration", time.Since(start).Round(time.Millisecond))
@@ -174,6 +180,9 @@ func (s *Store) join(c *client, ref string, l Layer, progress func(ProgressEvent
 		delete(s.flights, l.DiffID.Hex)
 		s.mu.Unlock()
 		f.err = err
+		if err == nil {
+			report(progress, ProgressEvent{Layer: l, State: LayerDone})
+		}
 		close(f.done)
 	}()
 	return f

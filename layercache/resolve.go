@@ -47,7 +47,8 @@ type PullOptions struct {
 	Policy      PullPolicy
 	Credentials *Credentials
 	// Progress, if set, is called (from several goroutines) as layers are
-	// fetched.
+	// fetched. A layer's completion may be reported after Ensure returned
+	// early because ctx ended: the fetch goes on.
 	Progress func(ProgressEvent)
 }
 

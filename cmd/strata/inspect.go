@@ -1,0 +1,219 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/strata-csi/strata/layercache"
+)
+
+func init() {
+	register(&command{name: "ls", summary: "List the cached images and layers", flags: lsFlags})
+	register(&command{name: "du", summary: "Show the cache's disk use and what sharing layers saves", flags: duFlags})
+	register(&command{name: "prune", summary: "Remove the cached layers that no volume uses", flags: pruneFlags})
+	register(&command{name: "version", summary: "Print the version of strata", flags: versionFlags})
+}
+
+// noArgs rejects positional arguments for commands that take none.
+func noArgs(name string, args []string) error {
+	if len(args) > 0 {
+		return usagef(commands[name], "%s takes no arguments, got %q", name, strings.Join(args, " "))
+	}
+	return nil
+}
+
+// The JSON output of `strata ls --json`. Its field names are part of the
+// CLI's contract with scripts, independent of layercache's types.
+type (
+	lsJSON struct {
+		Images []imageJSON `json:"images"`
+		Layers []layerJSON `json:"layers"`
+	}
+	imageJSON struct {
+		Ref      string    `json:"ref"`
+		Digest   string    `json:"digest"`
+		Resolved time.Time `json:"resolved"`
+		Layers   []string  `json:"layers"` // diffIDs, bottom first
+		Size     int64     `json:"size"`
+		Complete bool      `json:"complete"`
+	}
+	layerJSON struct {
+		DiffID         string    `json:"diffID"`
+		Digest         string    `json:"digest"`
+		MediaType      string    `json:"mediaType"`
+		CompressedSize int64     `json:"compressedSize"`
+		Size           int64     `json:"size"`
+		Files          int64     `json:"files"`
+		Created        time.Time `json:"created"`
+		LastUsed       time.Time `json:"lastUsed"`
+		Images         []string  `json:"images"` // cached references that use the layer
+		Owners         []string  `json:"owners"` // volumes that hold the layer
+	}
+)
+
+func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
+	asJSON := fs.Bool("json", false, "print JSON instead of tables")
+	return func(ctx context.Context, e *env, args []string) error {
+		if err := noArgs("ls", args); err != nil {
+			return err
+		}
+		s, err := e.open()
+		if err != nil {
+			return err
+		}
+		images, err := s.Images()
+		if err != nil {
+			return fmt.Errorf("list images: %w", err)
+		}
+		layers, err := s.Layers()
+		if err != nil {
+			return fmt.Errorf("list layers: %w", err)
+		}
+		out := lsJSON{Images: []imageJSON{}, Layers: []layerJSON{}}
+		users := map[v1.Hash][]string{}
+		for _, im := range images {
+			j := imageJSON{Ref: im.Ref, Digest: im.Digest.String(), Resolved: im.Resolved,
+				Layers: []string{}, Size: im.Size, Complete: im.Complete}
+			seen := map[v1.Hash]bool{}
+			for _, d := range im.Layers {
+				j.Layers = append(j.Layers, d.String())
+				if !seen[d] {
+					seen[d] = true
+					users[d] = append(users[d], im.Ref)
+				}
+			}
+			out.Images = append(out.Images, j)
+		}
+		for _, l := range layers {
+			out.Layers = append(out.Layers, layerJSON{
+				DiffID: l.DiffID.String(), Digest: l.Digest.String(), MediaType: string(l.MediaType),
+				CompressedSize: l.CompressedSize, Size: l.Size, Files: l.Files, Created: l.Created,
+				LastUsed: l.LastUsed, Images: nonNil(users[l.DiffID]), Owners: nonNil(l.Owners),
+			})
+		}
+		if *asJSON {
+			enc := json.NewEncoder(e.stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(out)
+		}
+		return printLs(e.stdout, images, layers, users)
+	}
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.LayerInfo, users map[v1.Hash][]string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IMAGE\tDIGEST\tLAYERS\tSIZE\tCOMPLETE")
+	for _, im := range images {
+		complete := "yes"
+		if !im.Complete {
+			complete = "no"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", im.Ref, shortDigest(im.Digest), len(im.Layers), humanBytes(im.Size), complete)
+	}
+	fmt.Fprintln(tw)
+	fmt.Fprintln(tw, "LAYER\tSIZE\tFILES\tIMAGES\tOWNERS\tLAST USE")
+	now := time.Now()
+	for _, l := range layers {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\n", shortDigest(l.DiffID), humanBytes(l.Size), l.Files,
+			len(users[l.DiffID]), len(l.Owners), ago(l.LastUsed, now))
+	}
+	return tw.Flush()
+}
+
+func duFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
+	exact := fs.Bool("bytes", false, "print exact byte counts instead of human units")
+	return func(ctx context.Context, e *env, args []string) error {
+		if err := noArgs("du", args); err != nil {
+			return err
+		}
+		s, err := e.open()
+		if err != nil {
+			return err
+		}
+		u, err := s.Usage()
+		if err != nil {
+			return fmt.Errorf("compute disk use: %w", err)
+		}
+		size := humanBytes
+		if *exact {
+			size = func(n int64) string { return strconv.FormatInt(n, 10) }
+		}
+		rows := []struct {
+			name, value, note string
+		}{
+			{"layers", strconv.Itoa(u.Layers), "cached layers"},
+			{"total", size(u.Bytes), "content of the cached layers"},
+			{"in use", size(u.InUseBytes), "held by volumes; prune keeps these"},
+			{"shared", size(u.SharedBytes), "used by more than one cached image"},
+			{"unique", size(u.UniqueBytes), "used by exactly one cached image"},
+			{"saved", size(u.SavedBytes), "that one copy per image would cost on top"},
+		}
+		width := 0
+		for _, r := range rows {
+			width = max(width, len(r.value))
+		}
+		for _, r := range rows {
+			fmt.Fprintf(e.stdout, "%-7s %*s  %s\n", r.name, width, r.value, r.note)
+		}
+		return nil
+	}
+}
+
+func pruneFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
+	return func(ctx context.Context, e *env, args []string) error {
+		if err := noArgs("prune", args); err != nil {
+			return err
+		}
+		s, err := e.open()
+		if err != nil {
+			return err
+		}
+		// Sizes for the report; a layer pulled between this and the prune
+		// is reported without one.
+		sizes := map[v1.Hash]int64{}
+		if layers, err := s.Layers(); err == nil {
+			for _, l := range layers {
+				sizes[l.DiffID] = l.Size
+			}
+		}
+		res, err := s.Prune(ctx)
+		for _, d := range res.Layers {
+			if sz, ok := sizes[d]; ok {
+				fmt.Fprintf(e.stdout, "removed layer %s %s\n", d, humanBytes(sz))
+			} else {
+				fmt.Fprintf(e.stdout, "removed layer %s\n", d)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("prune: %w", err)
+		}
+		fmt.Fprintf(e.stdout, "freed %s (%d layers)\n", humanBytes(res.Bytes), len(res.Layers))
+		return nil
+	}
+}
+
+func versionFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
+	return func(ctx context.Context, e *env, args []string) error {
+		if err := noArgs("version", args); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "strata %s\n", version)
+		return nil
+	}
+}

@@ -1,0 +1,107 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/strata-csi/strata/layercache"
+)
+
+func init() {
+	register(&command{
+		name:    "pull",
+		args:    "REF",
+		summary: "Pull an image's layers into the cache",
+		flags:   pullFlags,
+	})
+}
+
+// stringList is a flag that may be repeated.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
+func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
+	policy := fs.String("policy", string(layercache.PullIfNotPresent),
+		"when to contact the registry: IfNotPresent (use the cached resolution of a tag), Always (re-resolve the tag), Never (cache only)")
+	concurrency := fs.Int("concurrency", layercache.DefaultConcurrency, "layers fetched and unpacked at once")
+	var insecure stringList
+	fs.Var(&insecure, "insecure-registry", "reach this registry (host or host:port) over plain HTTP; repeatable (loopback registries always are)")
+	username := fs.String("username", "", "user name for the registry (the password is read from stdin with --password-stdin)")
+	passwordStdin := fs.Bool("password-stdin", false, "read the registry password from stdin")
+	dockerConfig := fs.String("docker-config", "", "read credentials from this dockerconfigjson file (the content of a kubernetes.io/dockerconfigjson secret)")
+
+	return func(ctx context.Context, e *env, args []string) error {
+		cmd := commands["pull"]
+		if len(args) != 1 {
+			return usagef(cmd, "pull needs exactly one image reference, got %d arguments", len(args))
+		}
+		ref := args[0]
+		pol, err := layercache.ParsePullPolicy(*policy)
+		if err != nil {
+			return usagef(cmd, "--policy: %v", err)
+		}
+		if *concurrency < 1 {
+			return usagef(cmd, "--concurrency must be at least 1, got %d", *concurrency)
+		}
+		creds, err := credentials(e.stdin, *username, *passwordStdin, *dockerConfig)
+		if err != nil {
+			return err
+		}
+
+		s, err := e.open(layercache.WithConcurrency(*concurrency), layercache.WithInsecureRegistries(insecure...))
+		if err != nil {
+			return err
+		}
+		o := layercache.PullOptions{Policy: pol, Credentials: creds}
+		img, err := s.Resolve(ctx, ref, o)
+		if err != nil {
+			return err
+		}
+		p := newProgress(e.stdout, e.tty, img)
+		o.Progress = p.event
+		err = s.Ensure(ctx, img, o)
+		p.stop()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(e.stdout, p.summary(img))
+		return nil
+	}
+}
+
+// credentials builds the pull credentials from the flags; nil pulls
+// anonymously.
+func credentials(stdin io.Reader, username string, passwordStdin bool, dockerConfig string) (*layercache.Credentials, error) {
+	cmd := commands["pull"]
+	switch {
+	case dockerConfig != "" && (username != "" || passwordStdin):
+		return nil, usagef(cmd, "use either --docker-config or --username/--password-stdin, not both")
+	case passwordStdin && username == "":
+		return nil, usagef(cmd, "--password-stdin needs --username")
+	case username != "" && !passwordStdin:
+		return nil, usagef(cmd, "--username needs --password-stdin (a password on the command line would show in ps and shell history)")
+	case dockerConfig != "":
+		data, err := os.ReadFile(dockerConfig)
+		if err != nil {
+			return nil, fmt.Errorf("read --docker-config: %w", err)
+		}
+		return &layercache.Credentials{DockerConfigJSON: data}, nil
+	case username != "":
+		data, err := io.ReadAll(stdin)
+		if err != nil {
+			return nil, fmt.Errorf("read the password from stdin: %w", err)
+		}
+		pw := strings.TrimRight(string(data), "\r\n")
+		if pw == "" {
+			return nil, usagef(cmd, "--password-stdin: stdin holds no password")
+		}
+		return &layercache.Credentials{Username: username, Password: pw}, nil
+	}
+	return nil, nil
+}
