@@ -12,6 +12,13 @@
 // with a single-component name and no symlink following. A layer that tries to
 // leave its directory, by name, by hardlink or by writing through a symlink,
 // fails as a whole with an error that wraps ErrUnsafe.
+//
+// RESOLVE_BENEATH also refuses an absolute symlink as a parent, even one that
+// would lead back inside the layer (`abs -> /d`, then `abs/file`): what an
+// absolute target means depends on where the layer is mounted, so such a
+// layer is unsafe. Image builders do not produce these (a layer's own entries
+// are named by their real path), while symlinks themselves, absolute or not,
+// are kept as data and never followed here.
 package unpack
 
 import (
@@ -610,10 +617,15 @@ func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, symlink,
 		return entryErr(hdr.Name, "chown", err)
 	}
 	if chmod {
-		// fchmodat cannot refuse to follow symlinks (without fchmodat2), but
-		// base is the FIFO this entry just created, and nothing else writes
-		// into the layer while it is unpacked.
-		if err := unix.Fchmodat(pfd, base, uint32(hdr.Mode&0o7777), 0); err != nil {
+		mode := uint32(hdr.Mode & 0o7777)
+		err := unix.Fchmodat(pfd, base, mode, unix.AT_SYMLINK_NOFOLLOW)
+		if err == unix.EOPNOTSUPP {
+			// No fchmodat2 (Linux < 6.6): plain fchmodat cannot refuse to
+			// follow a symlink, but base is the FIFO this entry just
+			// created, and nothing else writes into the layer meanwhile.
+			err = unix.Fchmodat(pfd, base, mode, 0)
+		}
+		if err != nil {
 			return entryErr(hdr.Name, "chmod", err)
 		}
 	}

@@ -1,0 +1,48 @@
+# Strata: thin wrappers around the Go tool and the scripts in hack/.
+# Every target works on a fresh Debian machine as root; hack/install-deps
+# installs what is missing.
+
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+# The unpacker's fuzz target, and how long `make fuzz` runs it.
+FUZZTIME ?= 60s
+
+.PHONY: all build test lint bench demo deps fuzz clean
+
+all: build
+
+## build: static binaries in bin/
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/strata ./cmd/strata
+
+## deps: install what the build and the tests need (idempotent)
+deps:
+	hack/install-deps
+
+## lint: formatting and vet
+lint: deps
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+## test: the whole suite (root: real mounts, a real registry on loopback)
+test: lint
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+## fuzz: run the unpacker's fuzz test for FUZZTIME
+fuzz: deps
+	$(GO) test -run '^$$' -fuzz FuzzApply -fuzztime $(FUZZTIME) ./layercache/unpack
+
+## bench: cold-pull benchmarks against a local registry (see hack/bench)
+bench: deps build
+	hack/bench
+
+## demo: start a registry on 127.0.0.1, push a sample dataset, pull it twice, list the cache
+demo: deps build
+	hack/demo
+
+clean:
+	rm -rf bin
