@@ -434,12 +434,33 @@ func (a *applier) fdMeta(hdr *tar.Header, fd int) error {
 	if err := unix.Fchmod(fd, uint32(hdr.Mode&0o7777)); err != nil {
 		return entryErr(hdr.Name, "chmod", err)
 	}
+	return a.setXattrs(hdr, fd)
+}
+
+// setXattrs sets the entry's xattrs on fd.
+func (a *applier) setXattrs(hdr *tar.Header, fd int) error {
 	for key, value := range a.xattrs(hdr, false) {
 		if err := unix.Fsetxattr(fd, key, []byte(value), 0); err != nil {
 			return entryErr(hdr.Name, "set xattr "+key, err)
 		}
 	}
 	return nil
+}
+
+// ownedAsWanted reports whether the new file fd already has the entry's
+// owner and mode, so that fchown and fchmod can be skipped. Only a root-owned
+// entry without special bits qualifies; the fstat catches a umask that
+// masked permission bits and a setgid parent directory that gave the file
+// its group.
+func (a *applier) ownedAsWanted(fd int, hdr *tar.Header, mode uint32) bool {
+	if hdr.Uid != 0 || hdr.Gid != 0 || mode&0o7000 != 0 {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return false
+	}
+	return st.Uid == 0 && st.Gid == 0 && st.Mode&0o7777 == mode
 }
 
 // xattrs yields the entry's xattrs that may be set. Overlay metadata from the
@@ -476,10 +497,15 @@ func (a *applier) regular(hdr *tar.Header, tr *tar.Reader, name, parent, base st
 	if err != nil {
 		return err
 	}
+	// Create the file with its final permission bits (the special bits come
+	// with fchmod, after any chown), so that the common root-owned file
+	// needs neither fchown nor fchmod: each is a journalled inode update,
+	// and a layer has tens of thousands of files.
+	mode := uint32(hdr.Mode & 0o7777)
 	var fd int
 	err = a.create(hdr.Name, pfd, base, false, func() error {
 		var err error
-		fd, err = unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		fd, err = unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&0o777)
 		return err
 	})
 	if err != nil {
@@ -491,7 +517,11 @@ func (a *applier) regular(hdr *tar.Header, tr *tar.Reader, name, parent, base st
 		return fmt.Errorf("entry %q: write file content: %w", hdr.Name, err)
 	}
 	a.stats.Bytes += hdr.Size
-	if err := a.fdMeta(hdr, fd); err != nil {
+	if a.ownedAsWanted(fd, hdr, mode) {
+		if err := a.setXattrs(hdr, fd); err != nil {
+			return err
+		}
+	} else if err := a.fdMeta(hdr, fd); err != nil {
 		return err
 	}
 	atime, mtime := times(hdr)
