@@ -438,13 +438,17 @@ func TestPullInterrupted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	size, err := layer.layer.Size()
+	if err != nil {
+		t.Fatal(err)
+	}
 	started := make(chan struct{})
 	var once sync.Once
 	reg := testimage.Server(t, func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+blob.String()) {
 				// Send the headers, then stall until the client goes away.
-				w.Header().Set("Content-Length", "1000000")
+				w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
 				w.WriteHeader(http.StatusOK)
 				w.(http.Flusher).Flush()
 				once.Do(func() { close(started) })
