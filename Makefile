@@ -17,6 +17,7 @@ all: build
 ## build: static binaries in bin/
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/strata ./cmd/strata
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/strata-csi ./cmd/strata-csi
 
 ## deps: install what the build and the tests need (idempotent)
 deps:

@@ -1,0 +1,161 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/layercache"
+)
+
+// DefaultName is the CSI driver name.
+const DefaultName = "strata.csi.dev"
+
+// Mode selects the services a plugin process serves.
+type Mode string
+
+// Modes.
+const (
+	ModeNode       Mode = "node"       // Identity + Node (the DaemonSet)
+	ModeController Mode = "controller" // Identity + Controller (the Deployment)
+	ModeAll        Mode = "all"        // all three, for tests and single machines
+)
+
+// Config configures a Driver.
+type Config struct {
+	Name    string // CSI driver name (DefaultName)
+	Version string // reported by GetPluginInfo
+	NodeID  string // required in node mode
+	Root    string // node state root; holds the layer cache and volumes/
+	Mode    Mode
+	// CacheOptions configure the node's layer cache.
+	CacheOptions []layercache.Option
+}
+
+// Driver serves the CSI services.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedNodeServer
+	csi.UnimplementedControllerServer
+
+	name, version, nodeID, root string
+	mode                        Mode
+
+	store    *layercache.Store // nil in controller mode
+	inflight inflight
+	ready    atomic.Bool
+
+	controller controllerState
+}
+
+// New validates cfg and opens (in node mode) the layer cache. Call Recover
+// before serving.
+func New(cfg Config) (*Driver, error) {
+	if cfg.Name == "" {
+		cfg.Name = DefaultName
+	}
+	switch cfg.Mode {
+	case ModeNode, ModeController, ModeAll:
+	default:
+		return nil, fmt.Errorf("unknown mode %q: use node, controller or all", cfg.Mode)
+	}
+	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode}
+	if !d.serves(ModeNode) {
+		return d, nil
+	}
+	if cfg.NodeID == "" {
+		return nil, errors.New("node mode needs a node id (--node-id, usually the Kubernetes node name)")
+	}
+	if cfg.Root == "" {
+		return nil, errors.New("node mode needs a state root (--root)")
+	}
+	root, err := filepath.Abs(cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	d.root = root
+	if err := os.MkdirAll(filepath.Join(root, "volumes"), 0o700); err != nil {
+		return nil, fmt.Errorf("create state root: %w", err)
+	}
+	if d.store, err = layercache.Open(root, cfg.CacheOptions...); err != nil {
+		return nil, fmt.Errorf("open layer cache in %s: %w", root, err)
+	}
+	return d, nil
+}
+
+// serves reports whether the driver serves the services of mode m.
+func (d *Driver) serves(m Mode) bool { return d.mode == ModeAll || d.mode == m }
+
+// Close releases the layer cache. Published volumes stay mounted.
+func (d *Driver) Close() error {
+	if d.store != nil {
+		return d.store.Close()
+	}
+	return nil
+}
+
+// Serve listens on endpoint (unix:///path/csi.sock) until ctx ends, then
+// stops gracefully. A stale socket file from an earlier run is removed.
+func (d *Driver) Serve(ctx context.Context, endpoint string) error {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme != "unix" || (u.Path == "" && u.Host == "") {
+		return fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", endpoint)
+	}
+	sock := u.Path
+	if u.Host != "" {
+		sock = filepath.Join(u.Host, u.Path)
+	}
+	if err := os.MkdirAll(filepath.Dir(sock), 0o750); err != nil {
+		return err
+	}
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket %s: %w", sock, err)
+	}
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", sock, err)
+	}
+	srv := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	csi.RegisterIdentityServer(srv, d)
+	if d.serves(ModeNode) {
+		csi.RegisterNodeServer(srv, d)
+	}
+	if d.serves(ModeController) {
+		csi.RegisterControllerServer(srv, d)
+	}
+	klog.InfoS("Serving CSI", "endpoint", endpoint, "driver", d.name, "mode", d.mode, "nodeID", d.nodeID, "version", d.version)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		klog.InfoS("Stopping: published volumes stay mounted")
+		srv.GracefulStop()
+		return nil
+	}
+}
+
+// logCalls logs every call (secrets stripped) at V(4) and every error, and
+// maps errors to gRPC status codes for handlers that returned plain errors.
+func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	klog.V(4).InfoS("CSI call", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+	resp, err := handler(ctx, req)
+	if err != nil {
+		err = toStatus(err)
+		klog.ErrorS(err, "CSI call failed", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+		return nil, err
+	}
+	klog.V(5).InfoS("CSI call done", "method", info.FullMethod, "response", protosanitizer.StripSecrets(resp))
+	return resp, nil
+}
