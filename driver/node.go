@@ -297,24 +297,45 @@ func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeSta
 
 // NodeGetVolumeHealth reports a published volume whose mount is missing as
 // inaccessible: the pod lost its volume, and only a restart of the pod
-// publishes it again.
+// publishes it again. Without a publish path, every publish of the volume on
+// this node is checked.
 func (d *Driver) NodeGetVolumeHealth(_ context.Context, req *csi.NodeGetVolumeHealthRequest) (*csi.NodeGetVolumeHealthResponse, error) {
 	volID, p := req.GetVolumeId(), req.GetVolumePublishPath()
-	if volID == "" || p == "" {
-		return nil, invalid("NodeGetVolumeHealth: volume id and publish path are required")
+	if volID == "" {
+		return nil, invalid("NodeGetVolumeHealth: volume id is required")
 	}
-	rec, err := readRecord(d.dirsOf(volumeKey(volID, p)).record)
-	if err != nil {
-		return nil, err
+	var recs []*volumeRecord
+	if p != "" {
+		rec, err := readRecord(d.dirsOf(volumeKey(volID, p)).record)
+		if err != nil {
+			return nil, err
+		}
+		if rec != nil {
+			recs = append(recs, rec)
+		}
+	} else {
+		all, err := d.records()
+		if err != nil {
+			return nil, err
+		}
+		for _, rec := range all {
+			if rec.VolumeID == volID {
+				recs = append(recs, rec)
+			}
+		}
 	}
-	if rec == nil {
-		return nil, errorf(codes.NotFound, "volume %s is not published at %s on this node", volID, p)
+	if len(recs) == 0 {
+		return nil, errorf(codes.NotFound, "volume %s is not published on this node", volID)
 	}
 	health := &csi.VolumeHealth{VolumeId: volID}
-	if ok, err := mount.IsMountPoint(p); err != nil || !ok {
-		reason := fmt.Sprintf("%s is not mounted any more: restart the pod to publish the volume again", p)
+	for _, rec := range recs {
+		ok, err := mount.IsMountPoint(rec.TargetPath)
+		if err == nil && ok {
+			continue
+		}
+		reason := fmt.Sprintf("%s is not mounted any more: restart the pod to publish the volume again", rec.TargetPath)
 		if err != nil {
-			reason = fmt.Sprintf("%s cannot be checked (%v): restart the pod to publish the volume again", p, err)
+			reason = fmt.Sprintf("%s cannot be checked (%v): restart the pod to publish the volume again", rec.TargetPath, err)
 		}
 		health.HealthStatuses = append(health.HealthStatuses, &csi.VolumeHealth_VolumeHealthEntry{
 			Status: csi.VolumeHealthErrorType_INACCESSIBLE, Reason: reason,

@@ -74,6 +74,25 @@ func readRecord(path string) (*volumeRecord, error) {
 	return &r, nil
 }
 
+// records loads every publish's record on this node.
+func (d *Driver) records() ([]*volumeRecord, error) {
+	entries, err := os.ReadDir(filepath.Join(d.root, "volumes"))
+	if err != nil {
+		return nil, err
+	}
+	var out []*volumeRecord
+	for _, e := range entries {
+		rec, err := readRecord(d.dirsOf(e.Name()).record)
+		if err != nil {
+			return nil, err
+		}
+		if rec != nil {
+			out = append(out, rec)
+		}
+	}
+	return out, nil
+}
+
 // writeRecord writes a record durably: temp file, fsync, rename, fsync dir.
 func writeRecord(path string, r *volumeRecord) error {
 	data, err := json.MarshalIndent(r, "", "  ")
