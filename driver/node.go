@@ -152,7 +152,9 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 				return err
 			}
 		}
-		ov.Upper, ov.Work = dirs.upper, dirs.work
+		// The upper is thrown away at unpublish, so overlayfs need not sync
+		// it: unmounting a volatile overlay skips a journal commit.
+		ov.Upper, ov.Work, ov.Volatile = dirs.upper, dirs.work, true
 	}
 	// The CO creates only the target's parent.
 	if err := os.MkdirAll(rec.TargetPath, 0o750); err != nil {

@@ -50,6 +50,23 @@ func (d *Driver) Recover() error {
 		logger.Info("Released a volume whose target is no longer mounted")
 		removed++
 	}
+	// References whose volume record is gone (a power failure can lose the
+	// removal of a reference file, which is not fsynced) hold layers for
+	// nobody.
+	owners, err := d.store.Owners()
+	if err != nil {
+		return err
+	}
+	for owner := range owners {
+		if _, err := os.Stat(d.dirsOf(owner).dir); err == nil || !isVolumeKey(owner) {
+			continue
+		}
+		if err := d.store.Release(owner); err != nil {
+			return err
+		}
+		klog.InfoS("Released the layers of a volume that no longer exists", "volumeKey", owner)
+		removed++
+	}
 	klog.InfoS("Recovered volumes", "published", kept, "released", removed)
 	d.ready.Store(true)
 	return nil

@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"k8s.io/klog/v2"
 )
 
 // volumeRecord is volumes/<key>/volume.json: everything needed to recognise
@@ -42,6 +42,16 @@ func volumeKey(volumeID, targetPath string) string {
 	return hex.EncodeToString(sum[:16])
 }
 
+// isVolumeKey reports whether s has the form of a volumeKey (other owners
+// of cache references, such as prepulled images, are not volumes).
+func isVolumeKey(s string) bool {
+	if len(s) != 32 {
+		return false
+	}
+	_, err := hex.DecodeString(s)
+	return err == nil
+}
+
 // volumeDirs are the paths of one publish under the state root.
 type volumeDirs struct {
 	dir, record, upper, work, mnt string
@@ -58,7 +68,9 @@ func (d *Driver) dirsOf(key string) volumeDirs {
 	}
 }
 
-// readRecord loads a publish's record; nil if there is none.
+// readRecord loads a publish's record; nil if there is none. A record that
+// is empty or does not decode, as a power failure can leave it, counts as
+// none: its mount went with the power.
 func readRecord(path string) (*volumeRecord, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -69,7 +81,8 @@ func readRecord(path string) (*volumeRecord, error) {
 	}
 	var r volumeRecord
 	if err := json.Unmarshal(data, &r); err != nil {
-		return nil, fmt.Errorf("decode %s: %w", path, err)
+		klog.ErrorS(err, "Ignoring a torn volume record (left by a power failure?)", "path", path, "bytes", len(data))
+		return nil, nil
 	}
 	return &r, nil
 }
@@ -93,37 +106,19 @@ func (d *Driver) records() ([]*volumeRecord, error) {
 	return out, nil
 }
 
-// writeRecord writes a record durably: temp file, fsync, rename, fsync dir.
+// writeRecord replaces a record atomically: temp file, rename. It is not
+// fsynced (see layercache's writeFileAtomic for why): a process crash loses
+// nothing, and a power failure takes the mount the record describes with it.
 func writeRecord(path string, r *volumeRecord) error {
 	data, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return err
 	}
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o600); err != nil {
 		return err
 	}
-	if _, err := f.Write(append(data, '\n')); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	dir, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	return dir.Sync()
+	return os.Rename(tmp, path)
 }
 
 // inflight holds the keys of publishes with a call in progress. A second

@@ -4,18 +4,25 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 )
 
-// writeFileAtomic writes data to path so that path holds either its old
-// content or all of data, across a crash at any instant: write a temporary
-// file in stage (a directory on the same filesystem), fsync it, rename it
-// over path, fsync path's directory.
+// writeFileAtomic replaces path with data so that a reader, or a process
+// started after a crash of this one at any instant, sees either the old
+// content or all of data: write a temporary file in stage (a directory on
+// the same filesystem) and rename it over path.
+//
+// Nothing is fsynced: a process crash loses nothing that reached the page
+// cache, and what a power failure loses or tears is a reference or record of
+// a mount that the power failure took with it. readJSON treats a torn file
+// as absent. (Layers, which are content, are made durable before they are
+// committed: see fetchLayer.) An fsync here would double a publish's cost.
 func writeFileAtomic(path string, data []byte, stage string) error {
-	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(stage, filepath.Base(path)+"-")
 	if err != nil {
 		return err
@@ -34,9 +41,6 @@ func writeFileAtomic(path string, data []byte, stage string) error {
 	if err := f.Chmod(0o644); err != nil {
 		return err
 	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
 	if err := f.Close(); err != nil {
 		return err
 	}
@@ -44,17 +48,20 @@ func writeFileAtomic(path string, data []byte, stage string) error {
 		return err
 	}
 	ok = true
-	return syncDir(dir)
+	return nil
 }
 
-// readJSON decodes the JSON file at path into v.
+// readJSON decodes the JSON file at path into v. A file that is empty or
+// does not decode, as a power failure can leave a state file written without
+// fsync, is reported as absent (fs.ErrNotExist) and logged.
 func readJSON(path string, v any) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
 	if err := json.Unmarshal(data, v); err != nil {
-		return fmt.Errorf("decode %s: %w", path, err)
+		klog.ErrorS(err, "Ignoring a torn state file (left by a power failure?)", "path", path, "bytes", len(data))
+		return fmt.Errorf("decode %s: %w", path, fs.ErrNotExist)
 	}
 	return nil
 }

@@ -35,7 +35,25 @@ type manifestDoc struct {
 
 // build assembles the Image that the manifest or index top describes,
 // getting every manifest and config it needs through get.
+//
+// What a digest describes never changes, so the result is kept in memory:
+// a publish of a cached image does not parse its manifest and config again.
 func (s *Store) build(ref string, top v1.Hash, get func(v1.Hash, blobKind) ([]byte, error)) (*Image, error) {
+	if c, ok := s.built.Load(top); ok {
+		img := *c.(*Image)
+		img.Ref = ref
+		return &img, nil
+	}
+	img, err := s.buildUncached(ref, top, get)
+	if err != nil {
+		return nil, err
+	}
+	s.built.Store(top, img)
+	cp := *img
+	return &cp, nil
+}
+
+func (s *Store) buildUncached(ref string, top v1.Hash, get func(v1.Hash, blobKind) ([]byte, error)) (*Image, error) {
 	data, err := get(top, manifestBlob)
 	if err != nil {
 		return nil, err

@@ -23,38 +23,29 @@ type ownerRecord struct {
 	Acquired time.Time `json:"acquired"`
 }
 
-// Acquire records durably that owner uses layers, replacing what owner used
-// before. Prune never removes a layer that an owner holds. Every layer must be
-// in the store (ErrLayerMissing otherwise: a prune may have removed it since
-// Ensure; ensure again and retry). The check and the record happen under the
-// store lock, so a concurrent prune either sees the reference or ran before
-// the check.
+// Acquire records that owner uses layers, replacing what owner used before.
+// Prune never removes a layer that an owner holds. Every layer must be in the
+// store (ErrLayerMissing otherwise: a prune may have removed it since Ensure;
+// ensure again and retry). The check and the record happen under the store
+// lock, so a concurrent prune either sees the reference or ran before the
+// check.
 func (s *Store) Acquire(owner string, layers []v1.Hash) error {
 	if owner == "" {
 		return errors.New("acquire: owner must not be empty")
+	}
+	data, err := json.Marshal(ownerRecord{Owner: owner, Layers: layers, Acquired: time.Now().UTC()})
+	if err != nil {
+		return err
 	}
 	l, err := s.lock()
 	if err != nil {
 		return err
 	}
 	defer l.unlock()
-	now := time.Now()
 	for _, d := range layers {
-		p, err := s.layerPath(d)
-		if err != nil {
-			return err
-		}
 		if !s.HasLayer(d) {
 			return fmt.Errorf("%w: layer %s", ErrLayerMissing, d)
 		}
-		// The meta file's mtime is the layer's last use.
-		if err := os.Chtimes(filepath.Join(p, metaFile), now, now); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return err
-		}
-	}
-	data, err := json.Marshal(ownerRecord{Owner: owner, Layers: layers, Acquired: now.UTC()})
-	if err != nil {
-		return err
 	}
 	if err := s.writeAtomic(s.ownerPath(owner), data); err != nil {
 		return fmt.Errorf("record references of %s: %w", owner, err)
@@ -62,8 +53,9 @@ func (s *Store) Acquire(owner string, layers []v1.Hash) error {
 	return nil
 }
 
-// Release drops owner's references. Releasing an owner that holds nothing is
-// not an error.
+// Release drops owner's references and marks its layers used until now (a
+// layer's last use is its meta file's mtime, or the acquire time of a
+// current owner). Releasing an owner that holds nothing is not an error.
 func (s *Store) Release(owner string) error {
 	l, err := s.lock()
 	if err != nil {
@@ -71,23 +63,43 @@ func (s *Store) Release(owner string) error {
 	}
 	defer l.unlock()
 	p := s.ownerPath(owner)
-	if err := os.Remove(p); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
+	var rec ownerRecord
+	if err := readJSON(p, &rec); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("release references of %s: %w", owner, err)
 	}
-	return syncDir(filepath.Dir(p))
+	now := time.Now()
+	for _, d := range rec.Layers {
+		if lp, err := s.layerPath(d); err == nil {
+			_ = os.Chtimes(filepath.Join(lp, metaFile), now, now)
+		}
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("release references of %s: %w", owner, err)
+	}
+	return nil
 }
 
 // Owners returns every owner's layers, read from disk.
 func (s *Store) Owners() (map[string][]v1.Hash, error) {
+	recs, err := s.ownerRecords()
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]v1.Hash{}
+	for _, rec := range recs {
+		out[rec.Owner] = rec.Layers
+	}
+	return out, nil
+}
+
+// ownerRecords reads every owner record.
+func (s *Store) ownerRecords() ([]ownerRecord, error) {
 	dir := filepath.Join(s.root, refsDir)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
 	}
-	out := map[string][]v1.Hash{}
+	var out []ownerRecord
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
@@ -99,7 +111,7 @@ func (s *Store) Owners() (map[string][]v1.Hash, error) {
 			}
 			return nil, err
 		}
-		out[rec.Owner] = rec.Layers
+		out = append(out, rec)
 	}
 	return out, nil
 }
@@ -198,7 +210,7 @@ func (s *Store) pruneImageRecords() error {
 // LayerInfo describes one cached layer.
 type LayerInfo struct {
 	LayerMeta
-	// LastUsed is when the layer was last pulled or acquired.
+	// LastUsed is when the layer was last pulled, acquired or released.
 	LastUsed time.Time
 	// Owners lists who holds the layer.
 	Owners []string
@@ -211,14 +223,18 @@ func (s *Store) Layers() ([]LayerInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	owners, err := s.Owners()
+	owners, err := s.ownerRecords()
 	if err != nil {
 		return nil, err
 	}
 	users := map[v1.Hash][]string{}
-	for o, ls := range owners {
-		for _, d := range ls {
-			users[d] = append(users[d], o)
+	acquired := map[v1.Hash]time.Time{}
+	for _, o := range owners {
+		for _, d := range o.Layers {
+			users[d] = append(users[d], o.Owner)
+			if o.Acquired.After(acquired[d]) {
+				acquired[d] = o.Acquired
+			}
 		}
 	}
 	var out []LayerInfo
@@ -236,6 +252,9 @@ func (s *Store) Layers() ([]LayerInfo, error) {
 		}
 		if st, err := os.Stat(mp); err == nil {
 			info.LastUsed = st.ModTime()
+		}
+		if t := acquired[info.DiffID]; t.After(info.LastUsed) {
+			info.LastUsed = t
 		}
 		info.Owners = users[info.DiffID]
 		sort.Strings(info.Owners)

@@ -61,7 +61,8 @@ type Image struct {
 	// IndexDigest is the digest of the index the manifest was picked from,
 	// if the reference named an index.
 	IndexDigest *v1.Hash
-	// Layers lists the layers bottom first.
+	// Layers lists the layers bottom first. It may be shared with other
+	// Images of the same digest: do not modify it.
 	Layers []Layer
 }
 

@@ -43,6 +43,10 @@ type Store struct {
 
 	mu      sync.Mutex
 	flights map[string]*flight // in-progress layer fetches by diffID hex
+
+	// built caches the Image each manifest or index digest describes for
+	// this store's platform (*Image by v1.Hash); digests are immutable.
+	built sync.Map
 }
 
 type options struct {

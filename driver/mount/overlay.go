@@ -25,6 +25,12 @@ type Overlay struct {
 	// ReadOnly mounts the overlay read-only. It is implied when Upper is
 	// empty.
 	ReadOnly bool
+	// Volatile skips every sync of the upper (overlayfs's "volatile"
+	// option), including the one at unmount that otherwise costs a journal
+	// commit. Only for an upper that is thrown away with the mount: after a
+	// crash the kernel refuses to mount a volatile upper again until
+	// work/work/incompat/volatile is removed.
+	Volatile bool
 }
 
 // overlayAPI is how overlay layers are handed to the kernel.
@@ -199,6 +205,11 @@ func mountFsopen(o *Overlay, target string, ro bool, api overlayAPI) error {
 		if err := fsconfigDir(fsfd, "workdir", o.Work, api); err != nil {
 			return fmt.Errorf("work %q: %w", o.Work, err)
 		}
+		if o.Volatile {
+			if err := unix.FsconfigSetFlag(fsfd, "volatile"); err != nil {
+				return withKernelMessages(fsfd, fmt.Errorf("fsconfig volatile: %w", err))
+			}
+		}
 	}
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return withKernelMessages(fsfd, fmt.Errorf("fsconfig create: %w", err))
@@ -291,6 +302,9 @@ func mountClassic(o *Overlay, target string, ro bool) error {
 		}
 		b.WriteString(",workdir=")
 		b.WriteString(p)
+		if o.Volatile {
+			b.WriteString(",volatile")
+		}
 	}
 	data := b.String()
 	if len(data) > maxClassicData {

@@ -439,3 +439,33 @@ func TestUnescapeMountinfo(t *testing.T) {
 		}
 	}
 }
+
+// A volatile overlay (an upper thrown away with the mount) says so in its
+// super options, works like any other, and leaves the marker the kernel
+// checks before it mounts the same upper again.
+func TestOverlayVolatile(t *testing.T) {
+	requireRoot(t)
+	for _, api := range allAPIs {
+		t.Run(api.String(), func(t *testing.T) {
+			forceAPI(t, api)
+			d := t.TempDir()
+			low1, low2 := mkdir(t, d+"/l1"), mkdir(t, d+"/l2")
+			upper, work, target := mkdir(t, d+"/upper"), mkdir(t, d+"/work"), mkdir(t, d+"/merged")
+			writeFile(t, low2+"/a", "a")
+			mountOverlayT(t, Overlay{Lowers: []string{low1, low2}, Upper: upper, Work: work, Volatile: true}, target)
+			infos, err := MountsUnder(target)
+			if err != nil || len(infos) == 0 {
+				t.Fatalf("MountsUnder(%s) = %v, %v", target, infos, err)
+			}
+			// The kernel shows it as "volatile" or, since 6.6, "fsync=volatile".
+			if opts := "," + strings.Join(infos[len(infos)-1].SuperOptions, ",") + ","; !strings.Contains(opts, ",volatile,") && !strings.Contains(opts, ",fsync=volatile,") {
+				t.Errorf("super options %s lack volatile", opts)
+			}
+			writeFile(t, target+"/new", "n")
+			assertContent(t, upper+"/new", "n")
+			if _, err := os.Stat(work + "/work/incompat/volatile"); err != nil {
+				t.Errorf("volatile marker missing: %v", err)
+			}
+		})
+	}
+}
