@@ -37,9 +37,11 @@ test: lint
 fuzz: deps
 	$(GO) test -run '^$$' -fuzz FuzzApply -fuzztime $(FUZZTIME) ./layercache/unpack
 
-## bench: cold-pull benchmarks against a local registry (see hack/bench)
+## bench: cold-pull benchmarks against a local registry (see hack/bench), then
+## publish/unpublish latency beside the bare mount floor
 bench: deps build
 	hack/bench
+	$(GO) test -run '^$$' -bench . -benchtime 200x ./driver/ ./driver/mount/
 
 ## demo: start a registry on 127.0.0.1, push a sample dataset, pull it twice, list the cache
 demo: deps build
