@@ -155,9 +155,12 @@ func (s *Store) resolveCached(ref string, r name.Reference) (*Image, error) {
 		return nil, err
 	}
 	if isDigest(r) {
-		// Record digest references too, so that `strata ls` lists them.
-		if err := s.recordRef(r.Name(), top); err != nil {
-			return nil, err
+		// Record digest references too, so that `strata ls` lists them;
+		// once is enough, since a digest never moves.
+		if _, err := os.Stat(s.imageRefPath(r.Name())); errors.Is(err, fs.ErrNotExist) {
+			if err := s.recordRef(r.Name(), top); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return img, nil

@@ -1,0 +1,134 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/strata-csi/strata/driver/mount"
+	"github.com/strata-csi/strata/layercache"
+)
+
+func TestParseAttributes(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		attrs   map[string]string
+		want    volumeAttributes
+		wantErr string
+	}{
+		{"image only", map[string]string{"image": "r/x:v1"}, volumeAttributes{Image: "r/x:v1", PullPolicy: layercache.PullIfNotPresent}, ""},
+		{"all", map[string]string{"image": "r/x:v1", "pullPolicy": "Never", "subPath": "data/raw/"},
+			volumeAttributes{Image: "r/x:v1", PullPolicy: layercache.PullNever, SubPath: "data/raw"}, ""},
+		{"subPath cannot climb out", map[string]string{"image": "r/x", "subPath": "../../etc"},
+			volumeAttributes{Image: "r/x", PullPolicy: layercache.PullIfNotPresent, SubPath: "etc"}, ""},
+		{"kubelet keys are accepted", map[string]string{"image": "r/x", "csi.storage.k8s.io/pod.name": "p", "csi.storage.k8s.io/ephemeral": "true"},
+			volumeAttributes{Image: "r/x", PullPolicy: layercache.PullIfNotPresent}, ""},
+		{"missing image", map[string]string{"pullPolicy": "Always"}, volumeAttributes{}, `volume attribute "image" is required`},
+		{"unknown key named", map[string]string{"image": "r/x", "pullpolicy": "Always"}, volumeAttributes{}, `unknown volume attribute "pullpolicy"`},
+		{"bad policy", map[string]string{"image": "r/x", "pullPolicy": "Sometimes"}, volumeAttributes{}, `unknown pull policy "Sometimes"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseAttributes(tc.attrs)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) || status.Code(toStatus(err)) != codes.InvalidArgument {
+					t.Fatalf("parseAttributes(%v) = %v, want InvalidArgument containing %q", tc.attrs, err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("parseAttributes(%v) = %+v, %v; want %+v", tc.attrs, got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestToStatus(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want codes.Code
+	}{
+		{fmt.Errorf("pull: %w", layercache.ErrNotFound), codes.NotFound},
+		{fmt.Errorf("pull: %w", layercache.ErrNotCached), codes.NotFound},
+		{fmt.Errorf("pull: %w", layercache.ErrUnauthorized), codes.PermissionDenied},
+		{fmt.Errorf("pull: %w", layercache.ErrUnavailable), codes.Unavailable},
+		{fmt.Errorf("pull: %w", context.DeadlineExceeded), codes.DeadlineExceeded},
+		{fmt.Errorf("pull: %w", layercache.ErrDigestMismatch), codes.DataLoss},
+		{fmt.Errorf("pull: %w", layercache.ErrCorruptLayer), codes.DataLoss},
+		{fmt.Errorf("pull: %w", layercache.ErrUnsafeLayer), codes.FailedPrecondition},
+		{fmt.Errorf("pull: %w", layercache.ErrInvalidReference), codes.InvalidArgument},
+		{fmt.Errorf("mount: %w", mount.ErrTooManyLayers), codes.InvalidArgument},
+		{fmt.Errorf("unpack: %w", syscall.ENOSPC), codes.ResourceExhausted},
+		{errors.Join(errors.New("a"), fmt.Errorf("b: %w", layercache.ErrUnavailable)), codes.Unavailable},
+		{invalid("bad"), codes.InvalidArgument},
+		{errorf(codes.Aborted, "busy"), codes.Aborted},
+		{errors.New("something else"), codes.Internal},
+	} {
+		if got := status.Code(toStatus(tc.err)); got != tc.want {
+			t.Errorf("toStatus(%v) = %s, want %s", tc.err, got, tc.want)
+		}
+	}
+}
+
+func mountCap(mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: mode},
+	}
+}
+
+func TestCreateVolumeIsIdempotentByName(t *testing.T) {
+	d, err := New(Config{Mode: ModeController})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := func(image string, size int64) *csi.CreateVolumeRequest {
+		return &csi.CreateVolumeRequest{
+			Name: "pvc-1", Parameters: map[string]string{"image": image, "csi.storage.k8s.io/pvc/name": "data"},
+			CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
+			VolumeCapabilities: []*csi.VolumeCapability{mountCap(csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY)},
+		}
+	}
+	a, err := d.CreateVolume(context.Background(), req("r/x:v1", 1<<30))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := d.CreateVolume(context.Background(), req("r/x:v1", 1<<30))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Volume.VolumeId != b.Volume.VolumeId || !strings.HasPrefix(a.Volume.VolumeId, volumeIDPrefix) {
+		t.Errorf("volume ids %q and %q: want one stable strata- id", a.Volume.VolumeId, b.Volume.VolumeId)
+	}
+	if _, ok := a.Volume.VolumeContext["csi.storage.k8s.io/pvc/name"]; ok || a.Volume.VolumeContext["image"] != "r/x:v1" {
+		t.Errorf("volume context %v: want the image and no provisioner keys", a.Volume.VolumeContext)
+	}
+	if _, err := d.CreateVolume(context.Background(), req("r/x:v1", 2<<30)); status.Code(toStatus(err)) != codes.AlreadyExists {
+		t.Errorf("same name, other size: %v, want AlreadyExists", err)
+	}
+	if _, err := d.CreateVolume(context.Background(), req("r/y:v1", 1<<30)); status.Code(toStatus(err)) != codes.AlreadyExists {
+		t.Errorf("same name, other image: %v, want AlreadyExists", err)
+	}
+	block := req("r/x:v1", 1<<30)
+	block.Name = "pvc-2"
+	block.VolumeCapabilities = []*csi.VolumeCapability{{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}}
+	if _, err := d.CreateVolume(context.Background(), block); status.Code(toStatus(err)) != codes.InvalidArgument {
+		t.Errorf("block access: %v, want InvalidArgument", err)
+	}
+}
+
+func TestVolumeKeySeparatesTargets(t *testing.T) {
+	a, b := volumeKey("pv-1", "/var/lib/kubelet/pods/a/volumes/x"), volumeKey("pv-1", "/var/lib/kubelet/pods/b/volumes/x")
+	if a == b || !isVolumeKey(a) || volumeKey("pv-1", "/var/lib/kubelet/pods/a/volumes/x/") != a {
+		t.Errorf("keys %s, %s: want distinct volume keys, stable under a trailing slash", a, b)
+	}
+}
