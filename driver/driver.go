@@ -107,13 +107,9 @@ func (d *Driver) Close() error {
 // Serve listens on endpoint (unix:///path/csi.sock) until ctx ends, then
 // stops gracefully. A stale socket file from an earlier run is removed.
 func (d *Driver) Serve(ctx context.Context, endpoint string) error {
-	u, err := url.Parse(endpoint)
-	if err != nil || u.Scheme != "unix" || (u.Path == "" && u.Host == "") {
-		return fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", endpoint)
-	}
-	sock := u.Path
-	if u.Host != "" {
-		sock = filepath.Join(u.Host, u.Path)
+	sock, err := SocketPath(endpoint)
+	if err != nil {
+		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(sock), 0o750); err != nil {
 		return err
@@ -144,6 +140,25 @@ func (d *Driver) Serve(ctx context.Context, endpoint string) error {
 		srv.GracefulStop()
 		return nil
 	}
+}
+
+// SocketPath returns the socket path of a CSI endpoint given as
+// unix:///abs/path, unix://rel/path or a plain path.
+func SocketPath(endpoint string) (string, error) {
+	if endpoint == "" {
+		return "", errors.New("empty CSI endpoint")
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme == "" {
+		return endpoint, nil // a plain path
+	}
+	if u.Scheme != "unix" || (u.Path == "" && u.Host == "") {
+		return "", fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", endpoint)
+	}
+	if u.Host != "" {
+		return filepath.Join(u.Host, u.Path), nil
+	}
+	return u.Path, nil
 }
 
 // logCalls logs every call (secrets stripped) at V(4) and every error, and

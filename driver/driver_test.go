@@ -132,3 +132,21 @@ func TestVolumeKeySeparatesTargets(t *testing.T) {
 		t.Errorf("keys %s, %s: want distinct volume keys, stable under a trailing slash", a, b)
 	}
 }
+
+func TestSocketPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"unix:///var/lib/kubelet/plugins/strata.csi.dev/csi.sock": "/var/lib/kubelet/plugins/strata.csi.dev/csi.sock",
+		"unix://tmp/csi.sock": "tmp/csi.sock",
+		"/csi/csi.sock":       "/csi/csi.sock",
+		"relative/csi.sock":   "relative/csi.sock",
+	} {
+		if got, err := SocketPath(in); err != nil || got != want {
+			t.Errorf("SocketPath(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "tcp://127.0.0.1:10000", "unix://"} {
+		if got, err := SocketPath(in); err == nil {
+			t.Errorf("SocketPath(%q) = %q, want an error", in, got)
+		}
+	}
+}

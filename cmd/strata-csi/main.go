@@ -6,16 +6,24 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver"
+	"github.com/strata-csi/strata/driver/health"
+	"github.com/strata-csi/strata/driver/registration"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -38,6 +46,9 @@ func main() {
 		name        = flag.String("driver-name", driver.DefaultName, "CSI driver name")
 		concurrency = flag.Int("concurrency", layercache.DefaultConcurrency, "layers fetched and unpacked at once")
 		showVersion = flag.Bool("version", false, "print the version and exit")
+		regDir      = flag.String("kubelet-registration-dir", "", "kubelet's plugin registration directory, e.g. /var/lib/kubelet/plugins_registry: register the plugin with kubelet through a socket there (empty = do not register)")
+		kubeletCSI  = flag.String("kubelet-csi-endpoint", "", "the CSI socket path as kubelet sees it on the host, told to kubelet at registration (default: the path of --endpoint)")
+		healthAddr  = flag.String("health-address", "", "address of the liveness endpoint GET /healthz, e.g. :9808 (empty = off)")
 		insecure    stringList
 	)
 	flag.Var(&insecure, "insecure-registry", "registry (host[:port]) reached over plain HTTP; repeatable (loopback registries always are)")
@@ -50,7 +61,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "strata-csi: unexpected arguments %q\n", flag.Args())
 		os.Exit(2)
 	}
-	if err := run(*endpoint, driver.Config{
+	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheOptions: []layercache.Option{
 			layercache.WithConcurrency(*concurrency),
@@ -64,9 +75,32 @@ func main() {
 	}
 }
 
-func run(endpoint string, cfg driver.Config) error {
+// sidecars configures the node-side duties that the upstream sidecars
+// (node-driver-registrar, livenessprobe) have elsewhere.
+type sidecars struct {
+	registrationDir    string // kubelet's plugins_registry; empty = do not register
+	kubeletCSIEndpoint string // the CSI socket as kubelet sees it; empty = the --endpoint path
+	healthAddress      string // GET /healthz; empty = off
+}
+
+// run serves CSI on endpoint, and beside it the kubelet registration socket
+// and the health endpoint if configured, until SIGTERM or SIGINT. A failure
+// of any of them stops all and is returned.
+func run(endpoint string, side sidecars, cfg driver.Config) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	csiSock, err := driver.SocketPath(endpoint)
+	if err != nil {
+		return err
+	}
+	kubeletCSI := side.kubeletCSIEndpoint // the CSI socket as kubelet sees it
+	if kubeletCSI == "" {
+		if kubeletCSI, err = filepath.Abs(csiSock); err != nil {
+			return err
+		}
+	} else if kubeletCSI, err = driver.SocketPath(kubeletCSI); err != nil {
+		return fmt.Errorf("--kubelet-csi-endpoint: %w", err)
+	}
 	d, err := driver.New(cfg)
 	if err != nil {
 		return err
@@ -75,5 +109,72 @@ func run(endpoint string, cfg driver.Config) error {
 	if err := d.Recover(); err != nil {
 		return err
 	}
-	return d.Serve(ctx, endpoint)
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		sideErr error
+	)
+	fail := func(err error) { // a sidecar failed: stop everything
+		mu.Lock()
+		sideErr = errors.Join(sideErr, err)
+		mu.Unlock()
+		cancel()
+	}
+
+	if side.healthAddress != "" {
+		lis, err := net.Listen("tcp", side.healthAddress)
+		if err != nil {
+			return fmt.Errorf("health address: %w", err)
+		}
+		prober, err := health.NewCSIProber(csiSock)
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		defer prober.Close()
+		srv := &http.Server{Handler: health.Handler(prober.Probe), ReadHeaderTimeout: 10 * time.Second}
+		klog.InfoS("Serving health checks", "address", lis.Addr().String(), "path", health.Path)
+		wg.Go(func() {
+			if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
+				fail(fmt.Errorf("health server: %w", err))
+			}
+		})
+		wg.Go(func() {
+			<-ctx.Done()
+			sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer scancel()
+			if err := srv.Shutdown(sctx); err != nil {
+				klog.ErrorS(err, "Health server did not stop cleanly")
+			}
+		})
+	}
+
+	if side.registrationDir != "" {
+		name := cfg.Name
+		if name == "" {
+			name = driver.DefaultName
+		}
+		reg := registration.New(name, kubeletCSI, side.registrationDir)
+		wg.Go(func() {
+			// Kubelet calls the CSI endpoint right after GetInfo: register
+			// only once the CSI socket listens.
+			if err := registration.WaitForSocket(ctx, csiSock, 50*time.Millisecond); err != nil {
+				if ctx.Err() == nil {
+					fail(err)
+				}
+				return
+			}
+			if err := reg.Serve(ctx); err != nil {
+				fail(err)
+			}
+		})
+	}
+
+	err = d.Serve(ctx, endpoint)
+	cancel()
+	wg.Wait()
+	return errors.Join(err, sideErr)
 }
