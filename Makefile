@@ -49,3 +49,14 @@ demo: deps build
 
 clean:
 	rm -rf bin
+
+## image: the node plugin's container image as an OCI archive (bin/strata-image.tar);
+## load it with `ctr -n k8s.io images import bin/strata-image.tar`, or push it
+## with `make image IMAGE_PUSH=127.0.0.1:5000/strata/strata-csi:$(VERSION)`
+IMAGE ?= localhost/strata/strata-csi:$(VERSION)
+IMAGE_PUSH ?=
+.PHONY: image
+image: build
+	$(GO) run ./hack/buildimage --bin bin --version $(VERSION) \
+		--revision "$$(git rev-parse HEAD 2>/dev/null)" \
+		--tag $(IMAGE) --out bin/strata-image.tar $(if $(IMAGE_PUSH),--push $(IMAGE_PUSH))
