@@ -5,16 +5,21 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
+	"path"
 	"path/filepath"
 	"sync/atomic"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -54,6 +59,7 @@ type Driver struct {
 	store    *layercache.Store // nil in controller mode
 	inflight inflight
 	ready    atomic.Bool
+	metrics  *metrics.Metrics
 
 	controller controllerState
 }
@@ -71,6 +77,7 @@ func New(cfg Config) (*Driver, error) {
 	}
 	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode}
 	if !d.serves(ModeNode) {
+		d.metrics = metrics.New(metrics.Sources{})
 		return d, nil
 	}
 	if cfg.NodeID == "" {
@@ -90,8 +97,18 @@ func New(cfg Config) (*Driver, error) {
 	if d.store, err = layercache.Open(root, cfg.CacheOptions...); err != nil {
 		return nil, fmt.Errorf("open layer cache in %s: %w", root, err)
 	}
+	d.metrics = metrics.New(metrics.Sources{
+		Usage: d.store.Usage,
+		Volumes: func() (int, error) {
+			recs, err := d.records()
+			return len(recs), err
+		},
+	})
 	return d, nil
 }
+
+// MetricsHandler serves the plugin's Prometheus metrics.
+func (d *Driver) MetricsHandler() http.Handler { return d.metrics.Handler() }
 
 // serves reports whether the driver serves the services of mode m.
 func (d *Driver) serves(m Mode) bool { return d.mode == ModeAll || d.mode == m }
@@ -121,7 +138,7 @@ func (d *Driver) Serve(ctx context.Context, endpoint string) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", sock, err)
 	}
-	srv := grpc.NewServer(grpc.UnaryInterceptor(logCalls))
+	srv := grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
 	csi.RegisterIdentityServer(srv, d)
 	if d.serves(ModeNode) {
 		csi.RegisterNodeServer(srv, d)
@@ -161,13 +178,16 @@ func SocketPath(endpoint string) (string, error) {
 	return u.Path, nil
 }
 
-// logCalls logs every call (secrets stripped) at V(4) and every error, and
-// maps errors to gRPC status codes for handlers that returned plain errors.
-func logCalls(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+// intercept logs every call (secrets stripped) at V(4) and every error, maps
+// errors to gRPC status codes for handlers that returned plain errors, and
+// records each call's latency and code.
+func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	klog.V(4).InfoS("CSI call", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+	start := time.Now()
 	resp, err := handler(ctx, req)
+	err = toStatus(err)
+	d.metrics.ObserveCall(path.Base(info.FullMethod), status.Code(err), time.Since(start))
 	if err != nil {
-		err = toStatus(err)
 		klog.ErrorS(err, "CSI call failed", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
 		return nil, err
 	}

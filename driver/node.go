@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -111,7 +112,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // publish does the work of NodePublishVolume. On error the caller tears
 // down whatever it left.
 func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, rec *volumeRecord, secrets map[string]string) error {
-	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy)}
+	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy), Progress: d.countPulls()}
 	if cfg, ok := secrets[dockerConfigKey]; ok {
 		o.Credentials = &layercache.Credentials{DockerConfigJSON: []byte(cfg)}
 	}
@@ -179,6 +180,25 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 		return err
 	}
 	return nil
+}
+
+// countPulls returns a progress function that counts, in the metrics, the
+// layers this publish downloaded itself (not those it joined or found).
+func (d *Driver) countPulls() func(layercache.ProgressEvent) {
+	var mu sync.Mutex
+	joined := map[string]bool{}
+	return func(e layercache.ProgressEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch e.State {
+		case layercache.LayerJoined:
+			joined[e.Layer.DiffID.Hex] = true
+		case layercache.LayerDone:
+			if !joined[e.Layer.DiffID.Hex] {
+				d.metrics.LayerPulled(e.Layer.Size)
+			}
+		}
+	}
 }
 
 // ensureAndAcquire fetches the image's missing layers and records that this

@@ -49,6 +49,7 @@ func main() {
 		regDir      = flag.String("kubelet-registration-dir", "", "kubelet's plugin registration directory, e.g. /var/lib/kubelet/plugins_registry: register the plugin with kubelet through a socket there (empty = do not register)")
 		kubeletCSI  = flag.String("kubelet-csi-endpoint", "", "the CSI socket path as kubelet sees it on the host, told to kubelet at registration (default: the path of --endpoint)")
 		healthAddr  = flag.String("health-address", "", "address of the liveness endpoint GET /healthz, e.g. :9808 (empty = off)")
+		metricsAddr = flag.String("metrics-address", "", "address of the Prometheus endpoint GET /metrics, e.g. :9809 (empty = off)")
 		insecure    stringList
 	)
 	flag.Var(&insecure, "insecure-registry", "registry (host[:port]) reached over plain HTTP; repeatable (loopback registries always are)")
@@ -61,7 +62,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "strata-csi: unexpected arguments %q\n", flag.Args())
 		os.Exit(2)
 	}
-	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr}, driver.Config{
+	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheOptions: []layercache.Option{
 			layercache.WithConcurrency(*concurrency),
@@ -81,6 +82,7 @@ type sidecars struct {
 	registrationDir    string // kubelet's plugins_registry; empty = do not register
 	kubeletCSIEndpoint string // the CSI socket as kubelet sees it; empty = the --endpoint path
 	healthAddress      string // GET /healthz; empty = off
+	metricsAddress     string // GET /metrics; empty = off
 }
 
 // run serves CSI on endpoint, and beside it the kubelet registration socket
@@ -125,31 +127,21 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 	}
 
 	if side.healthAddress != "" {
-		lis, err := net.Listen("tcp", side.healthAddress)
-		if err != nil {
-			return fmt.Errorf("health address: %w", err)
-		}
 		prober, err := health.NewCSIProber(csiSock)
 		if err != nil {
-			lis.Close()
 			return err
 		}
 		defer prober.Close()
-		srv := &http.Server{Handler: health.Handler(prober.Probe), ReadHeaderTimeout: 10 * time.Second}
-		klog.InfoS("Serving health checks", "address", lis.Addr().String(), "path", health.Path)
-		wg.Go(func() {
-			if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
-				fail(fmt.Errorf("health server: %w", err))
-			}
-		})
-		wg.Go(func() {
-			<-ctx.Done()
-			sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer scancel()
-			if err := srv.Shutdown(sctx); err != nil {
-				klog.ErrorS(err, "Health server did not stop cleanly")
-			}
-		})
+		if err := serveHTTP(ctx, &wg, fail, "health checks", side.healthAddress, health.Path, health.Handler(prober.Probe)); err != nil {
+			return err
+		}
+	}
+	if side.metricsAddress != "" {
+		mux := http.NewServeMux()
+		mux.Handle(metricsPath, d.MetricsHandler())
+		if err := serveHTTP(ctx, &wg, fail, "metrics", side.metricsAddress, metricsPath, mux); err != nil {
+			return err
+		}
 	}
 
 	if side.registrationDir != "" {
@@ -177,4 +169,33 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 	cancel()
 	wg.Wait()
 	return errors.Join(err, sideErr)
+}
+
+// metricsPath is where Prometheus metrics are served.
+const metricsPath = "/metrics"
+
+// serveHTTP listens on addr (failing at once if it cannot: a port in use is
+// a configuration error) and serves h until ctx ends. A later serving error
+// calls fail, which stops the plugin.
+func serveHTTP(ctx context.Context, wg *sync.WaitGroup, fail func(error), what, addr, path string, h http.Handler) error {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("%s address: %w", what, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	klog.InfoS("Serving "+what, "address", lis.Addr().String(), "path", path)
+	wg.Go(func() {
+		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
+			fail(fmt.Errorf("%s server: %w", what, err))
+		}
+	})
+	wg.Go(func() {
+		<-ctx.Done()
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer scancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			klog.ErrorS(err, "HTTP server did not stop cleanly", "server", what)
+		}
+	})
+	return nil
 }

@@ -1,0 +1,109 @@
+package csitest
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	"github.com/strata-csi/strata/test/testimage"
+)
+
+// freePort returns a loopback TCP address nothing listens on.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// metricValue returns the value of the sample whose name and labels match
+// series exactly (e.g. `strata_volumes_published` or
+// `strata_csi_call_duration_seconds_count{code="OK",method="NodePublishVolume"}`).
+func metricValue(t *testing.T, body, series string) float64 {
+	t.Helper()
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` (\S+)$`).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("no sample %s in /metrics:\n%s", series, body)
+	}
+	v, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func scrape(t *testing.T, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics: %d, %v", resp.StatusCode, err)
+	}
+	return string(b)
+}
+
+// TestMetrics scrapes --metrics-address after real publishes: call latency
+// by method and code, layers pulled once, cache size and published volumes.
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	RequireRoot(t)
+	dir := t.TempDir()
+	CleanupMounts(t, dir)
+	addr := freePort(t)
+	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
+	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node", Args: []string{"--metrics-address", addr}})
+
+	reg := testimage.Registry(t)
+	ref := reg + "/metrics/img:v1"
+	testimage.Push(t, ref, testimage.Image(t,
+		testimage.Layer(t, testimage.Tar(t, testimage.File("a", "aaaa")), testimage.Gzip),
+		testimage.Layer(t, testimage.Tar(t, testimage.File("b", "bbbbbbbb")), testimage.Gzip),
+	))
+	targets := []string{e.publishImage("m1", ref), e.publishImage("m2", ref)}
+	_, err := e.Node.NodePublishVolume(ctx(t), pubReq("m3", e.target("m3"), map[string]string{"image": reg + "/metrics/missing:v1"}))
+	wantCode(t, err, codes.NotFound)
+
+	body := scrape(t, addr)
+	for series, want := range map[string]float64{
+		`strata_csi_call_duration_seconds_count{code="OK",method="NodePublishVolume"}`:       2,
+		`strata_csi_call_duration_seconds_count{code="NotFound",method="NodePublishVolume"}`: 1,
+		`strata_layers_pulled_total`: 2, // two publishes, each layer downloaded once
+		`strata_volumes_published`:   2,
+		`strata_cache_layers`:        2,
+		`strata_cache_bytes`:         12,
+		`strata_cache_in_use_bytes`:  12,
+	} {
+		if got := metricValue(t, body, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+	if got := metricValue(t, body, "strata_pulled_bytes_total"); got <= 0 {
+		t.Errorf("strata_pulled_bytes_total = %v, want the compressed size of two layers", got)
+	}
+	for i, tgt := range targets {
+		if err := e.unpublish(fmt.Sprint("m", i+1), tgt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	body = scrape(t, addr)
+	if got := metricValue(t, body, "strata_volumes_published"); got != 0 {
+		t.Errorf("after unpublish: strata_volumes_published = %v, want 0", got)
+	}
+	if got := metricValue(t, body, "strata_cache_in_use_bytes"); got != 0 {
+		t.Errorf("after unpublish: strata_cache_in_use_bytes = %v, want 0", got)
+	}
+}
