@@ -45,6 +45,10 @@ type Config struct {
 	Mode    Mode
 	// CacheOptions configure the node's layer cache.
 	CacheOptions []layercache.Option
+	// CacheBudget bounds the cache (MaxBytes 0: unbounded), or
+	// CacheMaxPercent of the filesystem that holds Root does.
+	CacheBudget     layercache.Budget
+	CacheMaxPercent float64
 }
 
 // Driver serves the CSI services.
@@ -94,7 +98,12 @@ func New(cfg Config) (*Driver, error) {
 	if err := os.MkdirAll(filepath.Join(root, "volumes"), 0o700); err != nil {
 		return nil, fmt.Errorf("create state root: %w", err)
 	}
-	if d.store, err = layercache.Open(root, cfg.CacheOptions...); err != nil {
+	budget, err := cacheBudget(cfg.CacheBudget, cfg.CacheMaxPercent, root)
+	if err != nil {
+		return nil, err
+	}
+	opts := append(cfg.CacheOptions, layercache.WithBudget(budget))
+	if d.store, err = layercache.Open(root, opts...); err != nil {
 		return nil, fmt.Errorf("open layer cache in %s: %w", root, err)
 	}
 	d.metrics = metrics.New(metrics.Sources{

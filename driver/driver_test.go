@@ -65,6 +65,7 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("pull: %w", layercache.ErrInvalidReference), codes.InvalidArgument},
 		{fmt.Errorf("mount: %w", mount.ErrTooManyLayers), codes.InvalidArgument},
 		{fmt.Errorf("unpack: %w", syscall.ENOSPC), codes.ResourceExhausted},
+		{fmt.Errorf("pull: %w", layercache.ErrNoSpace), codes.ResourceExhausted},
 		{errors.Join(errors.New("a"), fmt.Errorf("b: %w", layercache.ErrUnavailable)), codes.Unavailable},
 		{invalid("bad"), codes.InvalidArgument},
 		{errorf(codes.Aborted, "busy"), codes.Aborted},
@@ -148,5 +149,31 @@ func TestSocketPath(t *testing.T) {
 		if got, err := SocketPath(in); err == nil {
 			t.Errorf("SocketPath(%q) = %q, want an error", in, got)
 		}
+	}
+}
+
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "1048576": 1 << 20, "50Gi": 50 << 30, "50G": 50e9, "512Mi": 512 << 20, "2Ti": 2 << 40, "10k": 10000} {
+		if got, err := ParseBytes(in); err != nil || got != want {
+			t.Errorf("ParseBytes(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1", "ten", "5GB", "1.5Gi", "9999999999Ti"} {
+		if got, err := ParseBytes(in); err == nil {
+			t.Errorf("ParseBytes(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
+func TestCacheBudgetFromPercent(t *testing.T) {
+	b, err := cacheBudget(layercache.Budget{}, 50, t.TempDir())
+	if err != nil || b.MaxBytes <= 0 {
+		t.Fatalf("50%% of the test filesystem = %+v, %v", b, err)
+	}
+	if _, err := cacheBudget(layercache.Budget{MaxBytes: 1}, 50, t.TempDir()); err == nil {
+		t.Error("bytes and percentage together were accepted")
+	}
+	if _, err := cacheBudget(layercache.Budget{}, 150, t.TempDir()); err == nil {
+		t.Error("150% was accepted")
 	}
 }

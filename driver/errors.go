@@ -65,7 +65,7 @@ func toStatus(err error) error {
 		code = codes.DataLoss
 	case errors.Is(err, layercache.ErrUnsafeLayer):
 		code = codes.FailedPrecondition
-	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+	case errors.Is(err, layercache.ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		code = codes.ResourceExhausted
 	}
 	return status.Error(code, err.Error())

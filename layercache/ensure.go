@@ -106,6 +106,16 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 			}
 		}
 	}
+	var need int64
+	for _, l := range img.Layers {
+		if !s.HasLayer(l.DiffID) {
+			need += l.Size
+		}
+	}
+	// The compressed size is a lower bound of what a layer takes unpacked.
+	if err := s.makeRoom(ctx, img.Ref, need); err != nil {
+		return err
+	}
 	var c *client
 	var waits []*flight
 	for _, l := range img.Layers {
@@ -135,7 +145,18 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 			return fmt.Errorf("pull %s: %w (the pull goes on in the background; retry to join it)", img.Ref, ctx.Err())
 		}
 	}
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if len(waits) > 0 {
+		// The new layers are younger than the minimum age: GC evicts others.
+		if res, err := s.GC(ctx); err != nil {
+			klog.ErrorS(err, "Cache GC failed")
+		} else if len(res.Layers) > 0 {
+			klog.InfoS("Cache GC evicted unused layers", "layers", len(res.Layers), "bytes", res.Bytes)
+		}
+	}
+	return nil
 }
 
 func report(p func(ProgressEvent), e ProgressEvent) {

@@ -40,3 +40,7 @@ var (
 // ErrCorruptLayer: a layer blob matches its digest but cannot be decompressed
 // or read as a tar. Nothing was stored.
 var ErrCorruptLayer = errors.New("corrupt layer")
+
+// ErrNoSpace: the cache budget cannot make room for a pull without evicting
+// layers that volumes hold or used a moment ago.
+var ErrNoSpace = errors.New("cache budget exceeded")

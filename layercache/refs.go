@@ -126,47 +126,55 @@ type PruneResult struct {
 // needed them. It is mark-and-sweep against the reference files on disk,
 // under the store lock, so it cannot race an Acquire.
 func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
+	return s.evict(ctx, func(unused []LayerInfo, _ int64) []LayerInfo { return unused })
+}
+
+// evict removes the layers that choose picks among the unreferenced ones
+// (given with the total size of the cache), under the store lock. The
+// removal is a rename out of layers/, so a layer is either fully in the
+// store or gone; the slow deletion happens after the lock is released.
+func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total int64) []LayerInfo) (PruneResult, error) {
 	var res PruneResult
 	l, err := s.lock()
 	if err != nil {
 		return res, err
-	}
-	owners, err := s.Owners()
-	if err != nil {
-		l.unlock()
-		return res, err
-	}
-	inUse := map[v1.Hash]bool{}
-	for _, ls := range owners {
-		for _, d := range ls {
-			inUse[d] = true
-		}
 	}
 	layers, err := s.Layers()
 	if err != nil {
 		l.unlock()
 		return res, err
 	}
+	var unused []LayerInfo
+	var total int64
+	for _, m := range layers {
+		total += m.Size
+		if len(m.Owners) == 0 {
+			unused = append(unused, m)
+		}
+	}
+	victims := choose(unused, total)
+	if len(victims) == 0 {
+		l.unlock()
+		return res, nil
+	}
 	trash, err := os.MkdirTemp(s.work, "prune-")
 	if err != nil {
 		l.unlock()
 		return res, err
 	}
-	for _, m := range layers {
-		if inUse[m.DiffID] || ctx.Err() != nil {
-			continue
+	for _, m := range victims {
+		if ctx.Err() != nil {
+			break
 		}
 		p, err := s.layerPath(m.DiffID)
 		if err != nil {
 			continue
 		}
-		// A rename is atomic: the layer is either fully in the store or
-		// gone; the slow removal happens after the lock is released.
 		if err := os.Rename(p, filepath.Join(trash, m.DiffID.Hex)); err != nil {
 			l.unlock()
-			return res, fmt.Errorf("prune layer %s: %w", m.DiffID, err)
+			return res, fmt.Errorf("remove layer %s: %w", m.DiffID, err)
 		}
-		klog.V(2).InfoS("Pruned layer", "layer", m.DiffID, "bytes", m.Size)
+		klog.V(2).InfoS("Removed unused layer", "layer", m.DiffID, "bytes", m.Size, "lastUsed", m.LastUsed)
 		res.Layers = append(res.Layers, m.DiffID)
 		res.Bytes += m.Size
 	}

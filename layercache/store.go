@@ -55,6 +55,7 @@ type options struct {
 	insecure    map[string]bool
 	transport   http.RoundTripper
 	userAgent   string
+	budget      Budget
 }
 
 // Option configures a Store.

@@ -50,6 +50,11 @@ func main() {
 		kubeletCSI  = flag.String("kubelet-csi-endpoint", "", "the CSI socket path as kubelet sees it on the host, told to kubelet at registration (default: the path of --endpoint)")
 		healthAddr  = flag.String("health-address", "", "address of the liveness endpoint GET /healthz, e.g. :9808 (empty = off)")
 		metricsAddr = flag.String("metrics-address", "", "address of the Prometheus endpoint GET /metrics, e.g. :9809 (empty = off)")
+		maxBytes    = flag.String("cache-max-bytes", "", "cache budget, e.g. 50Gi: unused layers are evicted, least recently used first, past the high watermark (empty = unbounded)")
+		maxPercent  = flag.Float64("cache-max-percent", 0, "cache budget as a percentage of the state root's filesystem (instead of --cache-max-bytes)")
+		highMark    = flag.Float64("cache-high-watermark", layercache.DefaultHighWatermark, "fraction of the budget past which unused layers are evicted")
+		lowMark     = flag.Float64("cache-low-watermark", layercache.DefaultLowWatermark, "fraction of the budget that eviction goes down to")
+		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")
 		insecure    stringList
 	)
 	flag.Var(&insecure, "insecure-registry", "registry (host[:port]) reached over plain HTTP; repeatable (loopback registries always are)")
@@ -62,8 +67,18 @@ func main() {
 		fmt.Fprintf(os.Stderr, "strata-csi: unexpected arguments %q\n", flag.Args())
 		os.Exit(2)
 	}
+	budget := layercache.Budget{High: *highMark, Low: *lowMark, MinAge: *minAge}
+	if *maxBytes != "" {
+		n, err := driver.ParseBytes(*maxBytes)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "strata-csi: --cache-max-bytes: %v\n", err)
+			os.Exit(2)
+		}
+		budget.MaxBytes = n
+	}
 	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
+		CacheBudget: budget, CacheMaxPercent: *maxPercent,
 		CacheOptions: []layercache.Option{
 			layercache.WithConcurrency(*concurrency),
 			layercache.WithInsecureRegistries(insecure...),

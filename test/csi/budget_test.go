@@ -1,0 +1,48 @@
+package csitest
+
+import (
+	"crypto/rand"
+	"fmt"
+	"path/filepath"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	"github.com/strata-csi/strata/test/testimage"
+)
+
+// TestCacheBudget: with --cache-max-bytes, a publish that cannot fit without
+// evicting layers that volumes use fails with ResourceExhausted saying how
+// much is needed; once a volume goes, its layers make room.
+func TestCacheBudget(t *testing.T) {
+	t.Parallel()
+	RequireRoot(t)
+	dir := t.TempDir()
+	CleanupMounts(t, dir)
+	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
+	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node",
+		Args: []string{"--cache-max-bytes", "3000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns"}})
+	reg := testimage.Registry(t)
+	var refs []string
+	for _, n := range []string{"a", "b", "c"} {
+		b := make([]byte, 1000)
+		if _, err := rand.Read(b); err != nil {
+			t.Fatal(err)
+		}
+		refs = append(refs, fmt.Sprintf("%s/budget/%s:v1", reg, n))
+		testimage.Push(t, refs[len(refs)-1], testimage.Image(t, testimage.Layer(t, testimage.Tar(t, testimage.File("blob", string(b))), testimage.Gzip)))
+	}
+	ta, tb := e.publishImage("va", refs[0]), e.publishImage("vb", refs[1])
+	_, err := e.Node.NodePublishVolume(ctx(t), pubReq("vc", e.target("vc"), map[string]string{"image": refs[2]}))
+	wantCode(t, err, codes.ResourceExhausted, "needs at least", refs[2])
+	if err := e.unpublish("va", ta); err != nil {
+		t.Fatal(err)
+	}
+	tc := e.publishImage("vc", refs[2]) // a's layer is unused now: evicted to make room
+	for _, v := range []struct{ id, target string }{{"vb", tb}, {"vc", tc}} {
+		if err := e.unpublish(v.id, v.target); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.assertClean()
+}
