@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -428,6 +429,13 @@ func (v *verifyReader) verify(want v1.Hash) error {
 func (v *verifyReader) failure(err error, what string) error {
 	if v.readErr != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return err
+	}
+	// The node failed while writing the layer (a full disk, a quota, an I/O
+	// error): its problem, not the blob's.
+	for _, e := range []syscall.Errno{syscall.ENOSPC, syscall.EDQUOT, syscall.EIO, syscall.EROFS, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE} {
+		if errors.Is(err, e) {
+			return fmt.Errorf("%s: %w: nothing was stored", what, err)
+		}
 	}
 	if _, cerr := io.Copy(io.Discard, v); cerr != nil {
 		return cerr
