@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -64,6 +65,8 @@ type Driver struct {
 	inflight inflight
 	ready    atomic.Bool
 	metrics  *metrics.Metrics
+	// background tracks work that outlives calls (prepulls).
+	background sync.WaitGroup
 
 	controller controllerState
 }
@@ -122,8 +125,10 @@ func (d *Driver) MetricsHandler() http.Handler { return d.metrics.Handler() }
 // serves reports whether the driver serves the services of mode m.
 func (d *Driver) serves(m Mode) bool { return d.mode == ModeAll || d.mode == m }
 
-// Close releases the layer cache. Published volumes stay mounted.
+// Close waits for background work (whose context the caller has ended) and
+// releases the layer cache. Published volumes stay mounted.
 func (d *Driver) Close() error {
+	d.background.Wait()
 	if d.store != nil {
 		return d.store.Close()
 	}

@@ -56,7 +56,9 @@ func main() {
 		lowMark     = flag.Float64("cache-low-watermark", layercache.DefaultLowWatermark, "fraction of the budget that eviction goes down to")
 		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")
 		insecure    stringList
+		prepull     stringList
 	)
+	flag.Var(&prepull, "prepull", "image to pull at start and keep cached while it is listed; repeatable")
 	flag.Var(&insecure, "insecure-registry", "registry (host[:port]) reached over plain HTTP; repeatable (loopback registries always are)")
 	flag.Parse()
 	if *showVersion {
@@ -76,7 +78,7 @@ func main() {
 		}
 		budget.MaxBytes = n
 	}
-	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr}, driver.Config{
+	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
 		CacheOptions: []layercache.Option{
@@ -98,6 +100,7 @@ type sidecars struct {
 	kubeletCSIEndpoint string // the CSI socket as kubelet sees it; empty = the --endpoint path
 	healthAddress      string // GET /healthz; empty = off
 	metricsAddress     string // GET /metrics; empty = off
+	prepull            []string
 }
 
 // run serves CSI on endpoint, and beside it the kubelet registration socket
@@ -129,6 +132,9 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if err := d.Prepull(ctx, side.prepull); err != nil {
+		return err
+	}
 	var (
 		wg      sync.WaitGroup
 		mu      sync.Mutex

@@ -1,0 +1,68 @@
+package driver
+
+import (
+	"context"
+	"strings"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/layercache"
+)
+
+// prepullOwnerPrefix marks the cache references that keep prepulled images.
+const prepullOwnerPrefix = "prepull:"
+
+// Prepull pulls images in the background and keeps them referenced, so that
+// the first pod that uses one does not wait for the pull; references to
+// images that are no longer in the list are released first. A failed pull is
+// retried with backoff until ctx ends. It returns at once; Close waits for
+// the pulls, so cancel ctx first.
+func (d *Driver) Prepull(ctx context.Context, images []string) error {
+	if d.store == nil {
+		return nil
+	}
+	want := map[string]bool{}
+	for _, ref := range images {
+		want[prepullOwnerPrefix+ref] = true
+	}
+	owners, err := d.store.Owners()
+	if err != nil {
+		return err
+	}
+	for owner := range owners {
+		if strings.HasPrefix(owner, prepullOwnerPrefix) && !want[owner] {
+			if err := d.store.Release(owner); err != nil {
+				return err
+			}
+			klog.InfoS("No longer keeping a prepulled image", "image", strings.TrimPrefix(owner, prepullOwnerPrefix))
+		}
+	}
+	for _, ref := range images {
+		d.background.Go(func() { d.prepull(ctx, ref) })
+	}
+	return nil
+}
+
+// prepull pulls one image until it succeeds and holds its layers.
+func (d *Driver) prepull(ctx context.Context, ref string) {
+	backoff := time.Second
+	for {
+		start := time.Now()
+		img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: d.countPulls()})
+		if err == nil {
+			err = d.store.Acquire(prepullOwnerPrefix+ref, img.DiffIDs())
+		}
+		if err == nil {
+			klog.InfoS("Prepulled image", "image", ref, "digest", img.Digest, "layers", len(img.Layers), "duration", time.Since(start).Round(time.Millisecond))
+			return
+		}
+		klog.ErrorS(err, "Prepull failed; retrying", "image", ref, "retryIn", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Minute)
+	}
+}
