@@ -129,7 +129,10 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 			if err != nil {
 				return err
 			}
-			if c, err = s.newClient(ctx, r.Context(), o.Credentials); err != nil {
+			if err := s.retry(ctx, "connect to "+r.Context().RegistryStr(), func() (err error) {
+				c, err = s.newClient(ctx, r.Context(), o.Credentials)
+				return err
+			}); err != nil {
 				return err
 			}
 		}
@@ -287,7 +290,8 @@ func (s *Store) fetchLayer(ctx context.Context, c *client, ref string, l Layer, 
 		return nil, err
 	}
 
-	body, n, err := c.blob(ctx, l.Digest)
+	body := &resumingReader{ctx: ctx, s: s, c: c, d: l.Digest, size: l.Size, what: what}
+	n, err := body.open()
 	if err != nil {
 		return nil, err
 	}
@@ -405,8 +409,7 @@ func (v *verifyReader) Read(p []byte) (int, error) {
 		v.progress(ProgressEvent{Layer: v.layer, State: LayerFetching, Done: v.n})
 	}
 	if err != nil && err != io.EOF {
-		v.readErr = err
-		err = classify(err, "read "+v.what)
+		v.readErr = err // classified by the resumingReader below
 	}
 	return n, err
 }

@@ -27,7 +27,9 @@ func requireRoot(t testing.TB) {
 func openStore(t testing.TB, root string, opts ...Option) *Store {
 	t.Helper()
 	requireRoot(t)
-	s, err := Open(root, opts...)
+	// Retries stay on, with short backoffs so that failing registries do
+	// not slow the suite down; tests may override.
+	s, err := Open(root, append([]Option{WithRetry(3, 10*time.Millisecond)}, opts...)...)
 	if err != nil {
 		t.Fatalf("Open(%s): %v", root, err)
 	}

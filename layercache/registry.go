@@ -214,23 +214,6 @@ func (c *client) manifest(ctx context.Context, ref string) ([]byte, types.MediaT
 	return data, types.MediaType(resp.Header.Get("Content-Type")), d, nil
 }
 
-// blob opens a blob for streaming. The caller verifies its digest.
-func (c *client) blob(ctx context.Context, d v1.Hash) (io.ReadCloser, int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("blobs", d.String()), nil)
-	if err != nil {
-		return nil, 0, err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, 0, classify(err, "fetch blob "+c.repo.String()+"@"+d.String())
-	}
-	if err := transport.CheckError(resp, http.StatusOK); err != nil {
-		resp.Body.Close()
-		return nil, 0, classify(err, "fetch blob "+c.repo.String()+"@"+d.String())
-	}
-	return resp.Body, resp.ContentLength, nil
-}
-
 // classify wraps a registry or network error with the sentinel that tells a
 // caller what to do about it.
 func classify(err error, what string) error {

@@ -168,11 +168,18 @@ func (s *Store) resolveCached(ref string, r name.Reference) (*Image, error) {
 
 // resolveRemote resolves ref at the registry, caching what it fetches.
 func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference, creds *Credentials) (*Image, error) {
-	c, err := s.newClient(ctx, r.Context(), creds)
-	if err != nil {
-		return nil, err
-	}
-	data, _, top, err := c.manifest(ctx, r.Identifier())
+	var c *client
+	var data []byte
+	var top v1.Hash
+	err := s.retry(ctx, "resolve "+ref, func() (err error) {
+		if c == nil {
+			if c, err = s.newClient(ctx, r.Context(), creds); err != nil {
+				return err
+			}
+		}
+		data, _, top, err = c.manifest(ctx, r.Identifier())
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -184,11 +191,14 @@ func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference,
 			return data, nil
 		}
 		var data []byte
-		if kind == configBlob {
-			data, err = c.configBlob(ctx, d)
-		} else {
-			data, _, _, err = c.manifest(ctx, d.String())
-		}
+		err := s.retry(ctx, "fetch "+d.String(), func() (err error) {
+			if kind == configBlob {
+				data, err = c.configBlob(ctx, d)
+			} else {
+				data, _, _, err = c.manifest(ctx, d.String())
+			}
+			return err
+		})
 		if err != nil {
 			return nil, err
 		}
@@ -243,7 +253,7 @@ func (s *Store) writeBlob(d v1.Hash, data []byte) error {
 
 // configBlob fetches an image config blob and verifies it.
 func (c *client) configBlob(ctx context.Context, d v1.Hash) ([]byte, error) {
-	rc, _, err := c.blob(ctx, d)
+	rc, _, err := c.blobFrom(ctx, d, 0, 0)
 	if err != nil {
 		return nil, err
 	}

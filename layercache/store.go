@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -56,6 +57,9 @@ type options struct {
 	transport   http.RoundTripper
 	userAgent   string
 	budget      Budget
+
+	retryAttempts int
+	retryBackoff  time.Duration
 }
 
 // Option configures a Store.
@@ -129,6 +133,9 @@ func Open(root string, opts ...Option) (*Store, error) {
 		platform:    v1.Platform{OS: "linux", Architecture: runtime.GOARCH},
 		insecure:    map[string]bool{},
 		userAgent:   "strata",
+
+		retryAttempts: DefaultRetryAttempts,
+		retryBackoff:  DefaultRetryBackoff,
 	}
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {

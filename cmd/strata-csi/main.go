@@ -153,7 +153,7 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 			return err
 		}
 		defer prober.Close()
-		if err := serveHTTP(ctx, &wg, fail, "health checks", side.healthAddress, health.Path, health.Handler(prober.Probe)); err != nil {
+		if err := serveHTTP(ctx, &wg, fail, "health", side.healthAddress, health.Path, health.Handler(prober.Probe)); err != nil {
 			return err
 		}
 	}
@@ -204,7 +204,7 @@ func serveHTTP(ctx context.Context, wg *sync.WaitGroup, fail func(error), what, 
 		return fmt.Errorf("%s address: %w", what, err)
 	}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	klog.InfoS("Serving "+what, "address", lis.Addr().String(), "path", path)
+	klog.InfoS("Serving "+what+" endpoint", "address", lis.Addr().String(), "path", path)
 	wg.Go(func() {
 		if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
 			fail(fmt.Errorf("%s server: %w", what, err))
