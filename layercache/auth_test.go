@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -112,5 +113,106 @@ func TestDockerConfigMatchesRegistryHost(t *testing.T) {
 				t.Errorf("key %q for %s: matched=%v, want %v", tc.key, tc.reg, got, tc.want)
 			}
 		})
+	}
+}
+
+// A cached image is no way around its registry's credentials (KEP-2535):
+// pod A pulls a private image with the right secret; pod B, with no secret
+// or a secret the registry refuses, is refused under IfNotPresent and Never,
+// by tag and by digest; the same secret works offline; another secret that
+// the registry accepts is confirmed with the registry.
+func TestCachedPrivateImageNeedsCredentials(t *testing.T) {
+	var down atomic.Bool
+	auth := testimage.BasicAuthUsers(map[string]string{"alice": "s3cret", "bob": "hunter2"})
+	reg := testimage.Server(t, func(next http.Handler) http.Handler {
+		h := auth(next)
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if down.Load() {
+				http.Error(w, "down", http.StatusServiceUnavailable)
+				return
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	alice := &Credentials{DockerConfigJSON: dockerConfig(reg, "alice", "s3cret")}
+	bob := &Credentials{Username: "bob", Password: "hunter2"}
+	eve := &Credentials{Username: "eve", Password: "guess"}
+	tag := reg + "/private:v1"
+	dig := testimage.Push(t, tag, sampleImage(t, testimage.Gzip), remote.WithAuth(&authn.Basic{Username: "alice", Password: "s3cret"}))
+	byDigest := reg + "/private@" + dig.String()
+
+	s := openStore(t, t.TempDir())
+	if _, err := s.Pull(context.Background(), tag, PullOptions{Credentials: alice}); err != nil {
+		t.Fatalf("pod A with the right secret: %v", err)
+	}
+	for _, tc := range []struct {
+		name   string
+		ref    string
+		creds  *Credentials
+		policy PullPolicy
+		down   bool
+		want   error
+	}{
+		{"no secret, IfNotPresent", tag, nil, PullIfNotPresent, false, ErrUnauthorized},
+		{"no secret, Never", tag, nil, PullNever, false, ErrUnauthorized},
+		{"no secret, by digest", byDigest, nil, PullIfNotPresent, false, ErrUnauthorized},
+		{"no secret, by digest, Never", byDigest, nil, PullNever, false, ErrUnauthorized},
+		{"refused secret", tag, eve, PullIfNotPresent, false, ErrUnauthorized},
+		{"same secret, Never, registry down", tag, alice, PullNever, true, nil},
+		{"same secret, IfNotPresent, registry down", byDigest, alice, PullIfNotPresent, true, nil},
+		{"other accepted secret, Never", tag, bob, PullNever, false, ErrUnauthorized},
+		{"other accepted secret, confirmed by the registry", tag, bob, PullIfNotPresent, false, nil},
+		{"that secret is now on record: Never, registry down", tag, bob, PullNever, true, nil},
+		{"no secret, registry down", tag, nil, PullIfNotPresent, true, ErrUnavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			down.Store(tc.down)
+			defer down.Store(false)
+			_, err := s.Pull(context.Background(), tc.ref, PullOptions{Credentials: tc.creds, Policy: tc.policy})
+			if !errors.Is(err, tc.want) || (tc.want == nil && err != nil) {
+				t.Fatalf("Pull = %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+// An image that needed no credentials serves any publish from the cache,
+// offline too.
+func TestCachedPublicImageServesAnyone(t *testing.T) {
+	var down atomic.Bool
+	reg := testimage.Server(t, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if down.Load() {
+				http.Error(w, "down", http.StatusServiceUnavailable)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	})
+	ref := reg + "/public:v1"
+	testimage.Push(t, ref, sampleImage(t, testimage.Gzip))
+	s := openStore(t, t.TempDir())
+	if _, err := s.Pull(context.Background(), ref, PullOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	down.Store(true)
+	for _, creds := range []*Credentials{nil, {Username: "someone", Password: "x"}} {
+		if _, err := s.Pull(context.Background(), ref, PullOptions{Credentials: creds, Policy: PullNever}); err != nil {
+			t.Errorf("cached public image with credentials %v, registry down: %v", creds, err)
+		}
+	}
+}
+
+// WithoutCredentialCheck is the policy for clusters that accept the risk.
+func TestCredentialCheckCanBeTurnedOff(t *testing.T) {
+	reg := testimage.Server(t, testimage.BasicAuth("alice", "s3cret"))
+	ref := reg + "/private:v1"
+	testimage.Push(t, ref, sampleImage(t, testimage.Gzip), remote.WithAuth(&authn.Basic{Username: "alice", Password: "s3cret"}))
+	s := openStore(t, t.TempDir(), WithoutCredentialCheck())
+	if _, err := s.Pull(context.Background(), ref, PullOptions{Credentials: &Credentials{Username: "alice", Password: "s3cret"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Pull(context.Background(), ref, PullOptions{Policy: PullNever}); err != nil {
+		t.Fatalf("without the credential check, a cached private image serves anyone: %v", err)
 	}
 }

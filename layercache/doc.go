@@ -13,6 +13,7 @@
 //	layers/sha256/<diffID>/meta.json  sizes, compressed digest, media type
 //	images/sha256/<digest>            manifests, indexes and configs by digest
 //	images/refs/<sha256(ref)>.json    what a tag or digest reference resolved to
+//	images/access/<sha256(repo@digest)>.json  credentials (by hash) the registry accepted for an image
 //	refs/<sha256(owner)>.json         the layers one owner (a volume) uses
 //	tmp/<id>/                         one live process's in-progress work
 //

@@ -107,6 +107,9 @@ func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image,
 	if policy != PullAlways || isDigest(r) {
 		img, err := s.resolveCached(ref, r)
 		if err == nil {
+			if err := s.checkAccess(ctx, ref, r.Context(), img.Digest, o.Credentials, policy); err != nil {
+				return nil, err
+			}
 			return img, nil
 		}
 		if !errors.Is(err, ErrNotCached) {
@@ -208,6 +211,14 @@ func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference,
 		return nil, err
 	}
 	if err := s.recordRef(r.Name(), top); err != nil {
+		return nil, err
+	}
+	// The registry served the manifest to these credentials.
+	key, err := credentialKey(creds, r.Context())
+	if err != nil {
+		return nil, err
+	}
+	if err := s.recordAccess(r.Context(), img.Digest, key); err != nil {
 		return nil, err
 	}
 	klog.V(2).InfoS("Resolved image", "image", ref, "digest", img.Digest, "layers", len(img.Layers))

@@ -60,6 +60,8 @@ type options struct {
 
 	retryAttempts int
 	retryBackoff  time.Duration
+
+	noCredentialCheck bool
 }
 
 // Option configures a Store.
@@ -159,7 +161,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("create store root: %w", err)
 	}
-	for _, d := range []string{layersDir, imagesDir, imageRefDir, refsDir, tmpDir} {
+	for _, d := range []string{layersDir, imagesDir, imageRefDir, accessDir, refsDir, tmpDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, fmt.Errorf("create store directory: %w", err)
 		}

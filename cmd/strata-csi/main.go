@@ -55,6 +55,7 @@ func main() {
 		highMark    = flag.Float64("cache-high-watermark", layercache.DefaultHighWatermark, "fraction of the budget past which unused layers are evicted")
 		lowMark     = flag.Float64("cache-low-watermark", layercache.DefaultLowWatermark, "fraction of the budget that eviction goes down to")
 		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")
+		verifyCreds = flag.String("pull-credentials-verification", "AlwaysVerify", "AlwaysVerify: a cached private image serves only publishes whose credentials pulled it or that the registry accepts (as kubelet's KEP-2535); NeverVerify: any publish may use any cached image")
 		insecure    stringList
 		prepull     stringList
 	)
@@ -69,6 +70,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "strata-csi: unexpected arguments %q\n", flag.Args())
 		os.Exit(2)
 	}
+	cacheOpts := []layercache.Option{
+		layercache.WithConcurrency(*concurrency),
+		layercache.WithInsecureRegistries(insecure...),
+		layercache.WithUserAgent("strata-csi/" + version),
+	}
+	switch *verifyCreds {
+	case "AlwaysVerify":
+	case "NeverVerify":
+		cacheOpts = append(cacheOpts, layercache.WithoutCredentialCheck())
+	default:
+		fmt.Fprintf(os.Stderr, "strata-csi: --pull-credentials-verification=%q: use AlwaysVerify or NeverVerify\n", *verifyCreds)
+		os.Exit(2)
+	}
 	budget := layercache.Budget{High: *highMark, Low: *lowMark, MinAge: *minAge}
 	if *maxBytes != "" {
 		n, err := driver.ParseBytes(*maxBytes)
@@ -81,11 +95,7 @@ func main() {
 	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
-		CacheOptions: []layercache.Option{
-			layercache.WithConcurrency(*concurrency),
-			layercache.WithInsecureRegistries(insecure...),
-			layercache.WithUserAgent("strata-csi/" + version),
-		},
+		CacheOptions: cacheOpts,
 	}); err != nil {
 		klog.ErrorS(err, "strata-csi failed")
 		klog.Flush()

@@ -164,9 +164,14 @@ func Registry(t testing.TB) string {
 // BasicAuth wraps a registry so that it demands HTTP basic auth with user
 // and password, as a private registry with htpasswd auth does.
 func BasicAuth(user, password string) func(http.Handler) http.Handler {
+	return BasicAuthUsers(map[string]string{user: password})
+}
+
+// BasicAuthUsers is BasicAuth with several users (name to password).
+func BasicAuthUsers(users map[string]string) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if u, p, ok := r.BasicAuth(); !ok || u != user || p != password {
+			if u, p, ok := r.BasicAuth(); !ok || users[u] != p || p == "" {
 				w.Header().Set("WWW-Authenticate", `Basic realm="strata-test"`)
 				w.Header().Set("Content-Type", "application/json")
 				w.WriteHeader(http.StatusUnauthorized)

@@ -1,0 +1,162 @@
+package layercache
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"path/filepath"
+	"slices"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"k8s.io/klog/v2"
+)
+
+// A cached image is no way around its registry's credentials (the rule
+// kubelet follows for private images, KEP-2535). For each repository and
+// digest the store records which credentials the registry accepted for it,
+// by hash, or that it needed none. A resolution from the cache is allowed
+// to a caller whose credentials are on record (so Never works offline), or
+// whose credentials the registry confirms now; otherwise it is refused with
+// ErrUnauthorized.
+
+// anonymous stands for "no credentials" in an access record.
+const anonymous = "anonymous"
+
+// accessDir holds one access record per repository and digest.
+const accessDir = "images/access"
+
+// accessRecord lists the credentials (by hash) that the registry accepted
+// for one image.
+type accessRecord struct {
+	Repository string   `json:"repository"`
+	Digest     v1.Hash  `json:"digest"`
+	Accepted   []string `json:"accepted"`
+}
+
+// WithoutCredentialCheck lets any publish use a cached image, whatever
+// credentials pulled it: for clusters that accept that a pod without the
+// secret can read a private image another pod pulled.
+func WithoutCredentialCheck() Option {
+	return func(o *options) error {
+		o.noCredentialCheck = true
+		return nil
+	}
+}
+
+// credentialKey hashes the credentials that creds holds for repo's registry,
+// or returns "anonymous".
+func credentialKey(creds *Credentials, repo name.Repository) (string, error) {
+	auth, err := creds.authenticator(repo.Registry)
+	if err != nil {
+		return "", err
+	}
+	if auth == authn.Anonymous {
+		return anonymous, nil
+	}
+	cfg, err := auth.Authorization()
+	if err != nil {
+		return "", fmt.Errorf("%w: %v", ErrUnauthorized, err)
+	}
+	if *cfg == (authn.AuthConfig{}) {
+		return anonymous, nil
+	}
+	b, err := json.Marshal([]string{repo.RegistryStr(), cfg.Username, cfg.Password, cfg.Auth, cfg.IdentityToken, cfg.RegistryToken})
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(sum[:]), nil
+}
+
+func (s *Store) accessPath(repo name.Repository, d v1.Hash) string {
+	return filepath.Join(s.root, accessDir, keyHex(repo.Name()+"@"+d.String())+".json")
+}
+
+// recordAccess notes that the registry accepted key for repo@d.
+func (s *Store) recordAccess(repo name.Repository, d v1.Hash, key string) error {
+	p := s.accessPath(repo, d)
+	var rec accessRecord
+	if err := readJSON(p, &rec); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if slices.Contains(rec.Accepted, key) {
+		return nil
+	}
+	rec.Repository, rec.Digest = repo.Name(), d
+	rec.Accepted = append(rec.Accepted, key)
+	data, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return s.writeAtomic(p, data)
+}
+
+// checkAccess decides whether a caller with creds may use the cached image
+// repo@d: yes if the image needed no credentials or the caller's are on
+// record; otherwise, unless the policy forbids asking (Never), the registry
+// is asked whether it accepts the caller's credentials for the image.
+func (s *Store) checkAccess(ctx context.Context, ref string, repo name.Repository, d v1.Hash, creds *Credentials, policy PullPolicy) error {
+	if s.opts.noCredentialCheck {
+		return nil
+	}
+	key, err := credentialKey(creds, repo)
+	if err != nil {
+		return err
+	}
+	var rec accessRecord
+	if err := readJSON(s.accessPath(repo, d), &rec); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if slices.Contains(rec.Accepted, anonymous) || slices.Contains(rec.Accepted, key) {
+		return nil
+	}
+	if policy == PullNever {
+		return fmt.Errorf("%w: %s is cached, but it was pulled with credentials this volume does not have, "+
+			"and the pull policy Never forbids asking the registry: give the volume the pull secret that pulled it", ErrUnauthorized, ref)
+	}
+	// Ask the registry, with the caller's credentials, for the manifest.
+	err = s.retry(ctx, "verify access to "+ref, func() error {
+		c, err := s.newClient(ctx, repo, creds)
+		if err != nil {
+			return err
+		}
+		return c.headManifest(ctx, d)
+	})
+	if err != nil {
+		if errors.Is(err, ErrUnauthorized) || errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("%w: %s is cached, but the registry does not accept this volume's credentials for it (%v): "+
+				"give the volume a pull secret for %s", ErrUnauthorized, ref, err, repo.RegistryStr())
+		}
+		return fmt.Errorf("verify access to cached %s: %w", ref, err)
+	}
+	klog.V(2).InfoS("Registry confirmed access to a cached image", "image", ref, "anonymous", key == anonymous)
+	return s.recordAccess(repo, d, key)
+}
+
+// headManifest asks whether the manifest d exists for this client's
+// credentials.
+func (c *client) headManifest(ctx context.Context, d v1.Hash) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodHead, c.url("manifests", d.String()), nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Accept", manifestAccept)
+	resp, err := c.http.Do(req)
+	what := "check manifest " + c.repo.String() + "@" + d.String()
+	if err != nil {
+		return classify(err, what)
+	}
+	resp.Body.Close()
+	if err := transport.CheckError(resp, http.StatusOK); err != nil {
+		return classify(err, what)
+	}
+	return nil
+}
