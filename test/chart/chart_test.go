@@ -356,6 +356,11 @@ func TestValues(t *testing.T) {
 				}
 			}
 		}},
+		{"credentials verification", "registries: {credentialsVerification: NeverVerify}", func(t *testing.T, spec podSpec, c container, f map[string][]string) {
+			if flag(t, f, "pull-credentials-verification") != "NeverVerify" {
+				t.Errorf("--pull-credentials-verification=%s, want NeverVerify", flag(t, f, "pull-credentials-verification"))
+			}
+		}},
 		{"prepull", "cache: {prepull: [registry.local:5000/datasets/a:v1, registry.local:5000/datasets/b:v2]}", func(t *testing.T, spec podSpec, c container, f map[string][]string) {
 			if got, want := f["prepull"], []string{"registry.local:5000/datasets/a:v1", "registry.local:5000/datasets/b:v2"}; !slices.Equal(got, want) {
 				t.Errorf("--prepull %v, want %v", got, want)
@@ -520,6 +525,7 @@ func TestSchemaRejects(t *testing.T) {
 		{"metrics port out of range", "metrics: {enabled: true, port: 70000}", "port"},
 		{"metrics enabled a string", "metrics: {enabled: \"yes\"}", "enabled"},
 		{"concurrency zero", "cache: {concurrency: 0}", "concurrency"},
+		{"credentials verification unknown", "registries: {credentialsVerification: Sometimes}", "credentialsVerification"},
 		{"cache size not a quantity", "cache: {maxBytes: 5GB}", "maxBytes"},
 		{"cache size and percent", "cache: {maxBytes: 5Gi, maxPercent: 40}", "maxPercent"},
 		{"cache percent over 100", "cache: {maxPercent: 140}", "maxPercent"},
