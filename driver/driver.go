@@ -111,6 +111,7 @@ func New(cfg Config) (*Driver, error) {
 	}
 	d.metrics = metrics.New(metrics.Sources{
 		Usage: d.store.Usage,
+		Stats: d.store.Stats,
 		Volumes: func() (int, error) {
 			recs, err := d.records()
 			return len(recs), err

@@ -183,7 +183,8 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 }
 
 // countPulls returns a progress function that counts, in the metrics, the
-// layers this publish downloaded itself (not those it joined or found).
+// layers this publish found cached and those it downloaded itself (not
+// those it joined).
 func (d *Driver) countPulls() func(layercache.ProgressEvent) {
 	var mu sync.Mutex
 	joined := map[string]bool{}
@@ -191,6 +192,8 @@ func (d *Driver) countPulls() func(layercache.ProgressEvent) {
 		mu.Lock()
 		defer mu.Unlock()
 		switch e.State {
+		case layercache.LayerCached:
+			d.metrics.LayerHit()
 		case layercache.LayerJoined:
 			joined[e.Layer.DiffID.Hex] = true
 		case layercache.LayerDone:

@@ -65,12 +65,20 @@ func (s *Store) GC(ctx context.Context) (PruneResult, error) {
 		return PruneResult{}, nil
 	}
 	high, low := int64(b.High*float64(b.MaxBytes)), int64(b.Low*float64(b.MaxBytes))
-	return s.evict(ctx, func(unused []LayerInfo, total int64) []LayerInfo {
+	res, err := s.evict(ctx, func(unused []LayerInfo, total int64) []LayerInfo {
 		if total <= high {
 			return nil
 		}
 		return s.oldestUnused(unused, total-low)
 	})
+	s.countEvicted(res)
+	return res, err
+}
+
+// countEvicted adds what the budget evicted to the store's counters.
+func (s *Store) countEvicted(res PruneResult) {
+	s.evictedLayers.Add(int64(len(res.Layers)))
+	s.evictedBytes.Add(res.Bytes)
 }
 
 // makeRoom evicts unused layers so that need more bytes fit in the budget,
@@ -81,7 +89,7 @@ func (s *Store) makeRoom(ctx context.Context, ref string, need int64) error {
 		return nil
 	}
 	var short int64
-	_, err := s.evict(ctx, func(unused []LayerInfo, total int64) []LayerInfo {
+	res, err := s.evict(ctx, func(unused []LayerInfo, total int64) []LayerInfo {
 		over := total + need - b.MaxBytes
 		if over <= 0 {
 			return nil
@@ -99,6 +107,7 @@ func (s *Store) makeRoom(ctx context.Context, ref string, need int64) error {
 		}
 		return victims
 	})
+	s.countEvicted(res)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -48,6 +49,24 @@ type Store struct {
 	// built caches the Image each manifest or index digest describes for
 	// this store's platform (*Image by v1.Hash); digests are immutable.
 	built sync.Map
+
+	evictedLayers, evictedBytes atomic.Int64 // by budget, since Open
+}
+
+// Stats are counters of this Store since Open, for metrics.
+type Stats struct {
+	// InFlight is the number of layers being fetched now.
+	InFlight int
+	// EvictedLayers and EvictedBytes count what the budget evicted.
+	EvictedLayers, EvictedBytes int64
+}
+
+// Stats returns the store's counters.
+func (s *Store) Stats() Stats {
+	s.mu.Lock()
+	n := len(s.flights)
+	s.mu.Unlock()
+	return Stats{InFlight: n, EvictedLayers: s.evictedLayers.Load(), EvictedBytes: s.evictedBytes.Load()}
 }
 
 type options struct {

@@ -23,6 +23,8 @@ type Sources struct {
 	Usage func() (layercache.Usage, error)
 	// Volumes counts the publishes on this node.
 	Volumes func() (int, error)
+	// Stats reports the cache's in-flight pulls and evictions.
+	Stats func() layercache.Stats
 }
 
 // Metrics holds the plugin's collectors. A nil *Metrics records nothing, so
@@ -32,6 +34,7 @@ type Metrics struct {
 	calls       *prometheus.HistogramVec
 	layers      prometheus.Counter
 	pulledBytes prometheus.Counter
+	hits        prometheus.Counter
 }
 
 // New registers the plugin's metrics, and Go runtime and process metrics, in
@@ -54,8 +57,12 @@ func New(src Sources) *Metrics {
 			Name: "strata_pulled_bytes_total",
 			Help: "Compressed bytes of the layers downloaded into the cache.",
 		}),
+		hits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "strata_layer_cache_hits_total",
+			Help: "Layers a publish found in the cache (strata_layers_pulled_total counts the misses it downloaded).",
+		}),
 	}
-	m.reg.MustRegister(m.calls, m.layers, m.pulledBytes,
+	m.reg.MustRegister(m.calls, m.layers, m.pulledBytes, m.hits,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&stateCollector{src: src})
 	return m
@@ -74,6 +81,14 @@ func (m *Metrics) ObserveCall(method string, code codes.Code, d time.Duration) {
 	m.calls.WithLabelValues(method, code.String()).Observe(d.Seconds())
 }
 
+// LayerHit records a layer a publish found in the cache.
+func (m *Metrics) LayerHit() {
+	if m == nil {
+		return
+	}
+	m.hits.Inc()
+}
+
 // LayerPulled records a layer this process downloaded and committed.
 func (m *Metrics) LayerPulled(compressedBytes int64) {
 	if m == nil {
@@ -88,6 +103,9 @@ var (
 	cacheInUseDesc  = prometheus.NewDesc("strata_cache_in_use_bytes", "Content bytes of cached layers that published volumes hold.", nil, nil)
 	cacheLayersDesc = prometheus.NewDesc("strata_cache_layers", "Cached layers.", nil, nil)
 	volumesDesc     = prometheus.NewDesc("strata_volumes_published", "Volumes published on this node.", nil, nil)
+	inFlightDesc    = prometheus.NewDesc("strata_pulls_in_flight", "Layers being downloaded and unpacked now.", nil, nil)
+	evictedDesc     = prometheus.NewDesc("strata_evicted_layers_total", "Unused layers the cache budget evicted.", nil, nil)
+	evictedBytes    = prometheus.NewDesc("strata_evicted_bytes_total", "Content bytes of the layers the cache budget evicted.", nil, nil)
 )
 
 // stateCollector reads the cache and the volume records at scrape time.
@@ -98,6 +116,9 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- cacheInUseDesc
 	ch <- cacheLayersDesc
 	ch <- volumesDesc
+	ch <- inFlightDesc
+	ch <- evictedDesc
+	ch <- evictedBytes
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -109,6 +130,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(cacheInUseDesc, prometheus.GaugeValue, float64(u.InUseBytes))
 			ch <- prometheus.MustNewConstMetric(cacheLayersDesc, prometheus.GaugeValue, float64(u.Layers))
 		}
+	}
+	if c.src.Stats != nil {
+		st := c.src.Stats()
+		ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(st.InFlight))
+		ch <- prometheus.MustNewConstMetric(evictedDesc, prometheus.CounterValue, float64(st.EvictedLayers))
+		ch <- prometheus.MustNewConstMetric(evictedBytes, prometheus.CounterValue, float64(st.EvictedBytes))
 	}
 	if c.src.Volumes != nil {
 		if n, err := c.src.Volumes(); err != nil {

@@ -20,8 +20,9 @@ func TestCacheBudget(t *testing.T) {
 	dir := t.TempDir()
 	CleanupMounts(t, dir)
 	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
+	addr := freePort(t)
 	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node",
-		Args: []string{"--cache-max-bytes", "3000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns"}})
+		Args: []string{"--cache-max-bytes", "3000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns", "--metrics-address", addr}})
 	reg := testimage.Registry(t)
 	var refs []string
 	for _, n := range []string{"a", "b", "c"} {
@@ -39,6 +40,13 @@ func TestCacheBudget(t *testing.T) {
 		t.Fatal(err)
 	}
 	tc := e.publishImage("vc", refs[2]) // a's layer is unused now: evicted to make room
+	body := scrape(t, addr)
+	if got := metricValue(t, body, "strata_evicted_layers_total"); got != 1 {
+		t.Errorf("strata_evicted_layers_total = %v, want 1", got)
+	}
+	if got := metricValue(t, body, "strata_evicted_bytes_total"); got != 1000 {
+		t.Errorf("strata_evicted_bytes_total = %v, want 1000", got)
+	}
 	for _, v := range []struct{ id, target string }{{"vb", tb}, {"vc", tc}} {
 		if err := e.unpublish(v.id, v.target); err != nil {
 			t.Fatal(err)

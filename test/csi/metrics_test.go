@@ -81,11 +81,14 @@ func TestMetrics(t *testing.T) {
 	for series, want := range map[string]float64{
 		`strata_csi_call_duration_seconds_count{code="OK",method="NodePublishVolume"}`:       2,
 		`strata_csi_call_duration_seconds_count{code="NotFound",method="NodePublishVolume"}`: 1,
-		`strata_layers_pulled_total`: 2, // two publishes, each layer downloaded once
-		`strata_volumes_published`:   2,
-		`strata_cache_layers`:        2,
-		`strata_cache_bytes`:         12,
-		`strata_cache_in_use_bytes`:  12,
+		`strata_layers_pulled_total`:    2, // two publishes, each layer downloaded once
+		`strata_layer_cache_hits_total`: 2, // the second publish found both
+		`strata_pulls_in_flight`:        0,
+		`strata_evicted_layers_total`:   0,
+		`strata_volumes_published`:      2,
+		`strata_cache_layers`:           2,
+		`strata_cache_bytes`:            12,
+		`strata_cache_in_use_bytes`:     12,
 	} {
 		if got := metricValue(t, body, series); got != want {
 			t.Errorf("%s = %v, want %v", series, got, want)
