@@ -2,7 +2,6 @@ package csitest
 
 import (
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -165,18 +164,8 @@ func TestRepublishAfterMountWentAway(t *testing.T) {
 func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	var mu sync.Mutex
-	gets := map[string]int{}
-	reg := testimage.Server(t, func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
-				mu.Lock()
-				gets[r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]]++
-				mu.Unlock()
-			}
-			next.ServeHTTP(w, r)
-		})
-	})
+	blobs := newBlobRegistry(t, 0)
+	reg := blobs.addr
 	ref := reg + "/conc/img:v1"
 	var body strings.Builder
 	for range 64 << 10 {
@@ -188,9 +177,7 @@ func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 		testimage.Layer(t, testimage.Tar(t, testimage.File("small", "s")), testimage.Zstd),
 	)
 	testimage.Push(t, ref, img)
-	mu.Lock()
-	clear(gets) // the push's own reads, if any
-	mu.Unlock()
+	blobs.reset()
 
 	const n = 16
 	targets := make([]string, n)
@@ -221,7 +208,7 @@ func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
+	gets := blobs.counts()
 	for _, l := range layers {
 		d, err := l.Digest()
 		if err != nil {
@@ -233,7 +220,6 @@ func TestConcurrentPublishesDownloadOnce(t *testing.T) {
 	}
 	cfg, _ := img.ConfigName()
 	t.Logf("blob GETs: %v (config %s: %d)", gets, cfg, gets[cfg.String()])
-	mu.Unlock()
 	if refs := e.refFiles(); len(refs) != n {
 		t.Errorf("%d ref files, want %d", len(refs), n)
 	}
