@@ -123,25 +123,26 @@ type PruneResult struct {
 }
 
 // Prune removes every layer that no owner holds, and the image records that
-// needed them. It is mark-and-sweep against the reference files on disk,
-// under the store lock, so it cannot race an Acquire.
+// needed them. It is mark-and-sweep against the reference files on disk; the
+// sweep re-checks them under the store lock, so it cannot race an Acquire.
 func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
 	return s.evict(ctx, func(unused []LayerInfo, _ int64) []LayerInfo { return unused })
 }
 
+// evictBatch is how many layers one hold of the store lock removes: the
+// lock orders evictions against Acquire, and a publish must not wait for a
+// thousand renames.
+const evictBatch = 32
+
 // evict removes the layers that choose picks among the unreferenced ones
-// (given with the total size of the cache), under the store lock. The
-// removal is a rename out of layers/, so a layer is either fully in the
-// store or gone; the slow deletion happens after the lock is released.
-func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total int64) []LayerInfo) (PruneResult, error) {
-	var res PruneResult
-	l, err := s.lock()
-	if err != nil {
-		return res, err
-	}
+// (given with the total size of the cache). The choice is made from a
+// snapshot taken without the lock; each batch of removals then takes the
+// lock, reads the references again and skips a layer that an Acquire took
+// meanwhile. A removal is a rename out of layers/, so a layer is either
+// fully in the store or gone; the slow deletion happens after.
+func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total int64) []LayerInfo) (res PruneResult, err error) {
 	layers, err := s.Layers()
 	if err != nil {
-		l.unlock()
 		return res, err
 	}
 	var unused []LayerInfo
@@ -154,45 +155,72 @@ func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total
 	}
 	victims := choose(unused, total)
 	if len(victims) == 0 {
-		l.unlock()
 		return res, nil
 	}
 	trash, err := os.MkdirTemp(s.work, "prune-")
 	if err != nil {
-		l.unlock()
 		return res, err
 	}
-	for _, m := range victims {
-		if ctx.Err() != nil {
-			break
+	defer func() {
+		if rerr := os.RemoveAll(trash); err == nil && rerr != nil {
+			err = rerr
+		}
+	}()
+	for len(victims) > 0 && ctx.Err() == nil {
+		batch := victims[:min(evictBatch, len(victims))]
+		victims = victims[len(batch):]
+		if err := s.evictBatch(batch, trash, &res); err != nil {
+			return res, err
+		}
+	}
+	if len(res.Layers) > 0 {
+		if err := syncDir(filepath.Join(s.root, layersDir)); err != nil {
+			return res, err
+		}
+	}
+	if err := s.pruneImageRecords(); err != nil {
+		return res, err
+	}
+	return res, ctx.Err()
+}
+
+// evictBatch renames the layers of batch that no owner holds into trash,
+// under the store lock.
+func (s *Store) evictBatch(batch []LayerInfo, trash string, res *PruneResult) error {
+	l, err := s.lock()
+	if err != nil {
+		return err
+	}
+	defer l.unlock()
+	owners, err := s.ownerRecords()
+	if err != nil {
+		return err
+	}
+	inUse := map[v1.Hash]bool{}
+	for _, o := range owners {
+		for _, d := range o.Layers {
+			inUse[d] = true
+		}
+	}
+	for _, m := range batch {
+		if inUse[m.DiffID] {
+			continue
 		}
 		p, err := s.layerPath(m.DiffID)
 		if err != nil {
 			continue
 		}
 		if err := os.Rename(p, filepath.Join(trash, m.DiffID.Hex)); err != nil {
-			l.unlock()
-			return res, fmt.Errorf("remove layer %s: %w", m.DiffID, err)
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // removed by another process meanwhile
+			}
+			return fmt.Errorf("remove layer %s: %w", m.DiffID, err)
 		}
 		klog.V(2).InfoS("Removed unused layer", "layer", m.DiffID, "bytes", m.Size, "lastUsed", m.LastUsed)
 		res.Layers = append(res.Layers, m.DiffID)
 		res.Bytes += m.Size
 	}
-	if len(res.Layers) > 0 {
-		if err := syncDir(filepath.Join(s.root, layersDir)); err != nil {
-			l.unlock()
-			return res, err
-		}
-	}
-	err = s.pruneImageRecords()
-	l.unlock()
-	if rerr := os.RemoveAll(trash); err == nil {
-		err = rerr
-	}
-	if err == nil {
-		err = ctx.Err()
-	}
-	return res, err
+	return nil
 }
 
 // pruneImageRecords drops the resolution records of images whose layers are
