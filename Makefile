@@ -10,7 +10,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # The unpacker's fuzz target, and how long `make fuzz` runs it.
 FUZZTIME ?= 60s
 
-.PHONY: all build test lint bench demo deps fuzz clean
+.PHONY: all build test unit e2e lint bench demo deps fuzz clean
 
 all: build
 
@@ -28,10 +28,22 @@ lint: deps
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags e2e,cluster ./test/...
 
-## test: the whole suite (root: real mounts, a real registry on loopback)
-test: lint
+## test: the whole suite: unit and integration tests, then the end-to-end
+## suite on a real cluster (root)
+test: unit e2e
+
+## unit: formatting, vet, and every package's tests (root: real mounts, a
+## real registry on loopback); the fast loop, no cluster
+unit: lint
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+## e2e: a real single-node Kubernetes (hack/cluster-up), the chart installed
+## with helm, Strata's scenarios and Kubernetes' external-storage e2e suite,
+## then hack/cluster-down (see hack/e2e and test/e2e)
+e2e: deps image
+	hack/e2e
 
 ## fuzz: run the unpacker's fuzz test for FUZZTIME
 fuzz: deps
@@ -62,7 +74,7 @@ image: build
 		--tag $(IMAGE) --out bin/strata-image.tar $(if $(IMAGE_PUSH),--push $(IMAGE_PUSH))
 
 ## cluster-up / cluster-down: a real single-node Kubernetes (v1.37.2 + containerd
-## v2.2.9 by default, built from the module proxy and cached in .cache/cluster) in
+## v2.2.9 by default, built from the module proxy and cached in ~/.cache/strata/cluster) in
 ## its own network namespace; see hack/cluster/README.md
 .PHONY: cluster-up cluster-down cluster-test
 cluster-up:

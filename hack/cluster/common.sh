@@ -5,7 +5,9 @@ export PATH=/usr/local/go/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 CLUSTER_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CLUSTER_DIR=${CLUSTER_DIR:-/tmp/strata-cluster}
-CLUSTER_CACHE=${CLUSTER_CACHE:-$CLUSTER_REPO/.cache/cluster}
+# Built binaries and images, kept across checkouts so that a fresh clone (CI)
+# reuses them.
+CLUSTER_CACHE=${CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/cluster}
 export CLUSTER_CACHE
 
 K8S_VERSION=${K8S_VERSION:-v1.37.2}
@@ -37,6 +39,9 @@ C_DATA=$CLUSTER_DIR/data
 C_BIN=$CLUSTER_DIR/bin
 C_STATE=$CLUSTER_DIR/state
 KUBELET_DIR=${KUBELET_DIR:-$C_DATA/kubelet}
+# A node-local directory for a CSI plugin's state (Strata's --root), shared
+# like the kubelet dir so that the plugin's Bidirectional mounts propagate.
+STATE_DIR=${STATE_DIR:-$C_DATA/strata}
 CONTAINERD_SOCK=$C_RUN/containerd/containerd.sock
 KUBECONFIG_ADMIN=$C_ETC/admin.kubeconfig
 # Cgroup parent of every pod: <controller>/$CGROUP_ROOT/kubepods/...

@@ -8,7 +8,7 @@
 //	go test -tags cluster -timeout 30m ./test/cluster
 //
 // The binaries are built on the first run (minutes, cached by version under
-// .cache/cluster). By default the test uses its own cluster dir, network
+// ~/.cache/strata/cluster). By default the test uses its own cluster dir, network
 // namespace, cgroup root and pod CIDR so that it does not disturb a cluster
 // started by hand; STRATA_CLUSTER_DIR overrides the dir. K8S_VERSION,
 // CONTAINERD, CONTAINERD_VERSION, ETCD and ETCD_VERSION pass through.
