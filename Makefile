@@ -55,9 +55,19 @@ bench: deps build
 	hack/bench
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./driver/ ./driver/mount/
 
-## demo: start a registry on 127.0.0.1, push a sample dataset, pull it twice, list the cache
-demo: deps build
+## demo: the local cluster, the chart installed with helm, the examples of
+## deploy/examples on a sample dataset image, and what the node's disk holds
+## (hack/demo); demo-down removes it all
+.PHONY: demo-down demo-socket
+demo: deps image
 	hack/demo
+demo-down:
+	hack/demo --down
+
+## demo-socket: the faster demo without Kubernetes: a registry on 127.0.0.1,
+## the cache pulled twice, two volumes published over the plugin's socket
+demo-socket: deps build
+	hack/demo-socket
 
 clean:
 	rm -rf bin

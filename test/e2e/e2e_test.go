@@ -83,13 +83,13 @@ func testInstall(t *testing.T) {
 	base := testimage.Layer(t, testimage.Tar(t,
 		testimage.Dir("data"),
 		testimage.File("data/README", "dataset v1\n"),
-		testimage.Dir("data/train"),
-		testimage.File("data/train/a.txt", "alpha\n"),
-		testimage.File("data/train/b.txt", "beta\n"),
+		testimage.Dir("data/raw"),
+		testimage.File("data/raw/a.txt", "alpha\n"),
+		testimage.File("data/raw/b.txt", "beta\n"),
 	), testimage.Gzip)
 	top := testimage.Layer(t, testimage.Tar(t,
 		testimage.File("data/labels.txt", "labels\n"),
-		testimage.Whiteout("data/train/b.txt"),
+		testimage.Whiteout("data/raw/b.txt"),
 	), testimage.Gzip)
 	img := testimage.Image(t, base, top)
 	testimage.Push(t, datasetRef, img, remote.WithTransport(netnsTransport()))
@@ -157,8 +157,8 @@ func createPod(t *testing.T, ns, manifest string) {
 // checkDatasetView asserts that the pod sees the dataset's merged files.
 func checkDatasetView(t *testing.T, ns, pod, dir string) {
 	t.Helper()
-	out := mustExec(t, ns, pod, "cat "+dir+"/data/README "+dir+"/data/train/a.txt "+dir+"/data/labels.txt; "+
-		"test -e "+dir+"/data/train/b.txt && echo b-present || echo b-deleted")
+	out := mustExec(t, ns, pod, "cat "+dir+"/data/README "+dir+"/data/raw/a.txt "+dir+"/data/labels.txt; "+
+		"test -e "+dir+"/data/raw/b.txt && echo b-present || echo b-deleted")
 	want := "dataset v1\nalpha\nlabels\nb-deleted\n"
 	if out != want {
 		t.Fatalf("%s/%s sees %q under %s, want %q", ns, pod, out, dir, want)
@@ -173,7 +173,7 @@ func testInlineVolume(t *testing.T) {
 	apply(t, ns, example(t, "inline.yaml", datasetRef))
 	pod := waitRunning(t, ns, "strata-inline")
 	checkDatasetView(t, ns, pod.Name, "/data")
-	out := mustExec(t, ns, pod.Name, "cat /data/written-by-pod.txt; echo mine > /data/data/train/mine.txt; cat /data/data/train/mine.txt")
+	out := mustExec(t, ns, pod.Name, "cat /data/written-by-pod.txt; echo mine > /data/data/raw/mine.txt; cat /data/data/raw/mine.txt")
 	if want := "written by strata-inline\nmine\n"; out != want {
 		t.Fatalf("pod's own writes read back %q, want %q", out, want)
 	}
@@ -186,12 +186,12 @@ func testInlineVolume(t *testing.T) {
 	if r.Image != datasetRef || r.ReadOnly || !slices.Equal(r.Layers, datasetLayers) {
 		t.Errorf("volume record %+v: want image %s, read-write, layers %v", r, datasetRef, datasetLayers)
 	}
-	b, err := os.ReadFile(filepath.Join(r.dir, "upper", "data", "train", "mine.txt"))
+	b, err := os.ReadFile(filepath.Join(r.dir, "upper", "data", "raw", "mine.txt"))
 	if err != nil || string(b) != "mine\n" {
 		t.Errorf("the pod's write is not in its upper dir on the node: %q, %v", b, err)
 	}
 	// The image's own files are not copied up.
-	if _, err := os.Stat(filepath.Join(r.dir, "upper", "data", "train", "a.txt")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(r.dir, "upper", "data", "raw", "a.txt")); !os.IsNotExist(err) {
 		t.Errorf("an unmodified image file was copied up: %v", err)
 	}
 }
@@ -305,8 +305,8 @@ func testSubPathVolume(t *testing.T) {
 	ns := namespace(t, "e2e-subpath")
 	apply(t, ns, example(t, "subpath.yaml", datasetRef))
 	pod := waitRunning(t, ns, "strata-subpath")
-	if out := mustExec(t, ns, pod.Name, "ls /train; cat /train/a.txt"); out != "a.txt\nalpha\n" {
-		t.Errorf("subPath data/train shows %q, want only a.txt (b.txt is whited out)", out)
+	if out := mustExec(t, ns, pod.Name, "ls /raw; cat /raw/a.txt"); out != "a.txt\nalpha\n" {
+		t.Errorf("subPath data/raw shows %q, want only a.txt (b.txt is whited out)", out)
 	}
 }
 
