@@ -18,6 +18,7 @@ import (
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver/metrics"
@@ -50,6 +51,9 @@ type Config struct {
 	// CacheMaxPercent of the filesystem that holds Root does.
 	CacheBudget     layercache.Budget
 	CacheMaxPercent float64
+	// Kube reaches the Kubernetes API (events on pods, pull secrets); nil
+	// when the plugin runs without one (tests, single machines).
+	Kube kubernetes.Interface
 }
 
 // Driver serves the CSI services.
@@ -69,6 +73,8 @@ type Driver struct {
 	background sync.WaitGroup
 
 	controller controllerState
+
+	kube kubernetes.Interface // nil: no API access
 }
 
 // New validates cfg and opens (in node mode) the layer cache. Call Recover
@@ -82,7 +88,7 @@ func New(cfg Config) (*Driver, error) {
 	default:
 		return nil, fmt.Errorf("unknown mode %q: use node, controller or all", cfg.Mode)
 	}
-	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode}
+	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode, kube: cfg.Kube}
 	if !d.serves(ModeNode) {
 		d.metrics = metrics.New(metrics.Sources{})
 		return d, nil

@@ -19,6 +19,9 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver"
@@ -55,6 +58,7 @@ func main() {
 		highMark    = flag.Float64("cache-high-watermark", layercache.DefaultHighWatermark, "fraction of the budget past which unused layers are evicted")
 		lowMark     = flag.Float64("cache-low-watermark", layercache.DefaultLowWatermark, "fraction of the budget that eviction goes down to")
 		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")
+		kubeconfig  = flag.String("kubeconfig", "", "kubeconfig for the Kubernetes API (events on pods, pull secrets); empty: the pod's in-cluster config when run in a pod, else no API access")
 		verifyCreds = flag.String("pull-credentials-verification", "AlwaysVerify", "AlwaysVerify: a cached private image serves only publishes whose credentials pulled it or that the registry accepts (as kubelet's KEP-2535); NeverVerify: any publish may use any cached image")
 		insecure    stringList
 		prepull     stringList
@@ -92,15 +96,43 @@ func main() {
 		}
 		budget.MaxBytes = n
 	}
+	kube, err := kubeClient(*kubeconfig)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "strata-csi: --kubeconfig: %v\n", err)
+		os.Exit(2)
+	}
 	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
-		CacheOptions: cacheOpts,
+		CacheOptions: cacheOpts, Kube: kube,
 	}); err != nil {
 		klog.ErrorS(err, "strata-csi failed")
 		klog.Flush()
 		os.Exit(1)
 	}
+}
+
+// kubeClient connects to the Kubernetes API with kubeconfig, or with the
+// in-cluster config when the plugin runs in a pod; nil outside a cluster.
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	var (
+		cfg *rest.Config
+		err error
+	)
+	switch {
+	case kubeconfig != "":
+		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
+		cfg, err = rest.InClusterConfig()
+	default:
+		klog.InfoS("No Kubernetes API access (not in a pod, no --kubeconfig): no events on pods")
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	cfg.UserAgent = "strata-csi/" + version
+	return kubernetes.NewForConfig(cfg)
 }
 
 // sidecars configures the node-side duties that the upstream sidecars
