@@ -33,7 +33,7 @@ import (
 var (
 	datasetRef    = registryAddr + "/e2e/dataset:v1"
 	missingRef    = registryAddr + "/e2e/dataset:v0" // a tag the registry lacks
-	datasetLayers []string // diffIDs, bottom first
+	datasetLayers []string                           // diffIDs, bottom first
 )
 
 // TestStrata runs the scenarios in order on one installation of the chart:
