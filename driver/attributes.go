@@ -18,7 +18,18 @@ const (
 	// namespace, ephemeral, PV/PVC names): read where useful, never
 	// rejected.
 	kubePrefix = "csi.storage.k8s.io/"
+	// The pod the volume is published for, passed by kubelet when the
+	// CSIDriver sets podInfoOnMount.
+	attrPodName      = kubePrefix + "pod.name"
+	attrPodNamespace = kubePrefix + "pod.namespace"
+	attrPodUID       = kubePrefix + "pod.uid"
 )
+
+// podOf returns the pod named in a volume context; empty fields when kubelet
+// did not pass them.
+func podOf(attrs map[string]string) podRef {
+	return podRef{Namespace: attrs[attrPodNamespace], Name: attrs[attrPodName], UID: attrs[attrPodUID]}
+}
 
 // volumeAttributes is the parsed user-facing contract of a volume.
 type volumeAttributes struct {

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/layercache"
 )
@@ -54,6 +55,11 @@ type Config struct {
 	// Kube reaches the Kubernetes API (events on pods, pull secrets); nil
 	// when the plugin runs without one (tests, single machines).
 	Kube kubernetes.Interface
+	// PullCredentials configures the sources of pull credentials after the
+	// volume's node-publish secret: a service account's imagePullSecrets
+	// (read through Kube, which New fills in) and kubelet credential
+	// providers.
+	PullCredentials credentials.Config
 }
 
 // Driver serves the CSI services.
@@ -65,7 +71,8 @@ type Driver struct {
 	name, version, nodeID, root string
 	mode                        Mode
 
-	store    *layercache.Store // nil in controller mode
+	store    *layercache.Store  // nil in controller mode
+	creds    *credentials.Chain // nil in controller mode
 	inflight inflight
 	ready    atomic.Bool
 	metrics  *metrics.Metrics
@@ -74,7 +81,8 @@ type Driver struct {
 
 	controller controllerState
 
-	kube kubernetes.Interface // nil: no API access
+	kube   kubernetes.Interface // nil: no API access
+	events *podEvents           // nil: no API access, or no node service
 }
 
 // New validates cfg and opens (in node mode) the layer cache. Call Recover
@@ -111,10 +119,17 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
+	credCfg := cfg.PullCredentials
+	credCfg.Kube = cfg.Kube
+	if d.creds, err = credentials.New(credCfg); err != nil {
+		return nil, err
+	}
 	opts := append(cfg.CacheOptions, layercache.WithBudget(budget))
 	if d.store, err = layercache.Open(root, opts...); err != nil {
+		d.creds.Close()
 		return nil, fmt.Errorf("open layer cache in %s: %w", root, err)
 	}
+	d.events = newPodEvents(cfg.Kube, d.name, d.nodeID)
 	d.metrics = metrics.New(metrics.Sources{
 		Usage: d.store.Usage,
 		Stats: d.store.Stats,
@@ -132,10 +147,13 @@ func (d *Driver) MetricsHandler() http.Handler { return d.metrics.Handler() }
 // serves reports whether the driver serves the services of mode m.
 func (d *Driver) serves(m Mode) bool { return d.mode == ModeAll || d.mode == m }
 
-// Close waits for background work (whose context the caller has ended) and
-// releases the layer cache. Published volumes stay mounted.
+// Close waits for background work (whose context the caller has ended),
+// stops the event recorder (events not yet sent are lost) and releases the
+// layer cache. Published volumes stay mounted.
 func (d *Driver) Close() error {
 	d.background.Wait()
+	d.events.shutdown()
+	d.creds.Close()
 	if d.store != nil {
 		return d.store.Close()
 	}

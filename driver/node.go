@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"time"
 
@@ -19,9 +18,6 @@ import (
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/layercache"
 )
-
-// dockerConfigKey is the key of a kubernetes.io/dockerconfigjson secret.
-const dockerConfigKey = ".dockerconfigjson"
 
 // NodeGetCapabilities advertises volume stats and volume health (CSI 1.13's
 // successor of the volume condition).
@@ -65,6 +61,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		PullPolicy: string(attrs.PullPolicy), SubPath: attrs.SubPath,
 		ReadOnly: req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()),
 	}
+	pod := podOf(req.GetVolumeContext())
+	want.PodNamespace, want.PodName, want.PodUID = pod.Namespace, pod.Name, pod.UID
 	key := volumeKey(volID, target)
 	if !d.inflight.tryLock(key) {
 		return nil, errorf(codes.Aborted, "another operation on volume %s at %s is in progress", volID, target)
@@ -82,7 +80,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, fmt.Errorf("check target %s: %w", target, err)
 	}
 	switch {
-	case old != nil && mounted && old.sameRequest(want):
+	case old != nil && mounted && old.SameRequest(want):
 		logger.V(2).Info("Volume already published")
 		return &csi.NodePublishVolumeResponse{}, nil
 	case old != nil && mounted:
@@ -112,12 +110,22 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // publish does the work of NodePublishVolume. On error the caller tears
 // down whatever it left.
 func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, rec *volumeRecord, secrets map[string]string) error {
-	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy), Progress: d.countPulls()}
-	if cfg, ok := secrets[dockerConfigKey]; ok {
-		o.Credentials = &layercache.Credentials{DockerConfigJSON: []byte(cfg)}
+	pull := newPullTracker(d.metrics, d.events, podRef{rec.PodNamespace, rec.PodName, rec.PodUID}, rec.Image, rec.VolumeID)
+	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy), Progress: pull.progress}
+	// The first of the volume's secret, the service account's pull secrets
+	// and the credential providers that has credentials for the registry.
+	creds, err := d.creds.For(ctx, rec.Image, secrets)
+	if err != nil {
+		return err
+	}
+	o.Credentials = creds.Credentials
+	if creds.From != "" {
+		logger.V(4).Info("Pull credentials chosen", "source", creds.From)
 	}
 	img, err := d.store.Resolve(ctx, rec.Image, o)
 	if err != nil {
+		err = creds.Explain(err) // what was tried, should the registry refuse
+		pull.finish(stepResolve, 0, err)
 		return err
 	}
 	if n := len(img.Layers); n > mount.MaxLowers {
@@ -135,7 +143,7 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 	if err := writeRecord(dirs.record, rec); err != nil {
 		return fmt.Errorf("record volume: %w", err)
 	}
-	if err := d.ensureAndAcquire(ctx, key, img, o); err != nil {
+	if err := d.ensureAndAcquire(ctx, key, img, o, pull); err != nil {
 		return err
 	}
 	lowers := make([]string, 0, len(img.Layers))
@@ -182,38 +190,19 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 	return nil
 }
 
-// countPulls returns a progress function that counts, in the metrics, the
-// layers this publish found cached and those it downloaded itself (not
-// those it joined).
-func (d *Driver) countPulls() func(layercache.ProgressEvent) {
-	var mu sync.Mutex
-	joined := map[string]bool{}
-	return func(e layercache.ProgressEvent) {
-		mu.Lock()
-		defer mu.Unlock()
-		switch e.State {
-		case layercache.LayerCached:
-			d.metrics.LayerHit()
-		case layercache.LayerJoined:
-			joined[e.Layer.DiffID.Hex] = true
-		case layercache.LayerDone:
-			if !joined[e.Layer.DiffID.Hex] {
-				d.metrics.LayerPulled(e.Layer.Size)
-			}
-		}
-	}
-}
-
 // ensureAndAcquire fetches the image's missing layers and records that this
 // publish holds them. A prune may remove a layer between the two steps;
-// then the layers are ensured again.
-func (d *Driver) ensureAndAcquire(ctx context.Context, key string, img *layercache.Image, o layercache.PullOptions) error {
+// then the layers are ensured again. The pull is reported once, when it
+// fails or when all the layers were there for Acquire.
+func (d *Driver) ensureAndAcquire(ctx context.Context, key string, img *layercache.Image, o layercache.PullOptions, pull *pullTracker) error {
 	for attempt := 0; ; attempt++ {
 		if err := d.store.Ensure(ctx, img, o); err != nil {
+			pull.finish(stepPull, len(img.Layers), err)
 			return err
 		}
 		err := d.store.Acquire(key, img.DiffIDs())
 		if !errors.Is(err, layercache.ErrLayerMissing) || attempt == 2 {
+			pull.finish(stepPull, len(img.Layers), nil)
 			return err
 		}
 	}

@@ -49,7 +49,14 @@ func (d *Driver) prepull(ctx context.Context, ref string) {
 	backoff := time.Second
 	for {
 		start := time.Now()
-		img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: d.countPulls()})
+		// No pod waits for a prepull: metrics only, no events.
+		pull := newPullTracker(d.metrics, nil, podRef{}, ref, "")
+		img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress})
+		layers := 0
+		if img != nil {
+			layers = len(img.Layers)
+		}
+		pull.finish(stepPull, layers, err)
 		if err == nil {
 			err = d.store.Acquire(prepullOwnerPrefix+ref, img.DiffIDs())
 		}

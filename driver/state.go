@@ -3,38 +3,16 @@ package driver
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
-	"errors"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"k8s.io/klog/v2"
+	"github.com/strata-csi/strata/driver/volumes"
 )
 
-// volumeRecord is volumes/<key>/volume.json: everything needed to recognise
-// a repeated publish and to undo a publish after a restart.
-type volumeRecord struct {
-	VolumeID   string    `json:"volumeID"`
-	TargetPath string    `json:"targetPath"`
-	Image      string    `json:"image"`
-	PullPolicy string    `json:"pullPolicy"`
-	SubPath    string    `json:"subPath,omitempty"`
-	ReadOnly   bool      `json:"readOnly"`
-	Digest     v1.Hash   `json:"digest"`
-	Layers     []v1.Hash `json:"layers"` // bottom first
-	Published  time.Time `json:"published"`
-}
-
-// sameRequest reports whether a publish asks for what r already is. The
-// digest is not compared: a tag that moved applies to new publishes only.
-func (r *volumeRecord) sameRequest(o *volumeRecord) bool {
-	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && r.Image == o.Image &&
-		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly
-}
+// volumeRecord is volumes/<key>/volume.json (package volumes keeps the
+// format, so that the strata CLI can read it too).
+type volumeRecord = volumes.Record
 
 // volumeKey names one publish: a volume id at a target path.
 func volumeKey(volumeID, targetPath string) string {
@@ -58,34 +36,18 @@ type volumeDirs struct {
 }
 
 func (d *Driver) dirsOf(key string) volumeDirs {
-	dir := filepath.Join(d.root, "volumes", key)
+	dir := filepath.Join(d.root, volumes.Dir, key)
 	return volumeDirs{
 		dir:    dir,
-		record: filepath.Join(dir, "volume.json"),
+		record: filepath.Join(dir, volumes.RecordFile),
 		upper:  filepath.Join(dir, "upper"),
 		work:   filepath.Join(dir, "work"),
 		mnt:    filepath.Join(dir, "mnt"),
 	}
 }
 
-// readRecord loads a publish's record; nil if there is none. A record that
-// is empty or does not decode, as a power failure can leave it, counts as
-// none: its mount went with the power.
-func readRecord(path string) (*volumeRecord, error) {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var r volumeRecord
-	if err := json.Unmarshal(data, &r); err != nil {
-		klog.ErrorS(err, "Ignoring a torn volume record (left by a power failure?)", "path", path, "bytes", len(data))
-		return nil, nil
-	}
-	return &r, nil
-}
+// readRecord loads a publish's record; nil if there is none (or it is torn).
+func readRecord(path string) (*volumeRecord, error) { return volumes.Read(path) }
 
 // records loads every publish's record on this node.
 func (d *Driver) records() ([]*volumeRecord, error) {
@@ -106,20 +68,8 @@ func (d *Driver) records() ([]*volumeRecord, error) {
 	return out, nil
 }
 
-// writeRecord replaces a record atomically: temp file, rename. It is not
-// fsynced (see layercache's writeFileAtomic for why): a process crash loses
-// nothing, and a power failure takes the mount the record describes with it.
-func writeRecord(path string, r *volumeRecord) error {
-	data, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(data, '\n'), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
+// writeRecord replaces a record atomically.
+func writeRecord(path string, r *volumeRecord) error { return volumes.Write(path, r) }
 
 // inflight holds the keys of publishes with a call in progress. A second
 // call on the same key fails fast with Aborted (kubelet retries) instead of

@@ -2,8 +2,6 @@ package layercache
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,8 +9,8 @@ import (
 	"net/http"
 	"path/filepath"
 	"slices"
+	"strings"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
@@ -58,22 +56,7 @@ func credentialKey(creds *Credentials, repo name.Repository) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if auth == authn.Anonymous {
-		return anonymous, nil
-	}
-	cfg, err := auth.Authorization()
-	if err != nil {
-		return "", fmt.Errorf("%w: %v", ErrUnauthorized, err)
-	}
-	if *cfg == (authn.AuthConfig{}) {
-		return anonymous, nil
-	}
-	b, err := json.Marshal([]string{repo.RegistryStr(), cfg.Username, cfg.Password, cfg.Auth, cfg.IdentityToken, cfg.RegistryToken})
-	if err != nil {
-		return "", err
-	}
-	sum := sha256.Sum256(b)
-	return "sha256:" + hex.EncodeToString(sum[:]), nil
+	return authKey(auth, repo.RegistryStr(), anonymous)
 }
 
 func (s *Store) accessPath(repo name.Repository, d v1.Hash) string {
@@ -102,33 +85,38 @@ func (s *Store) recordAccess(repo name.Repository, d v1.Hash, key string) error 
 // checkAccess decides whether a caller with creds may use the cached image
 // repo@d: yes if the image needed no credentials or the caller's are on
 // record; otherwise, unless the policy forbids asking (Never), the registry
-// is asked whether it accepts the caller's credentials for the image.
-func (s *Store) checkAccess(ctx context.Context, ref string, repo name.Repository, d v1.Hash, creds *Credentials, policy PullPolicy) error {
+// (through its mirrors, as a pull would) is asked whether it accepts the
+// caller's credentials for the image.
+//
+// With mirrors, what is on record is the place that served the image and
+// the credentials it took: "anonymous" from the registry, the hash of
+// credentials and host from the registry or a mirror, or
+// "anonymous:<mirror>" from a mirror that needed none. The latter serves any
+// caller while that host is still a mirror of the registry: an image that a
+// mirror gives to anyone is effectively public on this node, since any pull
+// would get it from there too. An image that only the registry gave, to
+// credentials, stays private: a caller without them is refused, unless a
+// configured mirror or the registry serves it to the caller now.
+func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name.Repository, d v1.Hash, creds *Credentials, policy PullPolicy) error {
 	if s.opts.noCredentialCheck {
 		return nil
-	}
-	key, err := credentialKey(creds, repo)
-	if err != nil {
-		return err
 	}
 	var rec accessRecord
 	if err := readJSON(s.accessPath(repo, d), &rec); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	if slices.Contains(rec.Accepted, anonymous) || slices.Contains(rec.Accepted, key) {
-		return nil
+	src := s.newSource(h, repo, creds)
+	ok, err := onRecord(rec, src)
+	if err != nil || ok {
+		return err
 	}
 	if policy == PullNever {
 		return fmt.Errorf("%w: %s is cached, but it was pulled with credentials this volume does not have, "+
 			"and the pull policy Never forbids asking the registry: give the volume the pull secret that pulled it", ErrUnauthorized, ref)
 	}
-	// Ask the registry, with the caller's credentials, for the manifest.
-	err = s.retry(ctx, "verify access to "+ref, func() error {
-		c, err := s.newClient(ctx, repo, creds)
-		if err != nil {
-			return err
-		}
-		return c.headManifest(ctx, d)
+	// Ask, with the caller's credentials, for the manifest.
+	ep, err := src.do(ctx, "verify access to "+ref, func(c *client, attempts int) error {
+		return s.retryN(ctx, "verify access to "+ref, attempts, func() error { return c.headManifest(ctx, d) })
 	})
 	if err != nil {
 		if errors.Is(err, ErrUnauthorized) || errors.Is(err, ErrNotFound) {
@@ -137,8 +125,42 @@ func (s *Store) checkAccess(ctx context.Context, ref string, repo name.Repositor
 		}
 		return fmt.Errorf("verify access to cached %s: %w", ref, err)
 	}
-	klog.V(2).InfoS("Registry confirmed access to a cached image", "image", ref, "anonymous", key == anonymous)
+	key, err := ep.accessKey(creds)
+	if err != nil {
+		return err
+	}
+	klog.V(2).InfoS("Registry confirmed access to a cached image", "image", ref, "host", ep.host(), "key", keyKind(key))
 	return s.recordAccess(repo, d, key)
+}
+
+// onRecord reports whether rec lets the caller of src use the image: it was
+// served to anyone by the registry or by one of its current mirrors, or to
+// the caller's credentials at one of the source's endpoints.
+func onRecord(rec accessRecord, src *source) (bool, error) {
+	if slices.Contains(rec.Accepted, anonymous) {
+		return true, nil
+	}
+	for _, ep := range src.eps {
+		if ep.mirror && slices.Contains(rec.Accepted, mirrorAnonymous(ep.host())) {
+			return true, nil
+		}
+		key, err := ep.accessKey(src.creds)
+		if err != nil {
+			return false, err
+		}
+		if slices.Contains(rec.Accepted, key) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// keyKind describes an access key for logs, without the hash.
+func keyKind(key string) string {
+	if strings.HasPrefix(key, anonymous) {
+		return key
+	}
+	return "credentials"
 }
 
 // headManifest asks whether the manifest d exists for this client's

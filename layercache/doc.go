@@ -22,6 +22,11 @@
 // debris, which the next Open removes. All state lives on disk, guarded by a
 // file lock, so the CSI plugin and the strata CLI can share one root.
 //
+// Registries are reached directly, or through the mirrors, plain-HTTP hosts
+// and per-host TLS settings of a node-wide registry config
+// (WithRegistryConfig, package registryconf), which is reloaded when its file
+// changes.
+//
 // The package knows OCI and disks, and nothing about CSI or gRPC: errors wrap
 // the sentinel values below, and the caller maps them to its own protocol.
 package layercache

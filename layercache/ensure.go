@@ -13,7 +13,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -45,6 +44,7 @@ type ProgressState string
 // Progress states.
 const (
 	LayerCached   ProgressState = "cached"   // already in the store
+	LayerMissing  ProgressState = "missing"  // not in the store: this call fetches or joins it
 	LayerFetching ProgressState = "fetching" // bytes are arriving
 	LayerJoined   ProgressState = "joined"   // another caller is fetching it
 	LayerDone     ProgressState = "done"     // committed to the store
@@ -117,26 +117,28 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	if err := s.makeRoom(ctx, img.Ref, need); err != nil {
 		return err
 	}
-	var c *client
+	var src *source
 	var waits []*flight
 	for _, l := range img.Layers {
 		if s.HasLayer(l.DiffID) {
 			report(o.Progress, ProgressEvent{Layer: l, State: LayerCached})
 			continue
 		}
-		if c == nil {
-			r, err := s.parseReference(img.Ref)
+		// Reported before the fetch starts, so that a caller knows the pull
+		// downloads before the first bytes arrive.
+		report(o.Progress, ProgressEvent{Layer: l, State: LayerMissing})
+		if src == nil {
+			h := s.reg.refresh()
+			r, err := parseReference(h, img.Ref)
 			if err != nil {
 				return err
 			}
-			if err := s.retry(ctx, "connect to "+r.Context().RegistryStr(), func() (err error) {
-				c, err = s.newClient(ctx, r.Context(), o.Credentials)
-				return err
-			}); err != nil {
+			src = s.newSource(h, r.Context(), o.Credentials)
+			if err := src.connect(ctx); err != nil {
 				return err
 			}
 		}
-		waits = append(waits, s.join(c, img.Ref, l, o.Progress))
+		waits = append(waits, s.join(src, img.Ref, l, o.Progress))
 	}
 	var errs []error
 	for _, f := range waits {
@@ -172,7 +174,7 @@ func report(p func(ProgressEvent), e ProgressEvent) {
 // join returns the flight fetching l, starting one if there is none. The
 // caller's progress function hears of the layer's completion as soon as it
 // is committed.
-func (s *Store) join(c *client, ref string, l Layer, progress func(ProgressEvent)) *flight {
+func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEvent)) *flight {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if f, ok := s.flights[l.DiffID.Hex]; ok {
@@ -197,7 +199,7 @@ func (s *Store) join(c *client, ref string, l Layer, progress func(ProgressEvent
 	go func() {
 		defer s.wg.Done()
 		start := time.Now()
-		meta, err := s.fetchLayer(s.ctx, c, ref, l, progress)
+		meta, err := s.fetchLayer(s.ctx, src, ref, l, progress)
 		if err != nil {
 			// The callers report the error; this records the layer's part.
 			klog.V(2).InfoS("Layer fetch failed", "image", ref, "layer", l.DiffID, "err", err)
@@ -247,11 +249,11 @@ func (s *Store) flush() {
 	}
 }
 
-// fetchLayer streams one layer blob through compressed-digest verification,
-// decompression, diffID verification and unpacking into the work directory,
-// makes it durable and renames it into layers/. It returns nil meta when the
-// layer was already there (committed by another process meanwhile).
-func (s *Store) fetchLayer(ctx context.Context, c *client, ref string, l Layer, progress func(ProgressEvent)) (_ *LayerMeta, err error) {
+// fetchLayer fetches one layer from the first place of src that serves it
+// whole and true (see downloadLayer), makes it durable and renames it into
+// layers/. It returns nil meta when the layer was already there (committed
+// by another process meanwhile).
+func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer, progress func(ProgressEvent)) (_ *LayerMeta, err error) {
 	select {
 	case s.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -275,8 +277,13 @@ func (s *Store) fetchLayer(ctx context.Context, c *client, ref string, l Layer, 
 		return nil, nil
 	}
 	what := fmt.Sprintf("layer %s (blob %s) of %s", l.DiffID, l.Digest, ref)
-	tmp, err := os.MkdirTemp(s.work, "layer-"+l.DiffID.Hex[:12]+"-")
-	if err != nil {
+	var tmp string
+	var meta *LayerMeta
+	// A mirror's wrong or broken blob is dropped, and the next place asked.
+	if _, err := src.do(ctx, what, func(c *client, attempts int) (err error) {
+		tmp, meta, err = s.downloadLayer(ctx, c, attempts, what, l, progress)
+		return err
+	}); err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -286,37 +293,6 @@ func (s *Store) fetchLayer(ctx context.Context, c *client, ref string, l Layer, 
 			}
 		}
 	}()
-	if err := os.Mkdir(filepath.Join(tmp, fsDir), 0o755); err != nil {
-		return nil, err
-	}
-
-	body := &resumingReader{ctx: ctx, s: s, c: c, d: l.Digest, size: l.Size, what: what}
-	n, err := body.open()
-	if err != nil {
-		return nil, err
-	}
-	defer body.Close()
-	if n >= 0 && l.Size > 0 && n != l.Size {
-		return nil, fmt.Errorf("%w: %s: registry sends %d bytes, manifest says %d", ErrDigestMismatch, what, n, l.Size)
-	}
-	vr := &verifyReader{r: body, limit: l.Size, h: sha256.New(), what: what, progress: progress, layer: l}
-	stats, err := unpackStream(ctx, vr, filepath.Join(tmp, fsDir), l.DiffID, what)
-	if err != nil {
-		return nil, err
-	}
-	if err := vr.verify(l.Digest); err != nil {
-		return nil, err
-	}
-
-	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: vr.n,
-		Size: stats.Bytes, Files: stats.Files, Created: time.Now().UTC()}
-	data, err := json.Marshal(meta)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(tmp, metaFile), data, 0o644); err != nil {
-		return nil, err
-	}
 	release()
 	if err := syncFS(tmp); err != nil {
 		return nil, err
@@ -333,6 +309,56 @@ func (s *Store) fetchLayer(ctx context.Context, c *client, ref string, l Layer, 
 		return nil, err
 	}
 	return meta, nil
+}
+
+// downloadLayer streams one layer blob from c through compressed-digest
+// verification, decompression, diffID verification and unpacking into a new
+// directory of the work directory, which it returns with the layer's meta.
+// On failure it leaves nothing behind.
+func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what string, l Layer, progress func(ProgressEvent)) (_ string, _ *LayerMeta, err error) {
+	tmp, err := os.MkdirTemp(s.work, "layer-"+l.DiffID.Hex[:12]+"-")
+	if err != nil {
+		return "", nil, err
+	}
+	defer func() {
+		if err != nil {
+			if rerr := os.RemoveAll(tmp); rerr != nil {
+				klog.ErrorS(rerr, "Could not remove a failed layer's files", "path", tmp)
+			}
+		}
+	}()
+	if err := os.Mkdir(filepath.Join(tmp, fsDir), 0o755); err != nil {
+		return "", nil, err
+	}
+
+	body := &resumingReader{ctx: ctx, s: s, c: c, attempts: attempts, d: l.Digest, size: l.Size, what: what}
+	n, err := body.open()
+	if err != nil {
+		return "", nil, err
+	}
+	defer body.Close()
+	if n >= 0 && l.Size > 0 && n != l.Size {
+		return "", nil, fmt.Errorf("%w: %s: %s sends %d bytes, manifest says %d", ErrDigestMismatch, what, c.repo.RegistryStr(), n, l.Size)
+	}
+	vr := &verifyReader{r: body, limit: l.Size, h: sha256.New(), what: what, progress: progress, layer: l}
+	stats, err := unpackStream(ctx, vr, filepath.Join(tmp, fsDir), l.DiffID, what)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := vr.verify(l.Digest); err != nil {
+		return "", nil, err
+	}
+
+	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: vr.n,
+		Size: stats.Bytes, Files: stats.Files, Created: time.Now().UTC()}
+	data, err := json.Marshal(meta)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, metaFile), data, 0o644); err != nil {
+		return "", nil, err
+	}
+	return tmp, meta, nil
 }
 
 // unpackStream decompresses r (gzip, zstd or plain tar, told apart by their
@@ -435,7 +461,7 @@ func (v *verifyReader) failure(err error, what string) error {
 	}
 	// The node failed while writing the layer (a full disk, a quota, an I/O
 	// error): its problem, not the blob's.
-	for _, e := range []syscall.Errno{syscall.ENOSPC, syscall.EDQUOT, syscall.EIO, syscall.EROFS, syscall.ENOMEM, syscall.EMFILE, syscall.ENFILE} {
+	for _, e := range nodeErrors {
 		if errors.Is(err, e) {
 			return fmt.Errorf("%s: %w: nothing was stored", what, err)
 		}

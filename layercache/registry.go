@@ -2,6 +2,7 @@ package layercache
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -115,13 +116,18 @@ func isLoopback(host string) bool {
 // registry that is neither loopback nor configured as insecure: its default
 // also uses HTTP for private-range addresses and *.local names, which would
 // send credentials and layers unencrypted across the network.
+//
+// A host with TLS settings in the registry config (tlsHosts) is reached over
+// HTTPS only, loopback too: its operator asked for a verified connection.
 type httpsOnly struct {
 	next     http.RoundTripper
 	insecure map[string]bool
+	tlsHosts map[string]bool
 }
 
 func (t *httpsOnly) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme == "http" && !isLoopback(req.URL.Host) && !t.insecure[req.URL.Host] {
+	host := req.URL.Host
+	if req.URL.Scheme == "http" && (t.tlsHosts[host] || !isLoopback(host) && !t.insecure[host]) {
 		r := req.Clone(req.Context())
 		r.URL.Scheme = "https"
 		return t.next.RoundTrip(r)
@@ -130,13 +136,13 @@ func (t *httpsOnly) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // parseReference parses ref, marking loopback and configured registries as
-// reachable over plain HTTP.
-func (s *Store) parseReference(ref string) (name.Reference, error) {
+// reachable over plain HTTP under the view h.
+func parseReference(h *hosts, ref string) (name.Reference, error) {
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
 	}
-	if host := r.Context().RegistryStr(); s.opts.insecure[host] || isLoopback(host) {
+	if h.plainHTTP(r.Context().RegistryStr()) {
 		r, err = name.ParseReference(ref, name.Insecure)
 		if err != nil {
 			return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
@@ -152,18 +158,24 @@ type client struct {
 	http *http.Client
 }
 
-// newClient authenticates to repo for pulling (a ping and, for token auth, a
-// token exchange).
-func (s *Store) newClient(ctx context.Context, repo name.Repository, creds *Credentials) (*client, error) {
-	auth, err := creds.authenticator(repo.Registry)
+// newClient authenticates to an endpoint for pulling (a ping and, for token
+// auth, a token exchange), with the transports of the view h.
+func (s *Store) newClient(ctx context.Context, h *hosts, ep *endpoint, creds *Credentials) (*client, error) {
+	auth, err := ep.authenticator(creds)
 	if err != nil {
 		return nil, err
 	}
-	base := &httpsOnly{next: s.opts.transport, insecure: s.opts.insecure}
+	var base http.RoundTripper = &httpsOnly{next: h, insecure: h.insecure, tlsHosts: h.tlsHosts}
+	what := "connect to registry " + ep.host()
+	if ep.mirror {
+		base = &headerTimeout{next: base, d: s.opts.mirrorTimeout}
+		what = "connect to mirror " + ep.host()
+	}
+	repo := ep.repo
 	rt, err := transport.NewWithContext(ctx, repo.Registry, auth,
 		transport.NewUserAgent(base, s.opts.userAgent), []string{repo.Scope(transport.PullScope)})
 	if err != nil {
-		return nil, classify(err, "connect to registry "+repo.RegistryStr())
+		return nil, classify(err, what)
 	}
 	return &client{repo: repo, http: &http.Client{Transport: rt}}, nil
 }
@@ -220,6 +232,9 @@ func classify(err error, what string) error {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%s: %w", what, err)
 	}
+	if terr := classifyTLS(err, what); terr != nil {
+		return terr
+	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
 		switch {
@@ -250,4 +265,42 @@ func hasCode(e *transport.Error, codes ...transport.ErrorCode) bool {
 		}
 	}
 	return false
+}
+
+// tlsSetupError marks a TLS failure that the node's configuration must fix:
+// a retry cannot help, so none is made.
+type tlsSetupError struct{ error }
+
+func (e tlsSetupError) Unwrap() error { return e.error }
+
+// classifyTLS explains a failed TLS handshake, or returns nil for any other
+// error. These are configuration problems of the node: the message says
+// which key of the registry config fixes them.
+func classifyTLS(err error, what string) error {
+	var verr *tls.CertificateVerificationError
+	switch {
+	case errors.As(err, &verr):
+		return tlsSetupError{fmt.Errorf("%w: %s: %v: the registry's TLS certificate is not trusted: "+
+			"add the CA that signed it to the host's ca list in the registry config (--registry-config)",
+			ErrUnavailable, what, err)}
+	case refusedClientCert(err):
+		return tlsSetupError{fmt.Errorf("%w: %s: %v: the registry wants a TLS client certificate that it accepts: "+
+			"set the host's clientCert in the registry config (--registry-config)",
+			ErrUnavailable, what, err)}
+	}
+	return nil
+}
+
+// refusedClientCert reports whether err is the TLS alert a server sends when
+// it refuses the client's certificate or its absence (bad_certificate,
+// certificate_required: RFC 8446, section 6). crypto/tls reports a received
+// alert as a net.OpError "remote error" around an unexported type, so the
+// alert is told by its text.
+func refusedClientCert(err error) bool {
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "remote error" || op.Err == nil {
+		return false
+	}
+	msg := op.Err.Error()
+	return strings.HasSuffix(msg, "certificate required") || strings.HasSuffix(msg, "bad certificate")
 }

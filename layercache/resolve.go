@@ -100,14 +100,16 @@ func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image,
 	if policy == "" {
 		policy = PullIfNotPresent
 	}
-	r, err := s.parseReference(ref)
+	// One view of the registry config serves the whole resolution.
+	h := s.reg.refresh()
+	r, err := parseReference(h, ref)
 	if err != nil {
 		return nil, err
 	}
 	if policy != PullAlways || isDigest(r) {
 		img, err := s.resolveCached(ref, r)
 		if err == nil {
-			if err := s.checkAccess(ctx, ref, r.Context(), img.Digest, o.Credentials, policy); err != nil {
+			if err := s.checkAccess(ctx, h, ref, r.Context(), img.Digest, o.Credentials, policy); err != nil {
 				return nil, err
 			}
 			return img, nil
@@ -119,7 +121,7 @@ func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image,
 			return nil, fmt.Errorf("%w: %s is not in the node's cache and the pull policy is Never", ErrNotCached, ref)
 		}
 	}
-	return s.resolveRemote(ctx, ref, r, o.Credentials)
+	return s.resolveRemote(ctx, h, ref, r, o.Credentials)
 }
 
 func isDigest(r name.Reference) bool {
@@ -169,19 +171,17 @@ func (s *Store) resolveCached(ref string, r name.Reference) (*Image, error) {
 	return img, nil
 }
 
-// resolveRemote resolves ref at the registry, caching what it fetches.
-func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference, creds *Credentials) (*Image, error) {
-	var c *client
+// resolveRemote resolves ref at the registry (or its mirrors), caching what
+// it fetches.
+func (s *Store) resolveRemote(ctx context.Context, h *hosts, ref string, r name.Reference, creds *Credentials) (*Image, error) {
+	src := s.newSource(h, r.Context(), creds)
 	var data []byte
 	var top v1.Hash
-	err := s.retry(ctx, "resolve "+ref, func() (err error) {
-		if c == nil {
-			if c, err = s.newClient(ctx, r.Context(), creds); err != nil {
-				return err
-			}
-		}
-		data, _, top, err = c.manifest(ctx, r.Identifier())
-		return err
+	servedBy, err := src.do(ctx, "resolve "+ref, func(c *client, attempts int) error {
+		return s.retryN(ctx, "resolve "+ref, attempts, func() (err error) {
+			data, _, top, err = c.manifest(ctx, r.Identifier())
+			return err
+		})
 	})
 	if err != nil {
 		return nil, err
@@ -194,16 +194,27 @@ func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference,
 			return data, nil
 		}
 		var data []byte
-		err := s.retry(ctx, "fetch "+d.String(), func() (err error) {
-			if kind == configBlob {
-				data, err = c.configBlob(ctx, d)
-			} else {
-				data, _, _, err = c.manifest(ctx, d.String())
-			}
-			return err
+		ep, err := src.do(ctx, "fetch "+d.String(), func(c *client, attempts int) error {
+			return s.retryN(ctx, "fetch "+d.String(), attempts, func() (err error) {
+				if kind == configBlob {
+					data, err = c.configBlob(ctx, d)
+				} else {
+					data, _, _, err = c.manifest(ctx, d.String())
+				}
+				if err == nil {
+					// Verify here, so that a mirror's wrong blob falls back.
+					err = checkBlob(d, data)
+				}
+				return err
+			})
 		})
 		if err != nil {
 			return nil, err
+		}
+		if kind == manifestBlob {
+			// The platform's manifest, picked from an index: the access
+			// record is about it.
+			servedBy = ep
 		}
 		return data, s.writeBlob(d, data)
 	})
@@ -213,15 +224,15 @@ func (s *Store) resolveRemote(ctx context.Context, ref string, r name.Reference,
 	if err := s.recordRef(r.Name(), top); err != nil {
 		return nil, err
 	}
-	// The registry served the manifest to these credentials.
-	key, err := credentialKey(creds, r.Context())
+	// The registry, or a mirror, served the manifest to these credentials.
+	key, err := servedBy.accessKey(creds)
 	if err != nil {
 		return nil, err
 	}
 	if err := s.recordAccess(r.Context(), img.Digest, key); err != nil {
 		return nil, err
 	}
-	klog.V(2).InfoS("Resolved image", "image", ref, "digest", img.Digest, "layers", len(img.Layers))
+	klog.V(2).InfoS("Resolved image", "image", ref, "digest", img.Digest, "layers", len(img.Layers), "from", servedBy.host())
 	return img, nil
 }
 
@@ -249,6 +260,17 @@ func (s *Store) writeBlob(d v1.Hash, data []byte) error {
 	if err != nil {
 		return err
 	}
+	if err := checkBlob(d, data); err != nil {
+		return err
+	}
+	if _, err := os.Stat(p); err == nil {
+		return nil
+	}
+	return s.writeAtomic(p, data)
+}
+
+// checkBlob checks that data has digest d.
+func checkBlob(d v1.Hash, data []byte) error {
 	got, _, err := v1.SHA256(bytes.NewReader(data))
 	if err != nil {
 		return err
@@ -256,10 +278,7 @@ func (s *Store) writeBlob(d v1.Hash, data []byte) error {
 	if got != d {
 		return fmt.Errorf("%w: blob %s has digest %s", ErrDigestMismatch, d, got)
 	}
-	if _, err := os.Stat(p); err == nil {
-		return nil
-	}
-	return s.writeAtomic(p, data)
+	return nil
 }
 
 // configBlob fetches an image config blob and verifies it.

@@ -37,13 +37,19 @@ func WithRetry(attempts int, backoff time.Duration) Option {
 // retry runs op until it succeeds, fails with an error that retrying cannot
 // fix, or the attempts are spent.
 func (s *Store) retry(ctx context.Context, what string, op func() error) error {
+	return s.retryN(ctx, what, s.opts.retryAttempts, op)
+}
+
+// retryN is retry with a number of attempts: a mirror gets one, since it
+// has a fallback.
+func (s *Store) retryN(ctx context.Context, what string, attempts int, op func() error) error {
 	backoff := s.opts.retryBackoff
 	for attempt := 1; ; attempt++ {
 		err := op()
-		if err == nil || !errors.Is(err, ErrUnavailable) || ctx.Err() != nil {
+		if err == nil || !errors.Is(err, ErrUnavailable) || errors.As(err, new(tlsSetupError)) || ctx.Err() != nil {
 			return err
 		}
-		if attempt >= s.opts.retryAttempts {
+		if attempt >= attempts {
 			return fmt.Errorf("%w (after %d attempts)", err, attempt)
 		}
 		klog.V(2).InfoS("Registry request failed; retrying", "what", what, "attempt", attempt, "retryIn", backoff, "err", err)
@@ -105,12 +111,13 @@ func (c *client) blobFrom(ctx context.Context, d v1.Hash, off, size int64) (io.R
 // opens it again from where it stopped, within the store's retry policy.
 // The caller's hash sees one continuous stream.
 type resumingReader struct {
-	ctx  context.Context
-	s    *Store
-	c    *client
-	d    v1.Hash
-	size int64 // from the manifest; 0 if unknown
-	what string
+	ctx      context.Context
+	s        *Store
+	c        *client
+	attempts int // per request, and resumes in all
+	d        v1.Hash
+	size     int64 // from the manifest; 0 if unknown
+	what     string
 
 	rc      io.ReadCloser
 	off     int64
@@ -121,7 +128,7 @@ type resumingReader struct {
 // returns the length the registry announced (-1 if none).
 func (r *resumingReader) open() (int64, error) {
 	var n int64
-	err := r.s.retry(r.ctx, r.what, func() error {
+	err := r.s.retryN(r.ctx, r.what, r.attempts, func() error {
 		var err error
 		r.rc, n, err = r.c.blobFrom(r.ctx, r.d, 0, r.size)
 		return err
@@ -137,13 +144,13 @@ func (r *resumingReader) Read(p []byte) (int, error) {
 	}
 	// The connection broke: reopen from r.off, and hand out what arrived.
 	cerr := classify(err, "read "+r.what)
-	if !errors.Is(cerr, ErrUnavailable) || r.resumes >= r.s.opts.retryAttempts {
+	if !errors.Is(cerr, ErrUnavailable) || r.resumes >= r.attempts {
 		return n, cerr
 	}
 	r.rc.Close()
 	r.resumes++
 	klog.V(2).InfoS("Blob download broke off; resuming", "blob", r.d, "offset", r.off, "resume", r.resumes, "err", err)
-	if rerr := r.s.retry(r.ctx, r.what, func() error {
+	if rerr := r.s.retryN(r.ctx, r.what, r.attempts, func() error {
 		var err error
 		r.rc, _, err = r.c.blobFrom(r.ctx, r.d, r.off, r.size)
 		return err

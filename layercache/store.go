@@ -43,6 +43,10 @@ type Store struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	// reg is the registry configuration in force: mirrors, plain-HTTP
+	// hosts, per-host TLS. It is reloaded when its file changes.
+	reg *registryConfig
+
 	mu      sync.Mutex
 	flights map[string]*flight // in-progress layer fetches by diffID hex
 
@@ -81,6 +85,9 @@ type options struct {
 	retryBackoff  time.Duration
 
 	noCredentialCheck bool
+
+	registryConfig string        // WithRegistryConfig; "" for none
+	mirrorTimeout  time.Duration // DefaultMirrorTimeout
 }
 
 // Option configures a Store.
@@ -157,6 +164,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 
 		retryAttempts: DefaultRetryAttempts,
 		retryBackoff:  DefaultRetryBackoff,
+		mirrorTimeout: DefaultMirrorTimeout,
 	}
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
@@ -171,7 +179,11 @@ func Open(root string, opts ...Option) (*Store, error) {
 	if root == "" {
 		return nil, errors.New("store root must not be empty")
 	}
-	root, err := filepath.Abs(root)
+	reg, err := newRegistryConfig(&o)
+	if err != nil {
+		return nil, err
+	}
+	root, err = filepath.Abs(root)
 	if err != nil {
 		return nil, err
 	}
@@ -185,7 +197,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 			return nil, fmt.Errorf("create store directory: %w", err)
 		}
 	}
-	s := &Store{root: root, opts: o, sem: make(chan struct{}, o.concurrency), flights: map[string]*flight{}}
+	s := &Store{root: root, opts: o, reg: reg, sem: make(chan struct{}, o.concurrency), flights: map[string]*flight{}}
 	if err := s.claimWork(); err != nil {
 		return nil, err
 	}

@@ -25,6 +25,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver"
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/health"
 	"github.com/strata-csi/strata/driver/registration"
 	"github.com/strata-csi/strata/layercache"
@@ -60,6 +61,11 @@ func main() {
 		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")
 		kubeconfig  = flag.String("kubeconfig", "", "kubeconfig for the Kubernetes API (events on pods, pull secrets); empty: the pod's in-cluster config when run in a pod, else no API access")
 		verifyCreds = flag.String("pull-credentials-verification", "AlwaysVerify", "AlwaysVerify: a cached private image serves only publishes whose credentials pulled it or that the registry accepts (as kubelet's KEP-2535); NeverVerify: any publish may use any cached image")
+		pullSA      = flag.String("pull-secrets-service-account", "", "NAMESPACE/NAME of a ServiceAccount whose imagePullSecrets are pull credentials for volumes without a matching node-publish secret, watched through the API (empty = off)")
+		providerCfg = flag.String("image-credential-provider-config", "", "kubelet CredentialProviderConfig file (kubelet.config.k8s.io/v1): credential provider exec plugins asked for images that no secret has credentials for (empty = off)")
+		providerBin = flag.String("image-credential-provider-bin-dir", "", "directory of the credential provider executables named in --image-credential-provider-config")
+		providerTTL = flag.Duration("image-credential-provider-timeout", credentials.DefaultProviderTimeout, "time a credential provider plugin may take to answer before it is killed")
+		regConfig   = flag.String("registry-config", "", "node-wide registry config file (YAML: mirrors, plain-HTTP hosts, per-host CA bundles and client certificates; see docs/registries.md), reloaded when it changes (empty = none)")
 		insecure    stringList
 		prepull     stringList
 	)
@@ -78,6 +84,9 @@ func main() {
 		layercache.WithConcurrency(*concurrency),
 		layercache.WithInsecureRegistries(insecure...),
 		layercache.WithUserAgent("strata-csi/" + version),
+	}
+	if *regConfig != "" {
+		cacheOpts = append(cacheOpts, layercache.WithRegistryConfig(*regConfig))
 	}
 	switch *verifyCreds {
 	case "AlwaysVerify":
@@ -105,6 +114,9 @@ func main() {
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
 		CacheOptions: cacheOpts, Kube: kube,
+		PullCredentials: credentials.Config{
+			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
+		},
 	}); err != nil {
 		klog.ErrorS(err, "strata-csi failed")
 		klog.Flush()

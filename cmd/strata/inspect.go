@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -13,11 +14,12 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/strata-csi/strata/driver/volumes"
 	"github.com/strata-csi/strata/layercache"
 )
 
 func init() {
-	register(&command{name: "ls", summary: "List the cached images and layers", flags: lsFlags})
+	register(&command{name: "ls", summary: "List the cached images and layers, and the volumes (pods) that hold them", flags: lsFlags})
 	register(&command{name: "du", summary: "Show the cache's disk use and what sharing layers saves", flags: duFlags})
 	register(&command{name: "prune", summary: "Remove the cached layers that no volume uses", flags: pruneFlags})
 	register(&command{name: "version", summary: "Print the version of strata", flags: versionFlags})
@@ -35,8 +37,9 @@ func noArgs(name string, args []string) error {
 // CLI's contract with scripts, independent of layercache's types.
 type (
 	lsJSON struct {
-		Images []imageJSON `json:"images"`
-		Layers []layerJSON `json:"layers"`
+		Images  []imageJSON  `json:"images"`
+		Layers  []layerJSON  `json:"layers"`
+		Volumes []volumeJSON `json:"volumes"` // the CSI plugin's publishes on this root
 	}
 	imageJSON struct {
 		Ref      string    `json:"ref"`
@@ -56,9 +59,29 @@ type (
 		Created        time.Time `json:"created"`
 		LastUsed       time.Time `json:"lastUsed"`
 		Images         []string  `json:"images"` // cached references that use the layer
-		Owners         []string  `json:"owners"` // volumes that hold the layer
+		Owners         []string  `json:"owners"` // who holds the layer: volume keys, prepull:REF
+		// Volumes are the publishes among the owners, with their pods.
+		Volumes []volumeJSON `json:"volumes"`
+	}
+	volumeJSON struct {
+		Key          string    `json:"key"` // volumes/<key>, the owner of its layers
+		VolumeID     string    `json:"volumeID"`
+		TargetPath   string    `json:"targetPath"`
+		Image        string    `json:"image"`
+		Digest       string    `json:"digest"`
+		ReadOnly     bool      `json:"readOnly"`
+		Published    time.Time `json:"published"`
+		PodNamespace string    `json:"podNamespace,omitempty"`
+		PodName      string    `json:"podName,omitempty"`
+		PodUID       string    `json:"podUID,omitempty"`
 	}
 )
+
+func toVolumeJSON(v volumes.Volume) volumeJSON {
+	return volumeJSON{Key: v.Key, VolumeID: v.VolumeID, TargetPath: v.TargetPath, Image: v.Image,
+		Digest: v.Digest.String(), ReadOnly: v.ReadOnly, Published: v.Published,
+		PodNamespace: v.PodNamespace, PodName: v.PodName, PodUID: v.PodUID}
+}
 
 func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 	asJSON := fs.Bool("json", false, "print JSON instead of tables")
@@ -78,7 +101,16 @@ func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if err != nil {
 			return fmt.Errorf("list layers: %w", err)
 		}
-		out := lsJSON{Images: []imageJSON{}, Layers: []layerJSON{}}
+		vols, err := volumes.List(e.root)
+		if err != nil {
+			return fmt.Errorf("list volumes: %w", err)
+		}
+		byKey := map[string]volumes.Volume{}
+		out := lsJSON{Images: []imageJSON{}, Layers: []layerJSON{}, Volumes: []volumeJSON{}}
+		for _, v := range vols {
+			byKey[v.Key] = v
+			out.Volumes = append(out.Volumes, toVolumeJSON(v))
+		}
 		users := map[v1.Hash][]string{}
 		for _, im := range images {
 			j := imageJSON{Ref: im.Ref, Digest: im.Digest.String(), Resolved: im.Resolved,
@@ -94,19 +126,60 @@ func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 			out.Images = append(out.Images, j)
 		}
 		for _, l := range layers {
-			out.Layers = append(out.Layers, layerJSON{
+			j := layerJSON{
 				DiffID: l.DiffID.String(), Digest: l.Digest.String(), MediaType: string(l.MediaType),
 				CompressedSize: l.CompressedSize, Size: l.Size, Files: l.Files, Created: l.Created,
 				LastUsed: l.LastUsed, Images: nonNil(users[l.DiffID]), Owners: nonNil(l.Owners),
-			})
+				Volumes: []volumeJSON{},
+			}
+			for _, o := range l.Owners {
+				if v, ok := byKey[o]; ok {
+					j.Volumes = append(j.Volumes, toVolumeJSON(v))
+				}
+			}
+			out.Layers = append(out.Layers, j)
 		}
 		if *asJSON {
 			enc := json.NewEncoder(e.stdout)
 			enc.SetIndent("", "  ")
 			return enc.Encode(out)
 		}
-		return printLs(e.stdout, images, layers, users)
+		return printLs(e.stdout, images, layers, users, vols)
 	}
+}
+
+// maxUsers is how many holders of a layer the table names; --json has all.
+const maxUsers = 3
+
+// holder names who holds a layer: the pod and volume id of a publish
+// ("shop/web-0 (vol-1)"), the volume id alone when kubelet did not pass the
+// pod, or the owner as recorded (a prepull, or a volume whose record is
+// gone).
+func holder(owner string, vols map[string]volumes.Volume) string {
+	v, ok := vols[owner]
+	switch {
+	case !ok:
+		return owner
+	case v.Pod() == "":
+		return "volume " + v.VolumeID
+	}
+	return v.Pod() + " (" + v.VolumeID + ")"
+}
+
+// usedBy lists the holders of a layer, the first maxUsers of them.
+func usedBy(owners []string, vols map[string]volumes.Volume) string {
+	if len(owners) == 0 {
+		return "-"
+	}
+	names := make([]string, 0, len(owners))
+	for _, o := range owners {
+		names = append(names, holder(o, vols))
+	}
+	sort.Strings(names)
+	if len(names) > maxUsers {
+		return strings.Join(names[:maxUsers], ", ") + fmt.Sprintf(" and %d more", len(names)-maxUsers)
+	}
+	return strings.Join(names, ", ")
 }
 
 func nonNil(s []string) []string {
@@ -116,7 +189,11 @@ func nonNil(s []string) []string {
 	return s
 }
 
-func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.LayerInfo, users map[v1.Hash][]string) error {
+func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.LayerInfo, users map[v1.Hash][]string, vols []volumes.Volume) error {
+	byKey := map[string]volumes.Volume{}
+	for _, v := range vols {
+		byKey[v.Key] = v
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "IMAGE\tDIGEST\tLAYERS\tSIZE\tCOMPLETE")
 	for _, im := range images {
@@ -127,11 +204,20 @@ func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.Lay
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", im.Ref, shortDigest(im.Digest), len(im.Layers), humanBytes(im.Size), complete)
 	}
 	fmt.Fprintln(tw)
-	fmt.Fprintln(tw, "LAYER\tSIZE\tFILES\tIMAGES\tOWNERS\tLAST USE")
+	fmt.Fprintln(tw, "LAYER\tSIZE\tFILES\tIMAGES\tOWNERS\tLAST USE\tUSED BY")
 	now := time.Now()
 	for _, l := range layers {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\n", shortDigest(l.DiffID), humanBytes(l.Size), l.Files,
-			len(users[l.DiffID]), len(l.Owners), ago(l.LastUsed, now))
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\n", shortDigest(l.DiffID), humanBytes(l.Size), l.Files,
+			len(users[l.DiffID]), len(l.Owners), ago(l.LastUsed, now), usedBy(l.Owners, byKey))
+	}
+	fmt.Fprintln(tw)
+	fmt.Fprintln(tw, "VOLUME\tPOD\tIMAGE\tDIGEST\tLAYERS\tPUBLISHED")
+	for _, v := range vols {
+		pod := v.Pod()
+		if pod == "" {
+			pod = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", v.VolumeID, pod, v.Image, shortDigest(v.Digest), len(v.Layers), ago(v.Published, now))
 	}
 	return tw.Flush()
 }

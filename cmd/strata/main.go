@@ -104,6 +104,8 @@ type env struct {
 	// tty is true when stdout is a terminal: progress is then redrawn in
 	// place instead of printed line by line.
 	tty bool
+	// root is --root: the layer cache, and the plugin's volumes/.
+	root string
 	// open opens the cache at --root, once, with the options the command
 	// needs (pull passes its concurrency and insecure registries). run
 	// closes it when the command returns.
@@ -144,6 +146,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	global.SetOutput(io.Discard)
 	klog.InitFlags(global)
 	root := global.String("root", defaultRoot, "node state root")
+	regConfig := global.String("registry-config", "", "registry config file (mirrors, plain-HTTP hosts, per-host TLS), as strata-csi's")
 	global.Usage = func() {} // run prints the usage itself
 	if err := global.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -171,9 +174,13 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		stdout: stdout,
 		stderr: stderr,
 		tty:    isTerminal(stdout),
+		root:   *root,
 		open: func(opts ...layercache.Option) (*layercache.Store, error) {
 			if store != nil {
 				return nil, errors.New("the cache is already open")
+			}
+			if *regConfig != "" {
+				opts = append(opts[:len(opts):len(opts)], layercache.WithRegistryConfig(*regConfig))
 			}
 			s, err := layercache.Open(*root, opts...)
 			if err != nil {
@@ -264,6 +271,9 @@ Commands:
 	fmt.Fprintf(w, `
 Global flags:
   --root DIR  node state root (default %s)
+  --registry-config FILE
+              registry config: mirrors, plain-HTTP hosts, per-host TLS
+              (the file strata-csi's --registry-config reads; docs/registries.md)
   --v N       log verbosity (logs go to stderr)
 
 Run 'strata COMMAND --help' for the flags of a command.

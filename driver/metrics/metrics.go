@@ -1,7 +1,8 @@
 // Package metrics exposes the node plugin's Prometheus metrics (strata_*):
-// CSI call latency by method and status code, layers and bytes pulled, and,
-// computed at scrape time from the state on disk, the cache's size and the
-// number of published volumes.
+// CSI call latency by method and status code, layers and bytes pulled, cache
+// hits and misses, pull durations, registry errors by kind, and, computed at
+// scrape time from the state on disk, the cache's size and the number of
+// published volumes.
 package metrics
 
 import (
@@ -35,7 +36,27 @@ type Metrics struct {
 	layers      prometheus.Counter
 	pulledBytes prometheus.Counter
 	hits        prometheus.Counter
+	misses      prometheus.Counter
+	pulls       *prometheus.HistogramVec
+	registryErr *prometheus.CounterVec
 }
+
+// Kinds of registry errors (the kind label of strata_registry_errors_total),
+// and Success, the result label of a pull that succeeded.
+const (
+	KindNotFound     = "not_found"    // no such repository, tag, manifest or blob
+	KindUnauthorized = "unauthorized" // the registry refused the credentials
+	KindUnavailable  = "unavailable"  // unreachable, timed out, 429 or 5xx
+	KindDeadline     = "deadline"     // the call's deadline ended while resolving
+	KindBadBlob      = "bad_blob"     // digest mismatch or corrupt layer
+	KindUnsafeLayer  = "unsafe_layer" // a layer tries to write outside itself
+	KindOther        = "other"
+	Success          = "success"
+)
+
+// Kinds lists every registry error kind. Their series are created at zero,
+// so that rate() and alerts see the first error.
+var Kinds = []string{KindNotFound, KindUnauthorized, KindUnavailable, KindDeadline, KindBadBlob, KindUnsafeLayer, KindOther}
 
 // New registers the plugin's metrics, and Go runtime and process metrics, in
 // a registry of their own.
@@ -59,10 +80,29 @@ func New(src Sources) *Metrics {
 		}),
 		hits: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "strata_layer_cache_hits_total",
-			Help: "Layers a publish found in the cache (strata_layers_pulled_total counts the misses it downloaded).",
+			Help: "Layers a publish found in the cache.",
 		}),
+		misses: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "strata_layer_cache_misses_total",
+			Help: "Layers a publish did not find in the cache, and downloaded or waited for (a layer that several publishes wait for is one miss each, and one strata_layers_pulled_total).",
+		}),
+		pulls: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "strata_pull_duration_seconds",
+			Help: "Duration of the image pulls that had layers to download, by result (success or the registry error kind).",
+			// From a small layer on a local registry to the ten minutes a
+			// large dataset can take; a pull that outlasts kubelet's call
+			// goes on, and its retry observes the rest.
+			Buckets: []float64{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+		}, []string{"result"}),
+		registryErr: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "strata_registry_errors_total",
+			Help: "Failed resolves and pulls of publishes, by kind: not_found, unauthorized, unavailable, deadline, bad_blob, unsafe_layer, other.",
+		}, []string{"kind"}),
 	}
-	m.reg.MustRegister(m.calls, m.layers, m.pulledBytes, m.hits,
+	for _, k := range Kinds {
+		m.registryErr.WithLabelValues(k)
+	}
+	m.reg.MustRegister(m.calls, m.layers, m.pulledBytes, m.hits, m.misses, m.pulls, m.registryErr,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&stateCollector{src: src})
 	return m
@@ -87,6 +127,31 @@ func (m *Metrics) LayerHit() {
 		return
 	}
 	m.hits.Inc()
+}
+
+// LayerMissed records a layer a publish did not find in the cache.
+func (m *Metrics) LayerMissed() {
+	if m == nil {
+		return
+	}
+	m.misses.Inc()
+}
+
+// ObservePull records one image pull that had layers to download; result is
+// Success or one of Kinds.
+func (m *Metrics) ObservePull(result string, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.pulls.WithLabelValues(result).Observe(d.Seconds())
+}
+
+// RegistryError counts a failed resolve or pull; kind is one of Kinds.
+func (m *Metrics) RegistryError(kind string) {
+	if m == nil {
+		return
+	}
+	m.registryErr.WithLabelValues(kind).Inc()
 }
 
 // LayerPulled records a layer this process downloaded and committed.

@@ -15,19 +15,20 @@ import (
 )
 
 // TestDefaultObjects: the chart installs exactly the CSIDriver, the node
-// plugin's DaemonSet, its ServiceAccount and its RBAC, the namespaced ones in
-// the release's namespace.
+// plugin's DaemonSet, its ServiceAccount and its RBAC (the Role for the pull
+// secrets of its own ServiceAccount), the namespaced ones in the release's
+// namespace.
 func TestDefaultObjects(t *testing.T) {
 	t.Parallel()
 	objs := render(t, "")
 	got := objs.kinds()
 	slices.Sort(got)
-	want := []string{"CSIDriver", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"}
+	want := []string{"CSIDriver", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Role", "RoleBinding", "ServiceAccount"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("kinds: got %v, want %v", got, want)
 	}
 	for _, o := range objs {
-		namespaced := o.Kind == "DaemonSet" || o.Kind == "ServiceAccount"
+		namespaced := o.Kind == "DaemonSet" || o.Kind == "ServiceAccount" || o.Kind == "Role" || o.Kind == "RoleBinding"
 		if namespaced && o.Namespace != releaseNS {
 			t.Errorf("%s %s: namespace %q, want %q", o.Kind, o.Name, o.Namespace, releaseNS)
 		}
@@ -431,7 +432,7 @@ func checkMetrics(t *testing.T, c container, f map[string][]string, port int) {
 func TestFlagsExist(t *testing.T) {
 	t.Parallel()
 	defined := strataCSIFlags(t)
-	_, c := nodePlugin(t, render(t, "metrics: {enabled: true}\nregistries: {insecure: [registry.local:5000]}"))
+	_, c := nodePlugin(t, render(t, "metrics: {enabled: true}\n"+withProviders))
 	for name := range flags(t, c.Args) {
 		if !defined[name] {
 			t.Errorf("the chart passes --%s, which cmd/strata-csi does not define", name)
@@ -494,7 +495,7 @@ func strataCSIFlags(t *testing.T) map[string]bool {
 // option on.
 func TestLint(t *testing.T) {
 	t.Parallel()
-	for _, values := range []string{"", "metrics: {enabled: true}\nregistries: {insecure: [registry.local:5000]}\nkubeletDir: /var/lib/k0s/kubelet"} {
+	for _, values := range []string{"", "metrics: {enabled: true}\nregistries: {insecure: [registry.local:5000]}\nkubeletDir: /var/lib/k0s/kubelet", withProviders} {
 		args := []string{"lint", "--strict", chartDir}
 		if values != "" {
 			args = append(args, "-f", valuesFile(t, values))

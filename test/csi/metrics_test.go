@@ -57,7 +57,8 @@ func scrape(t *testing.T, addr string) string {
 }
 
 // TestMetrics scrapes --metrics-address after real publishes: call latency
-// by method and code, layers pulled once, cache size and published volumes.
+// by method and code, layers pulled once, cache hits and misses, the pull's
+// duration, registry errors by kind, cache size and published volumes.
 func TestMetrics(t *testing.T) {
 	t.Parallel()
 	RequireRoot(t)
@@ -73,9 +74,45 @@ func TestMetrics(t *testing.T) {
 		testimage.Layer(t, testimage.Tar(t, testimage.File("a", "aaaa")), testimage.Gzip),
 		testimage.Layer(t, testimage.Tar(t, testimage.File("b", "bbbbbbbb")), testimage.Gzip),
 	))
-	targets := []string{e.publishImage("m1", ref), e.publishImage("m2", ref)}
+	wantSeries := func(step string, want map[string]float64) {
+		t.Helper()
+		body := scrape(t, addr)
+		for series, w := range want {
+			if got := metricValue(t, body, series); got != w {
+				t.Errorf("after %s: %s = %v, want %v", step, series, got, w)
+			}
+		}
+	}
+	// The series of every registry error kind exist from the start.
+	wantSeries("start", map[string]float64{
+		`strata_registry_errors_total{kind="not_found"}`:    0,
+		`strata_registry_errors_total{kind="unauthorized"}`: 0,
+		`strata_layer_cache_misses_total`:                   0,
+	})
+
+	// A cold publish misses both layers and pulls once.
+	targets := []string{e.publishImage("m1", ref)}
+	wantSeries("a cold publish", map[string]float64{
+		`strata_layer_cache_misses_total`:                                2,
+		`strata_layer_cache_hits_total`:                                  0,
+		`strata_pull_duration_seconds_count{result="success"}`:           1,
+		`strata_pull_duration_seconds_bucket{result="success",le="600"}`: 1,
+	})
+	// A cached publish hits both, and pulls nothing.
+	targets = append(targets, e.publishImage("m2", ref))
+	wantSeries("a cached publish", map[string]float64{
+		`strata_layer_cache_misses_total`:                      2,
+		`strata_layer_cache_hits_total`:                        2,
+		`strata_pull_duration_seconds_count{result="success"}`: 1,
+	})
+	// A missing image is a registry error of kind not_found, and no pull.
 	_, err := e.Node.NodePublishVolume(ctx(t), pubReq("m3", e.target("m3"), map[string]string{"image": reg + "/metrics/missing:v1"}))
 	wantCode(t, err, codes.NotFound)
+	wantSeries("a missing image", map[string]float64{
+		`strata_registry_errors_total{kind="not_found"}`:    1,
+		`strata_registry_errors_total{kind="unauthorized"}`: 0,
+		`strata_layer_cache_misses_total`:                   2,
+	})
 
 	body := scrape(t, addr)
 	for series, want := range map[string]float64{

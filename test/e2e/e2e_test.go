@@ -53,6 +53,7 @@ func TestStrata(t *testing.T) {
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
 		{"MissingImage", testMissingImage},
+		{"PrivateRegistry", testPrivateRegistry},
 		{"ExternalStorageSuite", testExternalStorageSuite},
 		{"HelmUpgradeUninstall", testHelmUpgradeUninstall},
 	}
@@ -103,7 +104,7 @@ func testInstall(t *testing.T) {
 
 	repo, tag := splitImage(c.pluginImage)
 	start := time.Now()
-	out, err := helm("install", release, filepath.Join(c.repo, "charts", "strata"),
+	out, err := helm("install", release, chartDir(),
 		"--namespace", releaseNS, "--create-namespace", "--wait", "--timeout", "3m",
 		"--set", "image.repository="+repo, "--set", "image.tag="+tag, "--set", "image.pullPolicy=Never",
 		"--set", "kubeletDir="+c.kubeletDir, "--set", "stateDir="+c.stateDir,
@@ -212,6 +213,8 @@ func testTwoPodsOneImage(t *testing.T) {
 		t.Errorf("pod-b sees %q, want the image's README and its own only-b", out)
 	}
 
+	// The inline scenario pulled the image: these two found it cached.
+	podEvent(t, ns, "pod-b", "Pulled", datasetRef, "already cached")
 	ra, rb := recordFor(t, volumePath(a, "dataset")), recordFor(t, volumePath(b, "dataset"))
 	if ra.dir == rb.dir {
 		t.Fatalf("both pods share one volume dir %s", ra.dir)
@@ -411,6 +414,9 @@ func testMissingImage(t *testing.T) {
 			t.Errorf("event message lacks %q (the registry's answer): %s", want, msg)
 		}
 	}
+	// The plugin's own event says which step failed.
+	ev := podEvent(t, ns, "lost", "PullFailed", missingRef, "MANIFEST_UNKNOWN")
+	t.Logf("plugin event: %s", ev.Message)
 	p, err := kube.CoreV1().Pods(ns).Get(ctx(t), "lost", metav1.GetOptions{})
 	if err != nil || p.Status.Phase != corev1.PodPending {
 		t.Errorf("pod with the missing image: phase %v, %v; want Pending", p.Status.Phase, err)
@@ -428,7 +434,7 @@ func testHelmUpgradeUninstall(t *testing.T) {
 	mustExec(t, ns, p.Name, "echo before-upgrade > /data/mark")
 	old := pluginPod(t)
 
-	out, err := helm("upgrade", release, filepath.Join(c.repo, "charts", "strata"), "--namespace", releaseNS,
+	out, err := helm("upgrade", release, chartDir(), "--namespace", releaseNS,
 		"--reuse-values", "--set", "logLevel=5", "--wait", "--timeout", "3m")
 	if err != nil {
 		t.Fatalf("helm upgrade: %v\n%s", err, out)

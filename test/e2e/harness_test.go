@@ -502,6 +502,8 @@ func example(t *testing.T, file, image string) string {
 	return strings.ReplaceAll(string(b), examplePlaceholder, image)
 }
 
+func chartDir() string { return filepath.Join(c.repo, "charts", "strata") }
+
 func apply(t *testing.T, ns, manifest string) {
 	t.Helper()
 	if out, err := kubectlStdin(manifest, "-n", ns, "apply", "-f", "-"); err != nil {

@@ -50,3 +50,17 @@ app.kubernetes.io/component: node
 {{- define "strata.pluginDir" -}}
 {{ .Values.kubeletDir }}/plugins/{{ include "strata.driverName" . }}
 {{- end }}
+
+{{/*
+NAMESPACE/NAME of the ServiceAccount whose imagePullSecrets the plugin reads
+(registries.pullSecretsServiceAccount): by default the node plugin's own.
+*/}}
+{{- define "strata.pullSecretsServiceAccount" -}}
+{{- $name := .Values.registries.pullSecretsServiceAccount.name | default (include "strata.nodeName" .) -}}
+{{- if contains "/" $name }}{{ $name }}{{ else }}{{ .Release.Namespace }}/{{ $name }}{{ end -}}
+{{- end }}
+
+{{/* Whether credential provider plugins are configured. */}}
+{{- define "strata.credentialProviders" -}}
+{{- with .Values.registries.credentialProviders.config.providers }}true{{ end -}}
+{{- end }}

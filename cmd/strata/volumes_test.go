@@ -1,0 +1,147 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/layercache"
+	"github.com/strata-csi/strata/test/testimage"
+)
+
+// publishRecord does what the CSI plugin does on a publish, as far as ls
+// can see: volumes/<key>/volume.json, and the layer references of owner key.
+func publishRecord(t *testing.T, root, key string, rec volumes.Record) {
+	t.Helper()
+	dir := filepath.Join(root, volumes.Dir, key)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := volumes.Write(filepath.Join(dir, volumes.RecordFile), &rec); err != nil {
+		t.Fatal(err)
+	}
+	acquire(t, root, key, rec.Layers)
+}
+
+func acquire(t *testing.T, root, owner string, layers []v1.Hash) {
+	t.Helper()
+	s, err := layercache.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Acquire(owner, layers); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestListShowsVolumes: ls names the pods (and volume ids) whose publishes
+// hold each layer, in the table and in --json, from the plugin's volume
+// records; holders that are not publishes are named as recorded.
+func TestListShowsVolumes(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	reg := testimage.Registry(t)
+	root := t.TempDir()
+	base := makeLayer(t, testimage.Gzip, testimage.File("a", "aaaa"))
+	top := makeLayer(t, testimage.Gzip, testimage.File("b", "bbbbbbbb"))
+	ref := reg + "/ls/volumes:v1"
+	digest := push(t, ref, base, top)
+	expectCode(t, "pull", strata(t, root, "pull", ref), 0)
+
+	both := []v1.Hash{base.diffID(t), top.diffID(t)}
+	published := time.Now().UTC().Truncate(time.Second)
+	const keyWeb, keyBatch = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+	publishRecord(t, root, keyWeb, volumes.Record{VolumeID: "vol-web", TargetPath: "/pods/web/vol", Image: ref,
+		Digest: digest, Layers: both, Published: published, PodNamespace: "shop", PodName: "web-0", PodUID: "uid-1"})
+	// Written before the plugin recorded pods, or kubelet without podInfoOnMount.
+	publishRecord(t, root, keyBatch, volumes.Record{VolumeID: "vol-batch", TargetPath: "/pods/batch/vol", Image: ref,
+		Digest: digest, Layers: both[:1], Published: published})
+	acquire(t, root, "prepull:"+ref, both[1:])
+
+	r := strata(t, root, "ls")
+	expectCode(t, "ls", r, 0)
+	lines := strings.Split(r.stdout, "\n")
+	line := func(prefix string) string {
+		for _, l := range lines {
+			if strings.HasPrefix(l, prefix) {
+				return l
+			}
+		}
+		t.Fatalf("ls: no line starting with %q:\n%s", prefix, r.stdout)
+		return ""
+	}
+	// USED BY is the last column of the layer table.
+	for _, tc := range []struct{ layer, want string }{
+		{short(base.diffID(t)), "shop/web-0 (vol-web), volume vol-batch"},
+		{short(top.diffID(t)), "prepull:" + ref + ", shop/web-0 (vol-web)"},
+	} {
+		if l := line(tc.layer); !strings.HasSuffix(strings.TrimRight(l, " "), tc.want) {
+			t.Errorf("ls: layer %s: want USED BY %q, got %q", tc.layer, tc.want, l)
+		}
+	}
+	// POD is the second column of the volume table.
+	for _, tc := range []struct{ volume, want string }{{"vol-web", "shop/web-0"}, {"vol-batch", "-"}} {
+		if f := strings.Fields(line(tc.volume + " ")); f[1] != tc.want {
+			t.Errorf("ls: volume %s: want POD %q, got %q", tc.volume, tc.want, f)
+		}
+	}
+
+	r = strata(t, root, "ls", "--json")
+	expectCode(t, "ls --json", r, 0)
+	var ls lsJSON
+	if err := json.Unmarshal([]byte(r.stdout), &ls); err != nil {
+		t.Fatalf("ls --json: %v\n%s", err, r.stdout)
+	}
+	web := volumeJSON{Key: keyWeb, VolumeID: "vol-web", TargetPath: "/pods/web/vol", Image: ref, Digest: digest.String(),
+		Published: published, PodNamespace: "shop", PodName: "web-0", PodUID: "uid-1"}
+	batch := volumeJSON{Key: keyBatch, VolumeID: "vol-batch", TargetPath: "/pods/batch/vol", Image: ref, Digest: digest.String(),
+		Published: published}
+	if len(ls.Volumes) != 2 || ls.Volumes[0] != web || ls.Volumes[1] != batch {
+		t.Errorf("ls --json: volumes = %+v, want %+v and %+v", ls.Volumes, web, batch)
+	}
+	want := map[string][]volumeJSON{base.diffID(t).String(): {web, batch}, top.diffID(t).String(): {web}}
+	for _, l := range ls.Layers {
+		w := want[l.DiffID]
+		if len(l.Volumes) != len(w) {
+			t.Errorf("ls --json: layer %s: volumes = %+v, want %+v", l.DiffID, l.Volumes, w)
+			continue
+		}
+		for i := range w {
+			if l.Volumes[i] != w[i] {
+				t.Errorf("ls --json: layer %s: volume %d = %+v, want %+v", l.DiffID, i, l.Volumes[i], w[i])
+			}
+		}
+	}
+}
+
+func TestUsedBy(t *testing.T) {
+	vols := map[string]volumes.Volume{
+		"k1": {Key: "k1", Record: volumes.Record{VolumeID: "v1", PodNamespace: "a", PodName: "p1"}},
+		"k2": {Key: "k2", Record: volumes.Record{VolumeID: "v2", PodNamespace: "a", PodName: "p2"}},
+		"k3": {Key: "k3", Record: volumes.Record{VolumeID: "v3"}},
+	}
+	for _, tc := range []struct {
+		name   string
+		owners []string
+		want   string
+	}{
+		{"nobody", nil, "-"},
+		{"a pod", []string{"k1"}, "a/p1 (v1)"},
+		{"no pod recorded", []string{"k3"}, "volume v3"},
+		{"not a volume", []string{"prepull:r/x:v1"}, "prepull:r/x:v1"},
+		{"many, sorted and capped", []string{"k3", "k2", "k1", "prepull:r/x"}, "a/p1 (v1), a/p2 (v2), prepull:r/x and 1 more"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := usedBy(tc.owners, vols); got != tc.want {
+				t.Errorf("usedBy(%v) = %q, want %q", tc.owners, got, tc.want)
+			}
+		})
+	}
+}

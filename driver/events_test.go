@@ -1,0 +1,189 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/strata-csi/strata/layercache"
+)
+
+func TestOutcomeEvent(t *testing.T) {
+	const img, vol = "reg.example/ds:v1", "vol-1"
+	notFound := fmt.Errorf("%w: fetch manifest %s: check the image name and tag", layercache.ErrNotFound, img)
+	for _, tc := range []struct {
+		name     string
+		o        pullOutcome
+		want     podEvent
+		wantNone bool
+	}{
+		{"cached image", pullOutcome{Image: img, VolumeID: vol, Layers: 8, Duration: 3 * time.Millisecond},
+			podEvent{"Normal", "Pulled", `Image "reg.example/ds:v1" for volume "vol-1" is already cached on the node`}, false},
+		{"pull that downloaded", pullOutcome{Image: img, VolumeID: vol, Layers: 8, Downloaded: 3, Bytes: 1_234_567_890, Duration: 12345 * time.Millisecond},
+			podEvent{"Normal", "Pulled", `Pulled image "reg.example/ds:v1" for volume "vol-1" in 12.3s (1.2 GB, 3 of 8 layers downloaded)`}, false},
+		{"fast pull", pullOutcome{Image: img, VolumeID: vol, Layers: 1, Downloaded: 1, Bytes: 999, Duration: 42 * time.Millisecond},
+			podEvent{"Normal", "Pulled", `Pulled image "reg.example/ds:v1" for volume "vol-1" in 42ms (999 B, 1 of 1 layers downloaded)`}, false},
+		{"resolve failed", pullOutcome{Image: img, VolumeID: vol, Step: stepResolve, Err: notFound},
+			podEvent{"Warning", "PullFailed", `Failed to resolve image "reg.example/ds:v1" for volume "vol-1": ` + notFound.Error()}, false},
+		{"pull failed", pullOutcome{Image: img, VolumeID: vol, Step: stepPull, Err: layercache.ErrDigestMismatch, Layers: 2, Downloaded: 2},
+			podEvent{"Warning", "PullFailed", `Failed to pull image "reg.example/ds:v1" for volume "vol-1": digest mismatch`}, false},
+		{"resolve ran into the call's deadline", pullOutcome{Image: img, VolumeID: vol, Step: stepResolve, Err: fmt.Errorf("resolve: %w", context.DeadlineExceeded)},
+			podEvent{"Warning", "PullFailed", `Failed to resolve image "reg.example/ds:v1" for volume "vol-1": resolve: context deadline exceeded`}, false},
+		{"pull outlives the call: no event, the retry reports", pullOutcome{Image: img, VolumeID: vol, Step: stepPull,
+			Err: fmt.Errorf("pull: %w (the pull goes on in the background)", context.DeadlineExceeded), Downloaded: 1}, podEvent{}, true},
+		{"cancelled call during the pull", pullOutcome{Image: img, VolumeID: vol, Step: stepPull, Err: context.Canceled}, podEvent{}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := outcomeEvent(tc.o)
+			if ok == tc.wantNone || got != tc.want {
+				t.Errorf("outcomeEvent(%+v) = %+v, %v; want %+v, %v", tc.o, got, ok, tc.want, !tc.wantNone)
+			}
+		})
+	}
+}
+
+func TestPullingEvent(t *testing.T) {
+	want := podEvent{"Normal", "Pulling", `Pulling image "r/x:v1" for volume "v"`}
+	if got := pullingEvent("r/x:v1", "v"); got != want {
+		t.Errorf("pullingEvent = %+v, want %+v", got, want)
+	}
+}
+
+func TestHumanBytes(t *testing.T) {
+	for _, tc := range []struct {
+		n    int64
+		want string
+	}{
+		{0, "0 B"}, {999, "999 B"}, {1000, "1.0 kB"}, {1_234_567, "1.2 MB"}, {999_949, "999.9 kB"}, {999_999, "1.0 MB"},
+		{1_234_567_890, "1.2 GB"}, {20_000_000_000_000, "20.0 TB"},
+	} {
+		if got := humanBytes(tc.n); got != tc.want {
+			t.Errorf("humanBytes(%d) = %q, want %q", tc.n, got, tc.want)
+		}
+	}
+}
+
+func TestHumanDuration(t *testing.T) {
+	for _, tc := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{1234 * time.Microsecond, "1ms"}, {999 * time.Millisecond, "999ms"}, {12345 * time.Millisecond, "12.3s"}, {123456 * time.Millisecond, "2m3.5s"},
+	} {
+		if got := humanDuration(tc.d); got != tc.want {
+			t.Errorf("humanDuration(%v) = %q, want %q", tc.d, got, tc.want)
+		}
+	}
+}
+
+func TestTruncateMessage(t *testing.T) {
+	if s := "short"; truncateMessage(s) != s {
+		t.Errorf("truncateMessage(%q) = %q", s, truncateMessage(s))
+	}
+	long := strings.Repeat("é", maxEventMessage) // two bytes each
+	got := truncateMessage(long)
+	if len(got) > maxEventMessage || !strings.HasSuffix(got, "…") || !strings.HasPrefix(got, "éé") {
+		t.Errorf("truncateMessage of %d bytes: got %d bytes, want at most %d ending in …", len(long), len(got), maxEventMessage)
+	}
+}
+
+func TestPodOf(t *testing.T) {
+	got := podOf(map[string]string{"image": "r/x", "csi.storage.k8s.io/pod.name": "web-0",
+		"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/pod.uid": "1234-5678"})
+	if want := (podRef{Namespace: "shop", Name: "web-0", UID: "1234-5678"}); got != want {
+		t.Errorf("podOf = %+v, want %+v", got, want)
+	}
+	if got := podOf(map[string]string{"image": "r/x"}); got != (podRef{}) {
+		t.Errorf("podOf without kubelet's keys = %+v, want none", got)
+	}
+}
+
+// waitEvents lists the events in ns until there are n, oldest first (their
+// names end in the time they were made, in hex).
+func waitEvents(t *testing.T, kube *fake.Clientset, ns string, n int) []corev1.Event {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		list, err := kube.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(list.Items) >= n || time.Now().After(deadline) {
+			if len(list.Items) != n {
+				t.Fatalf("want %d events in %s, got %d: %+v", n, ns, len(list.Items), list.Items)
+			}
+			sort.Slice(list.Items, func(i, j int) bool { return list.Items[i].Name < list.Items[j].Name })
+			return list.Items
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestPodEventsReachTheAPI records an event through client-go's broadcaster
+// into a fake clientset: what the API server would store.
+func TestPodEventsReachTheAPI(t *testing.T) {
+	kube := fake.NewClientset()
+	ev := newPodEvents(kube, DefaultName, "node-1")
+	defer ev.shutdown()
+	pod := podRef{Namespace: "shop", Name: "web-0", UID: "1234-5678"}
+	ev.emit(pod, podEvent{"Normal", "Pulled", "Image x is already cached on the node"})
+	ev.emit(podRef{Namespace: "shop"}, podEvent{"Normal", "Pulled", "no pod name: dropped"})
+
+	e := waitEvents(t, kube, "shop", 1)[0]
+	io := e.InvolvedObject
+	if io.Kind != "Pod" || io.APIVersion != "v1" || io.Namespace != "shop" || io.Name != "web-0" || string(io.UID) != "1234-5678" {
+		t.Errorf("involvedObject = %+v, want Pod v1 shop/web-0 uid 1234-5678", io)
+	}
+	if e.Type != "Normal" || e.Reason != "Pulled" || e.Message != "Image x is already cached on the node" {
+		t.Errorf("event = %s %s %q", e.Type, e.Reason, e.Message)
+	}
+	if e.Source.Component != DefaultName || e.Source.Host != "node-1" || e.ReportingController != DefaultName || e.ReportingInstance != "node-1" {
+		t.Errorf("source = %+v, reporting %s/%s; want %s on node-1", e.Source, e.ReportingController, e.ReportingInstance, DefaultName)
+	}
+}
+
+// TestPodEventsNeverBlock: with an API server that hangs on every write,
+// recording and shutting down still return at once; events are dropped.
+func TestPodEventsNeverBlock(t *testing.T) {
+	kube := fake.NewClientset()
+	hang := make(chan struct{})
+	defer close(hang)
+	kube.PrependReactor("*", "events", func(k8stesting.Action) (bool, runtime.Object, error) {
+		<-hang
+		return true, nil, errors.New("API server down")
+	})
+	ev := newPodEvents(kube, DefaultName, "node-1")
+	pod := podRef{Namespace: "shop", Name: "web-0", UID: "u"}
+	start := time.Now()
+	for i := range 5000 { // more than the broadcaster queues
+		ev.emit(pod, podEvent{"Warning", "PullFailed", fmt.Sprint("failure ", i)})
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("5000 events with a hung API server took %v to record, want no waiting", d)
+	}
+	start = time.Now()
+	ev.shutdown()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("shutdown with a hung API server took %v", d)
+	}
+	ev.emit(pod, podEvent{"Normal", "Pulled", "after shutdown: dropped"})
+}
+
+func TestNilPodEvents(t *testing.T) {
+	var ev *podEvents // no API access
+	ev.emit(podRef{Namespace: "a", Name: "b"}, podEvent{"Normal", "Pulled", "x"})
+	ev.shutdown()
+	if newPodEvents(nil, DefaultName, "n") != nil {
+		t.Error("newPodEvents(nil) is not nil")
+	}
+}

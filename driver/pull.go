@@ -1,0 +1,145 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/strata-csi/strata/driver/metrics"
+	"github.com/strata-csi/strata/layercache"
+)
+
+// pullTracker follows one publish's resolve and pull of its image. Its
+// progress method is the pull's Progress function: it counts cache hits and
+// misses and announces the pull on the pod at the first missing layer. At
+// the end, finish reports the outcome in the metrics and as an event on the
+// pod.
+type pullTracker struct {
+	metrics         *metrics.Metrics // nil: metrics off
+	events          *podEvents       // nil: no API access
+	pod             podRef
+	image, volumeID string
+	start           time.Time
+
+	mu      sync.Mutex
+	joined  map[string]bool  // layers another caller was fetching
+	missing map[string]int64 // compressed sizes of the layers the cache lacked
+}
+
+func newPullTracker(m *metrics.Metrics, events *podEvents, pod podRef, image, volumeID string) *pullTracker {
+	return &pullTracker{
+		metrics: m, events: events, pod: pod, image: image, volumeID: volumeID, start: time.Now(),
+		joined: map[string]bool{}, missing: map[string]int64{},
+	}
+}
+
+// progress is called by the layer cache, from several goroutines; a layer's
+// completion may come after the publish returned (the fetch goes on).
+func (t *pullTracker) progress(e layercache.ProgressEvent) {
+	t.mu.Lock()
+	first := false
+	switch e.State {
+	case layercache.LayerCached:
+		t.metrics.LayerHit()
+	case layercache.LayerMissing:
+		// An ensure that a prune forced to run again reports the layer
+		// again: it is still one miss of this publish.
+		if _, ok := t.missing[e.Layer.DiffID.Hex]; !ok {
+			first = len(t.missing) == 0
+			t.missing[e.Layer.DiffID.Hex] = e.Layer.Size
+			t.metrics.LayerMissed()
+		}
+	case layercache.LayerJoined:
+		t.joined[e.Layer.DiffID.Hex] = true
+	case layercache.LayerDone:
+		// A layer another publish fetched is counted there.
+		if !t.joined[e.Layer.DiffID.Hex] {
+			t.metrics.LayerPulled(e.Layer.Size)
+		}
+	}
+	t.mu.Unlock()
+	if first {
+		t.events.emit(t.pod, pullingEvent(t.image, t.volumeID))
+	}
+}
+
+// outcome sums up the pull so far; layers is the image's layer count (0 if
+// it did not resolve).
+func (t *pullTracker) outcome(step string, layers int, err error) pullOutcome {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	o := pullOutcome{Image: t.image, VolumeID: t.volumeID, Layers: layers, Downloaded: len(t.missing), Duration: time.Since(t.start)}
+	for _, n := range t.missing {
+		o.Bytes += n
+	}
+	if err != nil {
+		o.Step, o.Err = step, err
+	}
+	return o
+}
+
+// finish reports how the step ended (err nil: the image is all in the
+// cache): the event on the pod, and the pull's duration and registry error
+// in the metrics.
+func (t *pullTracker) finish(step string, layers int, err error) {
+	o := t.outcome(step, layers, err)
+	if e, ok := outcomeEvent(o); ok {
+		t.events.emit(t.pod, e)
+	}
+	observePull(t.metrics, o)
+}
+
+// observePull records o in the metrics: a registry error by kind, and the
+// duration of a pull that had layers to download. A pull whose caller gave
+// up goes on in the background; the retry that joins it records the end.
+func observePull(m *metrics.Metrics, o pullOutcome) {
+	if o.Err != nil && o.Step == stepPull && callEnded(o.Err) {
+		return
+	}
+	result := metrics.Success
+	if o.Err != nil {
+		kind, registry := registryErrorKind(o.Err)
+		if registry {
+			m.RegistryError(kind)
+		}
+		result = kind
+	}
+	if o.Downloaded > 0 {
+		m.ObservePull(result, o.Duration)
+	}
+}
+
+// callEnded reports whether err is the end of the call's context (kubelet's
+// deadline, or a cancelled call) rather than a failure of the work.
+func callEnded(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
+}
+
+// registryErrorKind classifies a resolve or pull error for
+// strata_registry_errors_total. registry is false for failures that are
+// neither the registry's nor its image's (a reference that does not parse,
+// pull policy Never, a full cache, a full or failing disk, a cancelled call): those have
+// kind other.
+func registryErrorKind(err error) (kind string, registry bool) {
+	switch {
+	case errors.Is(err, layercache.ErrInvalidReference), errors.Is(err, layercache.ErrNotCached),
+		errors.Is(err, layercache.ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT),
+		errors.Is(err, syscall.EIO), errors.Is(err, syscall.EROFS), errors.Is(err, context.Canceled):
+		return metrics.KindOther, false
+	case errors.Is(err, layercache.ErrNotFound):
+		return metrics.KindNotFound, true
+	case errors.Is(err, layercache.ErrUnauthorized):
+		return metrics.KindUnauthorized, true
+	case errors.Is(err, layercache.ErrUnavailable):
+		return metrics.KindUnavailable, true
+	case errors.Is(err, context.DeadlineExceeded):
+		return metrics.KindDeadline, true
+	case errors.Is(err, layercache.ErrDigestMismatch), errors.Is(err, layercache.ErrCorruptLayer):
+		return metrics.KindBadBlob, true
+	case errors.Is(err, layercache.ErrUnsafeLayer):
+		return metrics.KindUnsafeLayer, true
+	}
+	return metrics.KindOther, true
+}

@@ -1,0 +1,132 @@
+// Package volumes reads and writes the record of one publish,
+// volumes/<key>/volume.json under the node state root.
+//
+// It stands apart from package driver so that the strata CLI can tell which
+// pods hold which cached layers without linking the CSI server and the
+// Kubernetes client. The driver is the only writer.
+package volumes
+
+import (
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"k8s.io/klog/v2"
+)
+
+// Dir is the directory under the state root that holds one directory per
+// publish; RecordFile is the record's name in it.
+const (
+	Dir        = "volumes"
+	RecordFile = "volume.json"
+)
+
+// Record is volumes/<key>/volume.json: everything needed to recognise a
+// repeated publish and to undo a publish after a restart, and the pod it was
+// published for.
+type Record struct {
+	VolumeID   string    `json:"volumeID"`
+	TargetPath string    `json:"targetPath"`
+	Image      string    `json:"image"`
+	PullPolicy string    `json:"pullPolicy"`
+	SubPath    string    `json:"subPath,omitempty"`
+	ReadOnly   bool      `json:"readOnly"`
+	Digest     v1.Hash   `json:"digest"`
+	Layers     []v1.Hash `json:"layers"` // bottom first
+	Published  time.Time `json:"published"`
+	// The pod the volume was published for, when kubelet says
+	// (podInfoOnMount); records written before these existed lack them.
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
+	PodUID       string `json:"podUID,omitempty"`
+}
+
+// SameRequest reports whether a publish asks for what r already is. The
+// digest is not compared: a tag that moved applies to new publishes only.
+// Nor is the pod: kubelet's target path already names it.
+func (r *Record) SameRequest(o *Record) bool {
+	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && r.Image == o.Image &&
+		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly
+}
+
+// Pod returns "namespace/name" of the record's pod, or "" when unknown.
+func (r *Record) Pod() string {
+	if r.PodName == "" {
+		return ""
+	}
+	return r.PodNamespace + "/" + r.PodName
+}
+
+// Read loads a publish's record; nil if there is none. A record that is
+// empty or does not decode, as a power failure can leave it, counts as none:
+// its mount went with the power.
+func Read(path string) (*Record, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var r Record
+	if err := json.Unmarshal(data, &r); err != nil {
+		klog.ErrorS(err, "Ignoring a torn volume record (left by a power failure?)", "path", path, "bytes", len(data))
+		return nil, nil
+	}
+	return &r, nil
+}
+
+// Write replaces a record atomically: temp file, rename. It is not fsynced
+// (see layercache's writeFileAtomic for why): a process crash loses nothing,
+// and a power failure takes the mount the record describes with it.
+func Write(path string, r *Record) error {
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// Volume is one publish on the node: its record and its key, the name of
+// its directory, which is also the owner of its layer-cache references.
+type Volume struct {
+	Key string
+	Record
+}
+
+// List reads every publish's record under the state root, sorted by key. A
+// root without a volumes directory (the plugin never ran there) has none.
+func List(root string) ([]Volume, error) {
+	dir := filepath.Join(root, Dir)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Volume
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		rec, err := Read(filepath.Join(dir, e.Name(), RecordFile))
+		if err != nil {
+			return nil, err
+		}
+		if rec != nil {
+			out = append(out, Volume{Key: e.Name(), Record: *rec})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out, nil
+}
