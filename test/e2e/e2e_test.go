@@ -491,8 +491,11 @@ func testHelmUpgradeUninstall(t *testing.T) {
 	if l, err := kube.CoreV1().ServiceAccounts(releaseNS).List(ctx(t), sel); err != nil || len(l.Items) != 0 {
 		t.Errorf("service accounts of the release left: %v %v", l, err)
 	}
-	if got := cachedLayers(t); !slices.Equal(got, sorted(datasetLayers)) {
-		t.Errorf("layer cache after uninstall %v, want the dataset's layers kept: %v", got, sorted(datasetLayers))
+	got := cachedLayers(t)
+	for _, l := range datasetLayers {
+		if !slices.Contains(got, l) {
+			t.Errorf("layer cache after uninstall %v lacks the dataset's layer %s: the cache is kept", got, l)
+		}
 	}
 	t.Logf("state dir after uninstall (the layer cache, kept):\n%s", strataCLI(t, "du"))
 }
