@@ -1,10 +1,13 @@
 package driver
 
 import (
+	"encoding/json"
+	"maps"
 	"path"
 	"sort"
 	"strings"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -23,7 +26,46 @@ const (
 	attrPodName      = kubePrefix + "pod.name"
 	attrPodNamespace = kubePrefix + "pod.namespace"
 	attrPodUID       = kubePrefix + "pod.uid"
+	// The pod's ServiceAccount (podInfoOnMount) and its tokens, as JSON
+	// {"<audience>": {"token": "...", "expirationTimestamp": "..."}}, passed
+	// when the CSIDriver has tokenRequests: in the volume context, or in
+	// the secrets when it sets serviceAccountTokenInSecrets. The tokens are
+	// credentials: they are never logged (see sanitize) nor stored.
+	attrServiceAccount = kubePrefix + "serviceAccount.name"
+	attrTokens         = kubePrefix + "serviceAccount.tokens"
 )
+
+// identityOf returns the pod identity of a publish from its volume context
+// and secrets, and the secrets without the tokens (what is left is the
+// volume's node-publish secret).
+func identityOf(volumeContext, secrets map[string]string) (credentials.Pod, map[string]string, error) {
+	pod := credentials.Pod{
+		Namespace: volumeContext[attrPodNamespace], Name: volumeContext[attrPodName], UID: volumeContext[attrPodUID],
+		ServiceAccount: volumeContext[attrServiceAccount],
+	}
+	raw := volumeContext[attrTokens]
+	if s, ok := secrets[attrTokens]; ok {
+		raw = s
+		secrets = maps.Clone(secrets)
+		delete(secrets, attrTokens)
+	}
+	if raw == "" {
+		return pod, secrets, nil
+	}
+	// kubelet's map of audience to authentication/v1 TokenRequestStatus.
+	var tokens map[string]struct {
+		Token string `json:"token"`
+	}
+	if err := json.Unmarshal([]byte(raw), &tokens); err != nil {
+		// Not the decoder's message: it could quote part of a token.
+		return pod, secrets, invalid("%s is not kubelet's JSON map of audience to token: check the CSIDriver's tokenRequests", attrTokens)
+	}
+	pod.Tokens = make(map[string]string, len(tokens))
+	for aud, t := range tokens {
+		pod.Tokens[aud] = t.Token
+	}
+	return pod, secrets, nil
+}
 
 // podOf returns the pod named in a volume context; empty fields when kubelet
 // did not pass them.

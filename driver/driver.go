@@ -18,6 +18,7 @@ import (
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
@@ -221,15 +222,33 @@ func SocketPath(endpoint string) (string, error) {
 // errors to gRPC status codes for handlers that returned plain errors, and
 // records each call's latency and code.
 func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	klog.V(4).InfoS("CSI call", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+	klog.V(4).InfoS("CSI call", "method", info.FullMethod, "request", sanitize(req))
 	start := time.Now()
 	resp, err := handler(ctx, req)
 	err = toStatus(err)
 	d.metrics.ObserveCall(path.Base(info.FullMethod), status.Code(err), time.Since(start))
 	if err != nil {
-		klog.ErrorS(err, "CSI call failed", "method", info.FullMethod, "request", protosanitizer.StripSecrets(req))
+		klog.ErrorS(err, "CSI call failed", "method", info.FullMethod, "request", sanitize(req))
 		return nil, err
 	}
 	klog.V(5).InfoS("CSI call done", "method", info.FullMethod, "response", protosanitizer.StripSecrets(resp))
 	return resp, nil
 }
+
+// sanitize is a request as it may be logged: the fields the CSI spec marks
+// secret stripped (protosanitizer), and the pod's ServiceAccount tokens in
+// the volume context too, which the spec does not mark: kubelet puts them
+// there (the CSIDriver's tokenRequests), and they are credentials.
+func sanitize(req any) fmt.Stringer {
+	if r, ok := req.(*csi.NodePublishVolumeRequest); ok {
+		if _, has := r.GetVolumeContext()[attrTokens]; has {
+			c := proto.Clone(r).(*csi.NodePublishVolumeRequest)
+			c.VolumeContext[attrTokens] = redacted
+			req = c
+		}
+	}
+	return protosanitizer.StripSecrets(req)
+}
+
+// redacted replaces a credential in logs, as protosanitizer writes it.
+const redacted = "***stripped***"

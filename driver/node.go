@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/layercache"
 )
@@ -63,6 +64,10 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	pod := podOf(req.GetVolumeContext())
 	want.PodNamespace, want.PodName, want.PodUID = pod.Namespace, pod.Name, pod.UID
+	identity, secrets, err := identityOf(req.GetVolumeContext(), req.GetSecrets())
+	if err != nil {
+		return nil, err
+	}
 	key := volumeKey(volID, target)
 	if !d.inflight.tryLock(key) {
 		return nil, errorf(codes.Aborted, "another operation on volume %s at %s is in progress", volID, target)
@@ -96,7 +101,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 
 	start := time.Now()
-	if err := d.publish(ctx, logger, key, want, req.GetSecrets()); err != nil {
+	if err := d.publish(ctx, logger, key, want, secrets, identity); err != nil {
 		if cerr := d.teardown(logger, key, want); cerr != nil {
 			logger.Error(cerr, "Could not clean up a failed publish")
 		}
@@ -109,12 +114,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 
 // publish does the work of NodePublishVolume. On error the caller tears
 // down whatever it left.
-func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, rec *volumeRecord, secrets map[string]string) error {
+func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, rec *volumeRecord, secrets map[string]string, pod credentials.Pod) error {
 	pull := newPullTracker(d.metrics, d.events, podRef{rec.PodNamespace, rec.PodName, rec.PodUID}, rec.Image, rec.VolumeID)
 	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy), Progress: pull.progress}
-	// The first of the volume's secret, the service account's pull secrets
-	// and the credential providers that has credentials for the registry.
-	creds, err := d.creds.For(ctx, rec.Image, secrets)
+	// The first of the volume's secret, the pod's identity (with
+	// --pod-identity), the driver's service account's pull secrets and the
+	// credential providers that has credentials for the registry.
+	creds, err := d.creds.For(ctx, rec.Image, secrets, pod)
 	if err != nil {
 		return err
 	}
@@ -143,7 +149,7 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 	if err := writeRecord(dirs.record, rec); err != nil {
 		return fmt.Errorf("record volume: %w", err)
 	}
-	if err := d.ensureAndAcquire(ctx, key, img, o, pull); err != nil {
+	if err := d.ensureAndAcquire(ctx, key, img, o, pull, creds.Explain); err != nil {
 		return err
 	}
 	lowers := make([]string, 0, len(img.Layers))
@@ -193,10 +199,13 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 // ensureAndAcquire fetches the image's missing layers and records that this
 // publish holds them. A prune may remove a layer between the two steps;
 // then the layers are ensured again. The pull is reported once, when it
-// fails or when all the layers were there for Acquire.
-func (d *Driver) ensureAndAcquire(ctx context.Context, key string, img *layercache.Image, o layercache.PullOptions, pull *pullTracker) error {
+// fails or when all the layers were there for Acquire. explain adds what
+// the credential chain knows to a refusal, as for the resolve: a registry
+// may authorize the manifest and refuse a blob.
+func (d *Driver) ensureAndAcquire(ctx context.Context, key string, img *layercache.Image, o layercache.PullOptions, pull *pullTracker, explain func(error) error) error {
 	for attempt := 0; ; attempt++ {
 		if err := d.store.Ensure(ctx, img, o); err != nil {
+			err = explain(err)
 			pull.finish(stepPull, len(img.Layers), err)
 			return err
 		}

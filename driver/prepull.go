@@ -7,6 +7,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -51,7 +52,7 @@ func (d *Driver) prepull(ctx context.Context, ref string) {
 		start := time.Now()
 		// No pod waits for a prepull: metrics only, no events.
 		pull := newPullTracker(d.metrics, nil, podRef{}, ref, "")
-		img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress})
+		img, err := d.pullForPrepull(ctx, ref, pull)
 		layers := 0
 		if img != nil {
 			layers = len(img.Layers)
@@ -72,4 +73,20 @@ func (d *Driver) prepull(ctx context.Context, ref string) {
 		}
 		backoff = min(2*backoff, 5*time.Minute)
 	}
+}
+
+// pullForPrepull pulls ref with the credentials the chain has for a pull
+// for no pod and without a volume secret: the driver's service account's
+// pull secrets and the plain credential providers (and token providers
+// that run without a service account). A refusal says what was tried.
+func (d *Driver) pullForPrepull(ctx context.Context, ref string, pull *pullTracker) (*layercache.Image, error) {
+	creds, err := d.creds.For(ctx, ref, nil, credentials.Pod{})
+	if err != nil {
+		return nil, err
+	}
+	if creds.From != "" {
+		klog.V(4).InfoS("Prepull credentials chosen", "image", ref, "source", creds.From)
+	}
+	img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress, Credentials: creds.Credentials})
+	return img, creds.Explain(err)
 }

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -93,7 +94,10 @@ func syncFS(path string) error {
 
 // fileLock is an flock(2) on a file, shared between processes that use the
 // same store root (the CSI plugin and the strata CLI).
-type fileLock struct{ f *os.File }
+type fileLock struct {
+	f  *os.File
+	mu *sync.Mutex // unlocked after the flock is released, if set
+}
 
 // lockPath takes an exclusive (or shared) flock on path, creating it if it
 // is not there. path may also be an existing directory.
@@ -123,4 +127,9 @@ func lockPath(path string, exclusive bool) (*fileLock, error) {
 }
 
 // unlock releases the lock.
-func (l *fileLock) unlock() { _ = l.f.Close() }
+func (l *fileLock) unlock() {
+	_ = l.f.Close()
+	if l.mu != nil {
+		l.mu.Unlock()
+	}
+}

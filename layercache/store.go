@@ -50,6 +50,14 @@ type Store struct {
 	mu      sync.Mutex
 	flights map[string]*flight // in-progress layer fetches by diffID hex
 
+	// lockMu orders this process's takers of the store lock before they
+	// queue on the flock. flock is not fair: a prune that releases and at
+	// once re-takes the lock for its next batch could keep an Acquire
+	// waiting for many batches. A sync.Mutex hands itself to a waiter that
+	// has waited over a millisecond, so a publish waits for one batch at
+	// most.
+	lockMu sync.Mutex
+
 	// built caches the Image each manifest or index digest describes for
 	// this store's platform (*Image by v1.Hash); digests are immutable.
 	built sync.Map
@@ -272,7 +280,14 @@ func isLocked(dir string) (bool, error) {
 // lock takes the store-wide lock that orders reference changes against
 // prunes, within this process and across processes.
 func (s *Store) lock() (*fileLock, error) {
-	return lockPath(filepath.Join(s.root, lockFile), true)
+	s.lockMu.Lock()
+	l, err := lockPath(filepath.Join(s.root, lockFile), true)
+	if err != nil {
+		s.lockMu.Unlock()
+		return nil, err
+	}
+	l.mu = &s.lockMu
+	return l, nil
 }
 
 // writeAtomic writes a state file durably, staging it in the work directory

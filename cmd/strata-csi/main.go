@@ -65,6 +65,7 @@ func main() {
 		providerCfg = flag.String("image-credential-provider-config", "", "kubelet CredentialProviderConfig file (kubelet.config.k8s.io/v1): credential provider exec plugins asked for images that no secret has credentials for (empty = off)")
 		providerBin = flag.String("image-credential-provider-bin-dir", "", "directory of the credential provider executables named in --image-credential-provider-config")
 		providerTTL = flag.Duration("image-credential-provider-timeout", credentials.DefaultProviderTimeout, "time a credential provider plugin may take to answer before it is killed")
+		podIdentity = flag.Bool("pod-identity", false, "pull with the pod's own identity too (needs the CSIDriver's podInfoOnMount, and tokenRequests for token providers): the imagePullSecrets of the pod's ServiceAccount that a SubjectAccessReview shows it may get, and credential providers with tokenAttributes, given the pod's ServiceAccount token for their audience")
 		regConfig   = flag.String("registry-config", "", "node-wide registry config file (YAML: mirrors, plain-HTTP hosts, per-host CA bundles and client certificates; see docs/registries.md), reloaded when it changes (empty = none)")
 		insecure    stringList
 		prepull     stringList
@@ -116,6 +117,7 @@ func main() {
 		CacheOptions: cacheOpts, Kube: kube,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
+			PodIdentity: *podIdentity,
 		},
 	}); err != nil {
 		klog.ErrorS(err, "strata-csi failed")

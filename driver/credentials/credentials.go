@@ -1,16 +1,24 @@
 // Package credentials decides which pull credentials an image gets. It has
-// one job: given the image of a publish and the volume's node-publish
-// secret, walk the chain of sources in order and return the first
-// credentials that match the image's registry:
+// one job: given the image of a publish, the volume's node-publish secret
+// and the pod it is for, walk the chain of sources in order and return the
+// first credentials that match the image's registry:
 //
 //  1. the volume's node-publish secret (kubernetes.io/dockerconfigjson,
 //     passed by kubelet in the request's secrets);
-//  2. the imagePullSecrets of a configured ServiceAccount, read through
+//  2. with pod identity, the pod's own identity: the imagePullSecrets of the
+//     pod's ServiceAccount that a SubjectAccessReview shows the account may
+//     read, then the credential providers with tokenAttributes, given the
+//     pod's ServiceAccount token for their audience (KEP-4412);
+//  3. the imagePullSecrets of a configured ServiceAccount, read through
 //     informers (so a publish reads memory, and a changed or newly attached
 //     secret applies without a restart);
-//  3. kubelet credential provider exec plugins, configured with kubelet's own
+//  4. kubelet credential provider exec plugins, configured with kubelet's own
 //     CredentialProviderConfig file and protocol, so that the ECR, GCR and
 //     ACR providers work unchanged.
+//
+// What the volume or the pod brings comes before what the driver holds for
+// every volume, so that a pod's own credentials are never shadowed by the
+// cluster-wide ones; the more specific of two sources wins.
 //
 // When none matches, the pull is anonymous. When the registry refuses the
 // pull, Pull.Explain turns the error into one that says what was tried and
@@ -54,19 +62,38 @@ type Config struct {
 	// ProviderTimeout bounds one run of a plugin (DefaultProviderTimeout if
 	// zero).
 	ProviderTimeout time.Duration
+	// PodIdentity turns on the pod identity sources: the pod's
+	// ServiceAccount's imagePullSecrets (through Kube, after a
+	// SubjectAccessReview) and providers with tokenAttributes, which are
+	// refused without it.
+	PodIdentity bool
+	// AccessReviewTTL is how long a SubjectAccessReview answer is reused
+	// (DefaultAccessReviewTTL if zero).
+	AccessReviewTTL time.Duration
 }
 
 // Chain finds the credentials for an image. It is safe for concurrent use.
 type Chain struct {
+	kube      kubernetes.Interface
 	sa        *serviceAccount // nil: off
 	saOff     string          // why the service account source is off
-	providers []*provider
+	providers []*provider     // plain providers
+
+	podIdentity    bool
+	podSecrets     *podSecrets // nil: off (pod identity off, or no API access)
+	tokenProviders []*provider // providers with tokenAttributes
 }
 
 // New checks cfg, loads the credential providers and starts watching the
 // service account. Close stops the watches.
 func New(cfg Config) (*Chain, error) {
-	c := &Chain{}
+	c := &Chain{kube: cfg.Kube, podIdentity: cfg.PodIdentity}
+	if cfg.PodIdentity && cfg.Kube != nil {
+		c.podSecrets = &podSecrets{kube: cfg.Kube, access: newAccessCache(cfg.AccessReviewTTL)}
+	}
+	if cfg.PodIdentity {
+		klog.InfoS("Pod identity is on: pods' service account pull secrets and tokens are used", "apiAccess", cfg.Kube != nil)
+	}
 	switch {
 	case cfg.ServiceAccount == "":
 		c.saOff = "no service account is configured for pull secrets (--pull-secrets-service-account)"
@@ -86,13 +113,19 @@ func New(cfg Config) (*Chain, error) {
 		c.sa = sa
 	}
 	if cfg.ProviderConfig != "" {
-		ps, err := loadProviders(cfg.ProviderConfig, cfg.ProviderBinDir, cfg.ProviderTimeout)
+		ps, err := loadProviders(cfg.ProviderConfig, cfg.ProviderBinDir, cfg.ProviderTimeout, cfg.PodIdentity)
 		if err != nil {
 			c.Close()
 			return nil, err
 		}
-		c.providers = ps
 		for _, p := range ps {
+			if p.tokens != nil {
+				c.tokenProviders = append(c.tokenProviders, p)
+				klog.InfoS("Credential provider configured", "provider", p.name, "matchImages", p.matchImages, "timeout", p.timeout,
+					"serviceAccountTokenAudience", p.tokens.ServiceAccountTokenAudience, "cacheType", p.tokens.CacheType)
+				continue
+			}
+			c.providers = append(c.providers, p)
 			klog.InfoS("Credential provider configured", "provider", p.name, "matchImages", p.matchImages, "timeout", p.timeout)
 		}
 	} else if cfg.ProviderBinDir != "" {
@@ -120,14 +153,18 @@ type Pull struct {
 	image image
 	// tried says, for each source, why it gave nothing.
 	tried []string
+	// denied names the pull secrets of the pod's ServiceAccount that the
+	// account may not read, and so were not used.
+	denied []string
 }
 
 // For returns the credentials for the image ref, from the first source that
 // has an entry matching its registry. secrets are the request's secrets
-// (the volume's node-publish secret), possibly none. An error means a
-// source is unusable in a way the operator must fix (a node-publish secret
-// that is not a docker config), not that nothing matched.
-func (c *Chain) For(ctx context.Context, ref string, secrets map[string]string) (Pull, error) {
+// (the volume's node-publish secret), possibly none; pod is the pod the
+// publish is for (the zero Pod for none). An error means a source is
+// unusable in a way the operator must fix (a node-publish secret that is
+// not a docker config), not that nothing matched.
+func (c *Chain) For(ctx context.Context, ref string, secrets map[string]string, pod Pod) (Pull, error) {
 	im, err := parseImage(ref)
 	if err != nil {
 		return Pull{}, fmt.Errorf("%w %v", layercache.ErrInvalidReference, err)
@@ -142,20 +179,57 @@ func (c *Chain) For(ctx context.Context, ref string, secrets map[string]string) 
 	}
 	p.tried = append(p.tried, why)
 
-	if c.sa == nil {
-		p.tried = append(p.tried, c.saOff)
-	} else if a, ok, why := c.sa.lookup(ctx, im); ok {
-		return p.with(a)
-	} else {
-		p.tried = append(p.tried, why)
+	acct := &podAccount{kube: c.kube, pod: pod}
+	ran := 0 // providers whose matchImages matched
+	sources := []func() (auth, bool, string){
+		func() (auth, bool, string) { return c.fromPodSecrets(ctx, im, acct, &p) },
+		func() (auth, bool, string) { return c.fromProviders(ctx, im, c.tokenProviders, acct, &ran) },
+		func() (auth, bool, string) { return c.fromDriverAccount(ctx, im) },
+		func() (auth, bool, string) {
+			a, ok, why := c.fromProviders(ctx, im, c.providers, nil, &ran)
+			if !ok && ran == 0 {
+				why = "no credential provider matches it"
+				if len(c.providers)+len(c.tokenProviders) == 0 {
+					why = "no credential provider is configured"
+				}
+			}
+			return a, ok, why
+		},
 	}
-
-	a, ok, why = c.fromProviders(ctx, im)
-	if ok {
-		return p.with(a)
+	for _, source := range sources {
+		a, ok, why := source()
+		if ok {
+			return p.with(a)
+		}
+		if why != "" {
+			p.tried = append(p.tried, why)
+		}
 	}
-	p.tried = append(p.tried, why)
 	return p, nil
+}
+
+// fromPodSecrets is the pod's ServiceAccount's imagePullSecrets source;
+// silent when pod identity is off.
+func (c *Chain) fromPodSecrets(ctx context.Context, im image, acct *podAccount, p *Pull) (auth, bool, string) {
+	switch {
+	case !c.podIdentity:
+		return auth{}, false, ""
+	case !acct.pod.known():
+		return auth{}, false, "no pod service account is known for this pull (kubelet names it when the CSIDriver sets podInfoOnMount)"
+	case c.podSecrets == nil:
+		return auth{}, false, fmt.Sprintf("the pod's service account %s cannot be read: %v", acct.pod.account(), errNoAPI)
+	}
+	a, ok, why, denied := c.podSecrets.lookup(ctx, im, acct)
+	p.denied = append(p.denied, denied...)
+	return a, ok, why
+}
+
+// fromDriverAccount is the configured ServiceAccount's source.
+func (c *Chain) fromDriverAccount(ctx context.Context, im image) (auth, bool, string) {
+	if c.sa == nil {
+		return auth{}, false, c.saOff
+	}
+	return c.sa.lookup(ctx, im)
 }
 
 // volumeSecret looks for im's registry in the node-publish secret.
@@ -184,20 +258,34 @@ func volumeSecret(im image, secrets map[string]string) (auth, bool, string, erro
 	return auth{}, false, fmt.Sprintf("%s has no entry for %s", from, im.host), nil
 }
 
-// fromProviders asks, in the config's order, each provider whose
-// matchImages match im. A provider that fails is logged and skipped, as
+// fromProviders asks, in the config's order, each of ps whose matchImages
+// match im; ran counts them. Providers with tokenAttributes are given the
+// pod's token (acct). A provider that fails is logged and skipped, as
 // kubelet does, so that a public image still pulls; its error is kept for
-// the message should the registry refuse.
-func (c *Chain) fromProviders(ctx context.Context, im image) (auth, bool, string) {
-	if len(c.providers) == 0 {
-		return auth{}, false, "no credential provider is configured"
-	}
+// the message should the registry refuse. The reason is empty when no
+// provider of ps matches.
+func (c *Chain) fromProviders(ctx context.Context, im image, ps []*provider, acct *podAccount, ran *int) (auth, bool, string) {
 	var notes []string
-	for _, p := range c.providers {
+	for _, p := range ps {
 		if !p.matches(im) {
 			continue
 		}
-		ring, err := p.keyring(ctx, im)
+		*ran++
+		var id podToken
+		if p.tokens != nil {
+			var skip string
+			var err error
+			if id, skip, err = tokenFor(ctx, p, acct); err != nil {
+				klog.FromContext(ctx).Error(err, "Credential provider not run", "provider", p.name, "image", im.ref)
+				notes = append(notes, err.Error())
+				continue
+			} else if skip != "" {
+				klog.FromContext(ctx).V(4).Info("Credential provider not run", "provider", p.name, "image", im.ref, "reason", skip)
+				notes = append(notes, skip)
+				continue
+			}
+		}
+		ring, err := p.keyring(ctx, im, id)
 		if err != nil {
 			klog.FromContext(ctx).Error(err, "Credential provider failed", "provider", p.name, "image", im.ref)
 			notes = append(notes, err.Error())
@@ -207,9 +295,6 @@ func (c *Chain) fromProviders(ctx context.Context, im image) (auth, bool, string
 			return a, true, ""
 		}
 		notes = append(notes, fmt.Sprintf("credential provider %s returned no credentials for it", p.name))
-	}
-	if len(notes) == 0 {
-		return auth{}, false, "no credential provider matches it"
 	}
 	return auth{}, false, strings.Join(notes, ", ")
 }
@@ -224,6 +309,8 @@ func (p Pull) with(a auth) (Pull, error) {
 	if err != nil {
 		return Pull{}, err
 	}
+	// denied stays: a secret the pod may not read explains a refusal of
+	// the credentials that came after it.
 	p.Credentials, p.From, p.tried = &layercache.Credentials{DockerConfigJSON: data}, a.from, nil
 	return p, nil
 }
@@ -242,6 +329,11 @@ func (p Pull) Explain(err error) error {
 		detail = fmt.Sprintf("it refused the credentials from %s: check them", p.From)
 	} else {
 		detail = fmt.Sprintf("no credentials for %s: %s", p.image.host, listing(p.tried))
+	}
+	if p.From != "" && len(p.denied) > 0 {
+		// Without credentials, tried names the denied secrets already.
+		detail += fmt.Sprintf("; not used: the pod's service account may not get its pull secret %s: "+
+			"grant it get on the secret with a Role and RoleBinding", strings.Join(p.denied, ", "))
 	}
 	return &refusedError{image: p.image.ref, detail: detail, err: err}
 }

@@ -51,7 +51,7 @@ func staticProvider(name, pattern, user string, runs *int) *provider {
 		name: name, matchImages: []string{pattern}, apiVersion: providerv1.SchemeGroupVersion.String(),
 		defaultTTL: time.Hour, timeout: time.Minute, now: time.Now, cache: map[string]cachedAuth{},
 	}
-	p.exec = func(context.Context, image) (*providerv1.CredentialProviderResponse, error) {
+	p.exec = func(context.Context, image, podToken) (*providerv1.CredentialProviderResponse, error) {
 		*runs++
 		return &providerv1.CredentialProviderResponse{
 			CacheKeyType: providerv1.GlobalPluginCacheKeyType,
@@ -83,7 +83,7 @@ func TestChainOrder(t *testing.T) {
 		{"no secret", nil, "provider", "credential provider local"},
 		{"legacy dockercfg", map[string]string{".dockercfg": `{"127.0.0.1:5000": {"username": "legacy", "password": "pw"}}`}, "legacy", "the volume's node-publish secret"},
 	} {
-		p, err := c.For(context.Background(), img, tc.secrets)
+		p, err := c.For(context.Background(), img, tc.secrets, Pod{})
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
@@ -107,7 +107,7 @@ func TestExplain(t *testing.T) {
 	const img = "127.0.0.1:5000/private/data:v1"
 
 	c := &Chain{saOff: "service account strata-system/strata-node has no imagePullSecret for it"}
-	p, err := c.For(context.Background(), img, nil)
+	p, err := c.For(context.Background(), img, nil, Pod{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +122,7 @@ func TestExplain(t *testing.T) {
 		t.Errorf("message\n%s\nwant\n%s", got, want)
 	}
 
-	p, err = c.For(context.Background(), img, map[string]string{".dockerconfigjson": dockerConfig("127.0.0.1:5000", "u", "wrong")})
+	p, err = c.For(context.Background(), img, map[string]string{".dockerconfigjson": dockerConfig("127.0.0.1:5000", "u", "wrong")}, Pod{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +186,7 @@ func TestPullSecretsKeyring(t *testing.T) {
 		ObjectMeta:       metav1.ObjectMeta{Namespace: "strata-system", Name: "strata-node"},
 		ImagePullSecrets: []corev1.LocalObjectReference{{Name: "gone"}, {Name: "all"}, {Name: "opaque"}, {Name: "team"}},
 	}
-	ring, problems := pullSecretsKeyring(sa, get)
+	ring, problems := pullSecretsKeyring(sa, get, func(name string) string { return "service account secret " + name })
 	for ref, want := range map[string]string{"registry.io/team/app": "service account secret team", "registry.io/other/app": "service account secret all"} {
 		a, ok := ring.lookup(mustImage(t, ref))
 		if !ok || a.from != want {

@@ -57,8 +57,12 @@ type provider struct {
 	args, env   []string
 	timeout     time.Duration
 
+	// tokens is the provider's tokenAttributes: it takes the pod's
+	// ServiceAccount token for an audience (KEP-4412). nil: a plain provider.
+	tokens *configv1.ServiceAccountTokenAttributes
+
 	// exec runs the plugin (run; replaced in unit tests); now is the clock.
-	exec func(ctx context.Context, im image) (*providerv1.CredentialProviderResponse, error)
+	exec func(ctx context.Context, im image, id podToken) (*providerv1.CredentialProviderResponse, error)
 	now  func() time.Time
 
 	mu    sync.Mutex
@@ -74,8 +78,9 @@ type cachedAuth struct {
 
 // loadProviders reads a kubelet CredentialProviderConfig file (YAML or
 // JSON) and checks it as kubelet does; every provider's executable must be
-// in binDir.
-func loadProviders(path, binDir string, timeout time.Duration) ([]*provider, error) {
+// in binDir. Providers with tokenAttributes are accepted only with
+// podIdentity.
+func loadProviders(path, binDir string, timeout time.Duration, podIdentity bool) ([]*provider, error) {
 	if binDir == "" {
 		return nil, fmt.Errorf("credential provider config %s needs the plugins' directory (--image-credential-provider-bin-dir)", path)
 	}
@@ -100,7 +105,7 @@ func loadProviders(path, binDir string, timeout time.Duration) ([]*provider, err
 	seen := map[string]bool{}
 	var out []*provider
 	for i, c := range cfg.Providers {
-		if err := checkProvider(c, seen); err != nil {
+		if err := checkProvider(c, seen, podIdentity); err != nil {
 			return nil, fmt.Errorf("credential provider config %s: providers[%d]: %w", path, i, err)
 		}
 		bin := filepath.Join(binDir, c.Name)
@@ -109,7 +114,7 @@ func loadProviders(path, binDir string, timeout time.Duration) ([]*provider, err
 		}
 		p := &provider{
 			name: c.Name, matchImages: c.MatchImages, defaultTTL: c.DefaultCacheDuration.Duration,
-			apiVersion: c.APIVersion, bin: bin, args: c.Args, timeout: timeout,
+			apiVersion: c.APIVersion, bin: bin, args: c.Args, timeout: timeout, tokens: c.TokenAttributes,
 			now: time.Now, cache: map[string]cachedAuth{},
 		}
 		for _, e := range c.Env {
@@ -122,7 +127,7 @@ func loadProviders(path, binDir string, timeout time.Duration) ([]*provider, err
 }
 
 // checkProvider applies kubelet's validation to one provider entry.
-func checkProvider(c configv1.CredentialProvider, seen map[string]bool) error {
+func checkProvider(c configv1.CredentialProvider, seen map[string]bool, podIdentity bool) error {
 	switch {
 	case c.Name == "" || c.Name == "." || c.Name == ".." || strings.ContainsAny(c.Name, "/ "):
 		return fmt.Errorf("name %q: give the executable's file name", c.Name)
@@ -134,13 +139,20 @@ func checkProvider(c configv1.CredentialProvider, seen map[string]bool) error {
 		return fmt.Errorf("provider %s: matchImages is empty", c.Name)
 	case c.DefaultCacheDuration == nil || c.DefaultCacheDuration.Duration < 0:
 		return fmt.Errorf("provider %s: defaultCacheDuration is required and must not be negative", c.Name)
-	case c.TokenAttributes != nil:
-		// The token is the pod's; a volume publish has no pod token to give.
-		return fmt.Errorf("provider %s: tokenAttributes (service account tokens) are not supported for volumes", c.Name)
+	case c.TokenAttributes != nil && !podIdentity:
+		// The token is the pod's: kubelet passes it only when the CSIDriver
+		// asks for it (tokenRequests), which pod identity turns on.
+		return fmt.Errorf("provider %s: tokenAttributes (the pod's service account token) need pod identity: "+
+			"start the plugin with --pod-identity (chart: podIdentity.enabled=true, with the provider's serviceAccountTokenAudience in podIdentity.audiences)", c.Name)
 	}
 	for _, m := range c.MatchImages {
 		if _, err := parseSchemeless(m); err != nil {
 			return fmt.Errorf("provider %s: matchImages %q: %v", c.Name, m, err)
+		}
+	}
+	if c.TokenAttributes != nil {
+		if err := checkTokenAttributes(*c.TokenAttributes); err != nil {
+			return fmt.Errorf("provider %s: tokenAttributes: %w", c.Name, err)
 		}
 	}
 	seen[c.Name] = true
@@ -161,11 +173,15 @@ func (p *provider) matches(im image) bool {
 // run of the plugin that concurrent callers for the same image share. The
 // run is bounded by the provider's timeout, not by ctx, so that a caller
 // that gives up does not fail the others; ctx only ends this caller's wait.
-func (p *provider) keyring(ctx context.Context, im image) (*keyring, error) {
-	if ring, ok := p.cached(im); ok {
+//
+// For a provider that takes tokens, id is the pod's: the answer is cached
+// under id.cacheKey too, so that it never serves another identity, and
+// concurrent callers share a run only when they bring the same token.
+func (p *provider) keyring(ctx context.Context, im image, id podToken) (*keyring, error) {
+	if ring, ok := p.cached(im, id.cacheKey); ok {
 		return ring, nil
 	}
-	ch := p.group.DoChan(im.repo, func() (any, error) { return p.fetch(im) })
+	ch := p.group.DoChan(im.repo+"\x00"+id.flightKey, func() (any, error) { return p.fetch(im, id) })
 	select {
 	case r := <-ch:
 		if r.Err != nil {
@@ -181,12 +197,22 @@ func (p *provider) keyring(ctx context.Context, im image) (*keyring, error) {
 // specific first, as kubelet looks them up.
 func cacheKeys(im image) []string { return []string{im.repo, im.host, globalCacheKey} }
 
-// cached returns an unexpired cached answer for im.
-func (p *provider) cached(im image) (*keyring, bool) {
+// withIdentity adds the identity dimension (podToken.cacheKey) to a cache
+// key, as kubelet's generateCacheKey does.
+func withIdentity(key, identity string) string {
+	if identity == "" {
+		return key
+	}
+	return key + "\x00" + identity
+}
+
+// cached returns an unexpired cached answer for im and the identity.
+func (p *provider) cached(im image, identity string) (*keyring, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := p.now()
-	for _, k := range cacheKeys(im) {
+	for _, base := range cacheKeys(im) {
+		k := withIdentity(base, identity)
 		if e, ok := p.cache[k]; ok {
 			if now.Before(e.expires) {
 				return e.ring, true
@@ -198,11 +224,14 @@ func (p *provider) cached(im image) (*keyring, bool) {
 }
 
 // fetch runs the plugin for im and caches its answer as it asks.
-func (p *provider) fetch(im image) (*keyring, error) {
+func (p *provider) fetch(im image, id podToken) (*keyring, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), p.timeout)
 	defer cancel()
-	resp, err := p.exec(ctx, im)
+	resp, err := p.exec(ctx, im, id)
 	if err != nil {
+		return nil, err
+	}
+	if err := p.checkEcho(resp, id); err != nil {
 		return nil, err
 	}
 	var key string
@@ -227,11 +256,11 @@ func (p *provider) fetch(im image) (*keyring, error) {
 	}
 	if ttl > 0 {
 		p.mu.Lock()
-		p.cache[key] = cachedAuth{ring: ring, expires: p.now().Add(ttl)}
+		p.cache[withIdentity(key, id.cacheKey)] = cachedAuth{ring: ring, expires: p.now().Add(ttl)}
 		p.mu.Unlock()
 	}
 	klog.V(4).InfoS("Credential provider answered", "provider", p.name, "image", im.repo, "keys", ring.len(),
-		"cacheKeyType", resp.CacheKeyType, "cacheDuration", ttl)
+		"cacheKeyType", resp.CacheKeyType, "cacheDuration", ttl, "withToken", id.token != "")
 	return ring, nil
 }
 
@@ -239,9 +268,10 @@ func (p *provider) fetch(im image) (*keyring, error) {
 // stdin, a CredentialProviderResponse of the same apiVersion on stdout, the
 // host's environment plus the configured env. The plugin runs in its own
 // process group, all of which is killed at the timeout.
-func (p *provider) run(ctx context.Context, im image) (*providerv1.CredentialProviderResponse, error) {
+func (p *provider) run(ctx context.Context, im image, id podToken) (*providerv1.CredentialProviderResponse, error) {
 	req, err := json.Marshal(providerv1.CredentialProviderRequest{
 		TypeMeta: metaFor(p.apiVersion, requestKind), Image: im.repo,
+		ServiceAccountToken: id.token, ServiceAccountAnnotations: id.annotations,
 	})
 	if err != nil {
 		return nil, err
@@ -260,7 +290,8 @@ func (p *provider) run(ctx context.Context, im image) (*providerv1.CredentialPro
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return nil, fmt.Errorf("credential provider %s did not answer within %s for %s", p.name, p.timeout, im.repo)
 	case err != nil:
-		return nil, fmt.Errorf("credential provider %s failed for %s: %v%s", p.name, im.repo, err, stderrNote(stderr.String()))
+		// A plugin may quote its request: the token never reaches a message.
+		return nil, fmt.Errorf("credential provider %s failed for %s: %v%s", p.name, im.repo, err, stderrNote(id.redact(stderr.String())))
 	case stdout.overflow:
 		return nil, fmt.Errorf("credential provider %s wrote more than %d bytes", p.name, maxResponseSize)
 	}

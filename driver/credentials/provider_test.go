@@ -35,7 +35,7 @@ func countingProvider(clock *fakeClock, keyType providerv1.PluginCacheKeyType, d
 		apiVersion: providerv1.SchemeGroupVersion.String(), timeout: time.Minute,
 		now: clock.now, cache: map[string]cachedAuth{},
 	}
-	p.exec = func(context.Context, image) (*providerv1.CredentialProviderResponse, error) {
+	p.exec = func(context.Context, image, podToken) (*providerv1.CredentialProviderResponse, error) {
 		runs++
 		resp := &providerv1.CredentialProviderResponse{
 			CacheKeyType: keyType,
@@ -82,7 +82,7 @@ func TestProviderCache(t *testing.T) {
 			clock := &fakeClock{t: time.Unix(1e9, 0)}
 			p, _ := countingProvider(clock, tc.keyType, tc.dur)
 			for i, ref := range tc.images {
-				ring, err := p.keyring(context.Background(), mustImage(t, ref))
+				ring, err := p.keyring(context.Background(), mustImage(t, ref), podToken{})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -106,16 +106,16 @@ func TestProviderCacheExpires(t *testing.T) {
 	p, runs := countingProvider(clock, providerv1.RegistryPluginCacheKeyType, &minute)
 	im := mustImage(t, "a.registry.io/x")
 	for range 2 {
-		if _, err := p.keyring(context.Background(), im); err != nil {
+		if _, err := p.keyring(context.Background(), im, podToken{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	clock.add(59 * time.Second)
-	if _, err := p.keyring(context.Background(), im); err != nil || *runs != 1 {
+	if _, err := p.keyring(context.Background(), im, podToken{}); err != nil || *runs != 1 {
 		t.Fatalf("after 59s: %d runs (%v), want 1", *runs, err)
 	}
 	clock.add(2 * time.Second)
-	if _, err := p.keyring(context.Background(), im); err != nil || *runs != 2 {
+	if _, err := p.keyring(context.Background(), im, podToken{}); err != nil || *runs != 2 {
 		t.Fatalf("after 61s: %d runs (%v), want 2", *runs, err)
 	}
 }
@@ -125,7 +125,7 @@ func TestProviderCacheExpires(t *testing.T) {
 func TestProviderBadCacheKeyType(t *testing.T) {
 	t.Parallel()
 	p, _ := countingProvider(&fakeClock{}, "Pod", nil)
-	_, err := p.keyring(context.Background(), mustImage(t, "a.registry.io/x"))
+	_, err := p.keyring(context.Background(), mustImage(t, "a.registry.io/x"), podToken{})
 	if err == nil || !strings.Contains(err.Error(), "cacheKeyType") {
 		t.Errorf("got %v, want an error naming cacheKeyType", err)
 	}
@@ -177,7 +177,7 @@ echo '{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialPro
   - {name: garbage, matchImages: ["registry.io"], defaultCacheDuration: 0s, apiVersion: credentialprovider.kubelet.k8s.io/v1}
   - {name: oldversion, matchImages: ["registry.io"], defaultCacheDuration: 0s, apiVersion: credentialprovider.kubelet.k8s.io/v1}
 `)
-	ps, err := loadProviders(cfg, bin, 500*time.Millisecond)
+	ps, err := loadProviders(cfg, bin, 500*time.Millisecond, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +186,7 @@ echo '{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialPro
 	for _, p := range ps {
 		byName[p.name] = p
 	}
-	ring, err := byName["good"].keyring(context.Background(), im)
+	ring, err := byName["good"].keyring(context.Background(), im, podToken{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -200,7 +200,7 @@ echo '{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialPro
 		"oldversion": "want kind CredentialProviderResponse, apiVersion credentialprovider.kubelet.k8s.io/v1",
 	} {
 		start := time.Now()
-		_, err := byName[name].keyring(context.Background(), im)
+		_, err := byName[name].keyring(context.Background(), im, podToken{})
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: got %v, want an error containing %q", name, err, want)
 		}
@@ -231,7 +231,7 @@ func TestLoadProvidersRejects(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			_, err := loadProviders(writeConfig(t, t.TempDir(), tc.config), tc.binDir, 0)
+			_, err := loadProviders(writeConfig(t, t.TempDir(), tc.config), tc.binDir, 0, false)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v, want an error containing %q", err, tc.want)
 			}

@@ -112,7 +112,7 @@ func (s *serviceAccount) lookup(ctx context.Context, im image) (auth, bool, stri
 	if err != nil {
 		return auth{}, false, fmt.Sprintf("service account %s: %v", s, err)
 	}
-	ring, problems := pullSecretsKeyring(sa, s.secrets.Get)
+	ring, problems := pullSecretsKeyring(sa, s.secrets.Get, func(name string) string { return "service account secret " + name })
 	for _, p := range problems {
 		klog.V(2).InfoS("Pull secret of the service account not usable", "serviceAccount", klog.KRef(s.namespace, s.name), "problem", p)
 	}
@@ -128,8 +128,9 @@ func (s *serviceAccount) lookup(ctx context.Context, im image) (auth, bool, stri
 
 // pullSecretsKeyring merges the account's imagePullSecrets, in their order,
 // into one keyring (so the most specific key wins across secrets, as in
-// kubelet), and lists the secrets it could not use.
-func pullSecretsKeyring(sa *corev1.ServiceAccount, get func(name string) (*corev1.Secret, error)) (*keyring, []string) {
+// kubelet), and lists the secrets it could not use. from names a secret as
+// the source of credentials in messages.
+func pullSecretsKeyring(sa *corev1.ServiceAccount, get func(name string) (*corev1.Secret, error), from func(name string) string) (*keyring, []string) {
 	ring := &keyring{}
 	var problems []string
 	for _, ref := range sa.ImagePullSecrets {
@@ -147,7 +148,7 @@ func pullSecretsKeyring(sa *corev1.ServiceAccount, get func(name string) (*corev
 			problems = append(problems, fmt.Sprintf("secret %s is not a %s secret", ref.Name, corev1.SecretTypeDockerConfigJson))
 			continue
 		}
-		if err := ring.addDockerConfig(data, false, "service account secret "+ref.Name); err != nil {
+		if err := ring.addDockerConfig(data, false, from(ref.Name)); err != nil {
 			problems = append(problems, fmt.Sprintf("secret %s: %v", ref.Name, err))
 		}
 	}

@@ -271,7 +271,7 @@ func TestCredentialSchemaRejects(t *testing.T) {
 		{"provider without matchImages", provider("name: p, defaultCacheDuration: 1h, apiVersion: credentialprovider.kubelet.k8s.io/v1"), "matchImages"},
 		{"provider cache duration", provider("name: p, matchImages: [r.io], defaultCacheDuration: forever, apiVersion: credentialprovider.kubelet.k8s.io/v1"), "defaultCacheDuration"},
 		{"provider name with a slash", provider("name: ../p, matchImages: [r.io], defaultCacheDuration: 1h, apiVersion: credentialprovider.kubelet.k8s.io/v1"), "name"},
-		{"unknown provider key", provider(good + ", tokenAttributes: {}"), "tokenAttributes"},
+		{"unknown provider key", provider(good + ", tokenAttribute: {}"), "tokenAttribute"},
 		{"service account name", "registries: {pullSecretsServiceAccount: {enabled: true, name: a/b/c}}", "name"},
 		{"service account as a string", "registries: {pullSecretsServiceAccount: strata-node}", "pullSecretsServiceAccount"},
 		{"imagePullSecrets not a list", "registries: {imagePullSecrets: corp-pull}", "imagePullSecrets"},

@@ -54,6 +54,7 @@ func TestStrata(t *testing.T) {
 		{"PluginRestart", testPluginRestart},
 		{"MissingImage", testMissingImage},
 		{"PrivateRegistry", testPrivateRegistry},
+		{"PodIdentity", testPodIdentity},
 		{"ExternalStorageSuite", testExternalStorageSuite},
 		{"HelmUpgradeUninstall", testHelmUpgradeUninstall},
 	}
