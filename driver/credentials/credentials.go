@@ -345,8 +345,9 @@ type refusedError struct {
 }
 
 func (e *refusedError) Error() string {
+	// What to do first, then what the registry or the cache said.
 	cause := strings.TrimPrefix(e.err.Error(), layercache.ErrUnauthorized.Error()+": ")
-	return fmt.Sprintf("registry refused access to %s (%s): %s", e.image, cause, e.detail)
+	return fmt.Sprintf("registry refused access to %s: %s; details: %s", e.image, e.detail, cause)
 }
 
 func (e *refusedError) Unwrap() error { return e.err }

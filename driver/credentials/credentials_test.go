@@ -115,9 +115,9 @@ func TestExplain(t *testing.T) {
 	if !errors.Is(got, layercache.ErrUnauthorized) {
 		t.Errorf("Explain lost the sentinel: %v", got)
 	}
-	want := "registry refused access to 127.0.0.1:5000/private/data:v1 (fetch manifest 127.0.0.1:5000/private/data:v1: UNAUTHORIZED: check the pull secret): " +
+	want := "registry refused access to 127.0.0.1:5000/private/data:v1: " +
 		"no credentials for 127.0.0.1:5000: the volume has no nodePublishSecretRef, service account strata-system/strata-node has no imagePullSecret for it, " +
-		"and no credential provider is configured"
+		"and no credential provider is configured; details: fetch manifest 127.0.0.1:5000/private/data:v1: UNAUTHORIZED: check the pull secret"
 	if got.Error() != want {
 		t.Errorf("message\n%s\nwant\n%s", got, want)
 	}
@@ -126,7 +126,7 @@ func TestExplain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := p.Explain(refused).Error(); !strings.HasSuffix(got, "it refused the credentials from the volume's node-publish secret: check them") {
+	if got := p.Explain(refused).Error(); !strings.Contains(got, ": it refused the credentials from the volume's node-publish secret: check them; details: ") {
 		t.Errorf("refused secret: %s", got)
 	}
 	if strings.Contains(p.Explain(refused).Error(), "wrong") {
