@@ -510,9 +510,7 @@ func TestLint(t *testing.T) {
 // it, instead of rendering a broken DaemonSet.
 func TestSchemaRejects(t *testing.T) {
 	t.Parallel()
-	for _, tc := range []struct {
-		name, values, mention string
-	}{
+	expectRefused(t, []refusal{
 		{"logLevel a word", "logLevel: loud", "logLevel"},
 		{"logLevel negative", "logLevel: -1", "logLevel"},
 		{"unknown key", "kubeletdir: /var/lib/kubelet", "kubeletdir"},
@@ -534,7 +532,18 @@ func TestSchemaRejects(t *testing.T) {
 		{"toleration operator", "tolerations: [{operator: Maybe}]", "operator"},
 		{"resource quantity", "resources: {requests: {cpu: lots}}", "cpu"},
 		{"metrics port is the health port", "metrics: {enabled: true, port: 9808}", "healthPort"},
-	} {
+	})
+}
+
+// refusal is a values document that helm must refuse, and a word that its
+// message must mention.
+type refusal struct{ name, values, mention string }
+
+// expectRefused renders the chart with each document and checks that helm
+// refuses it with a message that names the offending value.
+func expectRefused(t *testing.T, cases []refusal) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			out, err := runHelm(t, templateArgs(t, tc.values)...)

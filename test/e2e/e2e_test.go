@@ -125,30 +125,10 @@ func splitImage(ref string) (repo, tag string) {
 	return ref[:i], ref[i+1:]
 }
 
-// inlinePod is a pod that mounts the dataset as an inline ephemeral volume
-// at /data and sleeps.
+// inlinePod is a pod that mounts image as an inline ephemeral volume at
+// /data and sleeps.
 func inlinePod(name, image string, readOnly bool) string {
-	return fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata:
-  name: %s
-spec:
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: main
-    image: %s
-    command: ["sleep", "86400"]
-    volumeMounts:
-    - name: dataset
-      mountPath: /data
-  volumes:
-  - name: dataset
-    csi:
-      driver: %s
-      readOnly: %t
-      volumeAttributes:
-        image: %s
-`, name, busybox, driverName, readOnly, image)
+	return testPod{name: name, image: image, readOnly: readOnly}.manifest()
 }
 
 func createPod(t *testing.T, ns, manifest string) {

@@ -502,6 +502,47 @@ func example(t *testing.T, file, image string) string {
 	return strings.ReplaceAll(string(b), examplePlaceholder, image)
 }
 
+// testPod is a pod that sleeps with an inline Strata volume of image at
+// /data; the other fields are optional.
+type testPod struct {
+	name, image    string
+	readOnly       bool
+	secret         string // nodePublishSecretRef
+	policy         string // pullPolicy attribute
+	serviceAccount string
+}
+
+func (p testPod) manifest() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: %s\nspec:\n", p.name)
+	if p.serviceAccount != "" {
+		fmt.Fprintf(&b, "  serviceAccountName: %s\n", p.serviceAccount)
+	}
+	fmt.Fprintf(&b, `  terminationGracePeriodSeconds: 0
+  containers:
+  - name: main
+    image: %s
+    command: ["sleep", "86400"]
+    volumeMounts:
+    - name: dataset
+      mountPath: /data
+  volumes:
+  - name: dataset
+    csi:
+      driver: %s
+      readOnly: %t
+      volumeAttributes:
+        image: %s
+`, busybox, driverName, p.readOnly, p.image)
+	if p.policy != "" {
+		fmt.Fprintf(&b, "        pullPolicy: %s\n", p.policy)
+	}
+	if p.secret != "" {
+		fmt.Fprintf(&b, "      nodePublishSecretRef:\n        name: %s\n", p.secret)
+	}
+	return b.String()
+}
+
 func chartDir() string { return filepath.Join(c.repo, "charts", "strata") }
 
 func apply(t *testing.T, ns, manifest string) {

@@ -16,27 +16,7 @@ import (
 // an inline volume without a nodePublishSecretRef: its pull credentials can
 // only come from its own identity.
 func identityPod(name, sa, image string) string {
-	return fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata:
-  name: %s
-spec:
-  serviceAccountName: %s
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: main
-    image: %s
-    command: ["sleep", "86400"]
-    volumeMounts:
-    - name: dataset
-      mountPath: /data
-  volumes:
-  - name: dataset
-    csi:
-      driver: %s
-      volumeAttributes:
-        image: %s
-`, name, sa, busybox, driverName, image)
+	return testPod{name: name, image: image, serviceAccount: sa}.manifest()
 }
 
 // pullAccount creates ServiceAccount ns/name whose imagePullSecrets are

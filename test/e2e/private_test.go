@@ -35,34 +35,7 @@ var privateRef = privateAddr + "/private/data:v1"
 // secretPod is a pod with an inline volume of image, with a node-publish
 // secret (if secret is set) and a pull policy (if policy is set).
 func secretPod(name, image, secret, policy string) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, `apiVersion: v1
-kind: Pod
-metadata:
-  name: %s
-spec:
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: main
-    image: %s
-    command: ["sleep", "86400"]
-    volumeMounts:
-    - name: dataset
-      mountPath: /data
-  volumes:
-  - name: dataset
-    csi:
-      driver: %s
-      volumeAttributes:
-        image: %s
-`, name, busybox, driverName, image)
-	if policy != "" {
-		fmt.Fprintf(&b, "        pullPolicy: %s\n", policy)
-	}
-	if secret != "" {
-		fmt.Fprintf(&b, "      nodePublishSecretRef:\n        name: %s\n", secret)
-	}
-	return b.String()
+	return testPod{name: name, image: image, secret: secret, policy: policy}.manifest()
 }
 
 func dockerConfigSecret(t *testing.T, ns, name, host, user, pass string) {
