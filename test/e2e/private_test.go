@@ -30,7 +30,11 @@ const (
 	privatePass = "s3cret"
 )
 
-var privateRef = privateAddr + "/private/data:v1"
+var (
+	privateRef = privateAddr + "/private/data:v1"
+	// privateDigestRef names the same image by digest (set once pushed).
+	privateDigestRef string
+)
 
 // secretPod is a pod with an inline volume of image, with a node-publish
 // secret (if secret is set) and a pull policy (if policy is set).
@@ -104,8 +108,9 @@ func startPrivateRegistry(t *testing.T) {
 		testimage.Dir("secret"),
 		testimage.File("secret/plans.txt", "private plans\n"),
 	), testimage.Gzip))
-	testimage.Push(t, privateRef, img, remote.WithTransport(netnsTransport()),
+	d := testimage.Push(t, privateRef, img, remote.WithTransport(netnsTransport()),
 		remote.WithAuth(&authn.Basic{Username: privateUser, Password: privatePass}))
+	privateDigestRef = privateAddr + "/private/data@" + d.String()
 }
 
 // A private registry (basic auth): the right node-publish secret pulls; a
@@ -138,10 +143,12 @@ func testPrivateRegistry(t *testing.T) {
 	podEvent(t, ns, "wrong-secret", "PullFailed", privateRef)
 
 	// The image is cached now; a volume without credentials still may not
-	// use it, under IfNotPresent and Never alike.
+	// use it, under IfNotPresent and Never alike, by tag or by digest.
 	for _, policy := range []string{"IfNotPresent", "Never"} {
 		name := "no-secret-" + strings.ToLower(policy)
 		createPod(t, ns, secretPod(name, privateRef, "", policy))
+		createPod(t, ns, secretPod(name+"-digest", privateDigestRef, "", policy))
+		podEvent(t, ns, name+"-digest", "FailedMount", "PermissionDenied", "nodePublishSecretRef")
 		ev = podEvent(t, ns, name, "FailedMount", "PermissionDenied", "nodePublishSecretRef")
 		t.Logf("no secret, %s: %s", policy, ev.Message)
 		if p, err := kube.CoreV1().Pods(ns).Get(ctx(t), name, metav1.GetOptions{}); err != nil || p.Status.Phase != corev1.PodPending {
