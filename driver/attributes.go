@@ -6,8 +6,12 @@ import (
 	"path"
 	"sort"
 	"strings"
+	"unicode"
+
+	"github.com/google/go-containerregistry/pkg/name"
 
 	"github.com/strata-csi/strata/driver/credentials"
+	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -17,6 +21,11 @@ const (
 	attrImage      = "image"
 	attrPullPolicy = "pullPolicy"
 	attrSubPath    = "subPath"
+	// attrStackImages lists images stacked above image, bottom first,
+	// separated by commas or white space (a reference holds neither), so
+	// that one line of a StorageClass parameter or a YAML block of one
+	// reference per line both work.
+	attrStackImages = "stackImages"
 	// kubePrefix marks keys set by kubelet and the provisioner (pod name,
 	// namespace, ephemeral, PV/PVC names): read where useful, never
 	// rejected.
@@ -75,9 +84,17 @@ func podOf(attrs map[string]string) podRef {
 
 // volumeAttributes is the parsed user-facing contract of a volume.
 type volumeAttributes struct {
-	Image      string
-	PullPolicy layercache.PullPolicy
-	SubPath    string // cleaned, relative; "" for the whole image
+	Image string // the bottom image of the stack
+	// StackImages are the images above Image, bottom first; nil for a
+	// volume of one image.
+	StackImages []string
+	PullPolicy  layercache.PullPolicy
+	SubPath     string // cleaned, relative; "" for the whole image
+}
+
+// Images returns the volume's whole stack of images, bottom first.
+func (v volumeAttributes) Images() []string {
+	return append([]string{v.Image}, v.StackImages...)
 }
 
 // parseAttributes validates a volume context. Unknown keys are an error that
@@ -89,6 +106,12 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 		switch {
 		case k == attrImage:
 			v.Image = strings.TrimSpace(val)
+		case k == attrStackImages:
+			refs, err := parseStackImages(val)
+			if err != nil {
+				return v, err
+			}
+			v.StackImages = refs
 		case k == attrPullPolicy:
 			p, err := layercache.ParsePullPolicy(val)
 			if err != nil {
@@ -105,14 +128,51 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return v, invalid("unknown volume attribute %q: the attributes are %s, %s and %s",
-			strings.Join(unknown, `", "`), attrImage, attrPullPolicy, attrSubPath)
+		return v, invalid("unknown volume attribute %q: the attributes are %s, %s, %s and %s",
+			strings.Join(unknown, `", "`), attrImage, attrStackImages, attrPullPolicy, attrSubPath)
 	}
 	if v.Image == "" {
 		return v, invalid("volume attribute %q is required: name the OCI image to mount, e.g. registry.example.com/datasets/imagenet:v1", attrImage)
+	}
+	if err := checkReference(attrImage, v.Image); err != nil {
+		return v, err
 	}
 	if v.PullPolicy == "" {
 		v.PullPolicy = layercache.PullIfNotPresent
 	}
 	return v, nil
+}
+
+// parseStackImages splits the stackImages attribute into references, bottom
+// first. Commas and white space separate them; a value that names no image
+// is an error rather than a one-image volume, since it is most likely a
+// template that rendered empty.
+func parseStackImages(val string) ([]string, error) {
+	refs := strings.FieldsFunc(val, func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
+	if len(refs) == 0 {
+		return nil, invalid("volume attribute %s is empty: list the images to stack above %s, bottom first, separated by commas, or remove the attribute",
+			attrStackImages, attrImage)
+	}
+	// Every image brings at least one layer, usually many: a longer list
+	// can never fit under overlayfs's cap, so it is refused before anything
+	// is resolved.
+	if len(refs) >= mount.MaxLowers {
+		return nil, invalid("volume attribute %s names %d images; a stack holds at most %d layers", attrStackImages, len(refs), mount.MaxLowers)
+	}
+	for _, ref := range refs {
+		if err := checkReference(attrStackImages, ref); err != nil {
+			return nil, err
+		}
+	}
+	return refs, nil
+}
+
+// checkReference refuses a reference that does not parse, naming the
+// attribute it came from: in a list of images, the bad one is otherwise hard
+// to spot.
+func checkReference(attr, ref string) error {
+	if _, err := name.ParseReference(ref); err != nil {
+		return invalid("volume attribute %s: invalid image reference %q: %v: write it as host[:port]/repository[:tag][@sha256:digest]", attr, ref, err)
+	}
+	return nil
 }

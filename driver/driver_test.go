@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"syscall"
 	"testing"
@@ -33,6 +34,15 @@ func TestParseAttributes(t *testing.T) {
 		{"missing image", map[string]string{"pullPolicy": "Always"}, volumeAttributes{}, `volume attribute "image" is required`},
 		{"unknown key named", map[string]string{"image": "r/x", "pullpolicy": "Always"}, volumeAttributes{}, `unknown volume attribute "pullpolicy"`},
 		{"bad policy", map[string]string{"image": "r/x", "pullPolicy": "Sometimes"}, volumeAttributes{}, `unknown pull policy "Sometimes"`},
+		{"stack of one line", map[string]string{"image": "r/ds:v1", "stackImages": "r/tools:v1, r/extra@sha256:" + strings.Repeat("a", 64)},
+			volumeAttributes{Image: "r/ds:v1", StackImages: []string{"r/tools:v1", "r/extra@sha256:" + strings.Repeat("a", 64)}, PullPolicy: layercache.PullIfNotPresent}, ""},
+		{"stack of a YAML block", map[string]string{"image": "r/ds:v1", "stackImages": "r/tools:v1\nr/extra:v2\n"},
+			volumeAttributes{Image: "r/ds:v1", StackImages: []string{"r/tools:v1", "r/extra:v2"}, PullPolicy: layercache.PullIfNotPresent}, ""},
+		{"empty stack", map[string]string{"image": "r/ds:v1", "stackImages": " , "}, volumeAttributes{}, "stackImages is empty"},
+		{"malformed stacked image", map[string]string{"image": "r/ds:v1", "stackImages": "r/tools:v1,UPPER/Case::x"}, volumeAttributes{},
+			`volume attribute stackImages: invalid image reference "UPPER/Case::x"`},
+		{"malformed image", map[string]string{"image": "r/ds::v1"}, volumeAttributes{}, `volume attribute image: invalid image reference "r/ds::v1"`},
+		{"stack without image", map[string]string{"stackImages": "r/tools:v1"}, volumeAttributes{}, `volume attribute "image" is required`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := parseAttributes(tc.attrs)
@@ -42,7 +52,7 @@ func TestParseAttributes(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || got != tc.want {
+			if err != nil || !reflect.DeepEqual(got, tc.want) {
 				t.Fatalf("parseAttributes(%v) = %+v, %v; want %+v", tc.attrs, got, err, tc.want)
 			}
 		})

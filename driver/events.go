@@ -3,6 +3,8 @@ package driver
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -35,13 +37,14 @@ type podEvent struct {
 	Type, Reason, Message string
 }
 
-// pullOutcome is what a publish's resolve and pull of its image came to.
+// pullOutcome is what a publish's resolve and pull of its images came to.
 type pullOutcome struct {
-	Image, VolumeID string
+	Images   []string // the volume's stack, bottom first
+	VolumeID string
 	// Step is the step that failed (stepResolve, stepPull), with Err.
 	Step string
 	Err  error
-	// Layers counts the image's layers; Downloaded those the cache lacked,
+	// Layers counts the stack's layers; Downloaded those the cache lacked,
 	// which the publish downloaded or waited for, and Bytes their
 	// compressed size.
 	Layers, Downloaded int
@@ -50,8 +53,21 @@ type pullOutcome struct {
 }
 
 // pullingEvent announces a pull that has layers to download.
-func pullingEvent(image, volumeID string) podEvent {
-	return podEvent{corev1.EventTypeNormal, reasonPulling, fmt.Sprintf("Pulling image %q for volume %q", image, volumeID)}
+func pullingEvent(images []string, volumeID string) podEvent {
+	return podEvent{corev1.EventTypeNormal, reasonPulling, fmt.Sprintf("Pulling %s for volume %q", quoteImages(images), volumeID)}
+}
+
+// quoteImages names a volume's images in a message: `image "A"`, or
+// `images "A", "B"` (bottom first) for a stack.
+func quoteImages(images []string) string {
+	q := make([]string, len(images))
+	for i, im := range images {
+		q[i] = strconv.Quote(im)
+	}
+	if len(q) == 1 {
+		return "image " + q[0]
+	}
+	return "images " + strings.Join(q, ", ")
 }
 
 // outcomeEvent chooses the event that reports o; none when the call's
@@ -67,14 +83,26 @@ func outcomeEvent(o pullOutcome) (podEvent, bool) {
 			verb = "resolve"
 		}
 		return podEvent{corev1.EventTypeWarning, reasonPullFailed,
-			fmt.Sprintf("Failed to %s image %q for volume %q: %v", verb, o.Image, o.VolumeID, o.Err)}, true
+			fmt.Sprintf("Failed to %s %s for volume %q: %v", verb, quoteImages(o.Images), o.VolumeID, o.Err)}, true
 	case o.Downloaded == 0:
+		cached := "is already cached on the node"
+		if len(o.Images) > 1 {
+			cached = "are already cached on the node"
+		}
 		return podEvent{corev1.EventTypeNormal, reasonPulled,
-			fmt.Sprintf("Image %q for volume %q is already cached on the node", o.Image, o.VolumeID)}, true
+			fmt.Sprintf("%s for volume %q %s", capitalize(quoteImages(o.Images)), o.VolumeID, cached)}, true
 	}
 	return podEvent{corev1.EventTypeNormal, reasonPulled,
-		fmt.Sprintf("Pulled image %q for volume %q in %s (%s, %d of %d layers downloaded)",
-			o.Image, o.VolumeID, humanDuration(o.Duration), humanBytes(o.Bytes), o.Downloaded, o.Layers)}, true
+		fmt.Sprintf("Pulled %s for volume %q in %s (%s, %d of %d layers downloaded)",
+			quoteImages(o.Images), o.VolumeID, humanDuration(o.Duration), humanBytes(o.Bytes), o.Downloaded, o.Layers)}, true
+}
+
+// capitalize upper-cases the first letter of an ASCII phrase.
+func capitalize(s string) string {
+	if s == "" || s[0] < 'a' || s[0] > 'z' {
+		return s
+	}
+	return string(s[0]-'a'+'A') + s[1:]
 }
 
 // humanBytes formats n in decimal units (kB, MB, GB, TB), as registries and

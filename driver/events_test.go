@@ -19,7 +19,7 @@ import (
 )
 
 func TestOutcomeEvent(t *testing.T) {
-	const img, vol = "reg.example/ds:v1", "vol-1"
+	const img, tools, vol = "reg.example/ds:v1", "reg.example/tools:v2", "vol-1"
 	notFound := fmt.Errorf("%w: fetch manifest %s: check the image name and tag", layercache.ErrNotFound, img)
 	for _, tc := range []struct {
 		name     string
@@ -27,21 +27,25 @@ func TestOutcomeEvent(t *testing.T) {
 		want     podEvent
 		wantNone bool
 	}{
-		{"cached image", pullOutcome{Image: img, VolumeID: vol, Layers: 8, Duration: 3 * time.Millisecond},
+		{"cached image", pullOutcome{Images: []string{img}, VolumeID: vol, Layers: 8, Duration: 3 * time.Millisecond},
 			podEvent{"Normal", "Pulled", `Image "reg.example/ds:v1" for volume "vol-1" is already cached on the node`}, false},
-		{"pull that downloaded", pullOutcome{Image: img, VolumeID: vol, Layers: 8, Downloaded: 3, Bytes: 1_234_567_890, Duration: 12345 * time.Millisecond},
+		{"pull that downloaded", pullOutcome{Images: []string{img}, VolumeID: vol, Layers: 8, Downloaded: 3, Bytes: 1_234_567_890, Duration: 12345 * time.Millisecond},
 			podEvent{"Normal", "Pulled", `Pulled image "reg.example/ds:v1" for volume "vol-1" in 12.3s (1.2 GB, 3 of 8 layers downloaded)`}, false},
-		{"fast pull", pullOutcome{Image: img, VolumeID: vol, Layers: 1, Downloaded: 1, Bytes: 999, Duration: 42 * time.Millisecond},
+		{"fast pull", pullOutcome{Images: []string{img}, VolumeID: vol, Layers: 1, Downloaded: 1, Bytes: 999, Duration: 42 * time.Millisecond},
 			podEvent{"Normal", "Pulled", `Pulled image "reg.example/ds:v1" for volume "vol-1" in 42ms (999 B, 1 of 1 layers downloaded)`}, false},
-		{"resolve failed", pullOutcome{Image: img, VolumeID: vol, Step: stepResolve, Err: notFound},
+		{"resolve failed", pullOutcome{Images: []string{img}, VolumeID: vol, Step: stepResolve, Err: notFound},
 			podEvent{"Warning", "PullFailed", `Failed to resolve image "reg.example/ds:v1" for volume "vol-1": ` + notFound.Error()}, false},
-		{"pull failed", pullOutcome{Image: img, VolumeID: vol, Step: stepPull, Err: layercache.ErrDigestMismatch, Layers: 2, Downloaded: 2},
+		{"pull failed", pullOutcome{Images: []string{img}, VolumeID: vol, Step: stepPull, Err: layercache.ErrDigestMismatch, Layers: 2, Downloaded: 2},
 			podEvent{"Warning", "PullFailed", `Failed to pull image "reg.example/ds:v1" for volume "vol-1": digest mismatch`}, false},
-		{"resolve ran into the call's deadline", pullOutcome{Image: img, VolumeID: vol, Step: stepResolve, Err: fmt.Errorf("resolve: %w", context.DeadlineExceeded)},
+		{"resolve ran into the call's deadline", pullOutcome{Images: []string{img}, VolumeID: vol, Step: stepResolve, Err: fmt.Errorf("resolve: %w", context.DeadlineExceeded)},
 			podEvent{"Warning", "PullFailed", `Failed to resolve image "reg.example/ds:v1" for volume "vol-1": resolve: context deadline exceeded`}, false},
-		{"pull outlives the call: no event, the retry reports", pullOutcome{Image: img, VolumeID: vol, Step: stepPull,
+		{"pull outlives the call: no event, the retry reports", pullOutcome{Images: []string{img}, VolumeID: vol, Step: stepPull,
 			Err: fmt.Errorf("pull: %w (the pull goes on in the background)", context.DeadlineExceeded), Downloaded: 1}, podEvent{}, true},
-		{"cancelled call during the pull", pullOutcome{Image: img, VolumeID: vol, Step: stepPull, Err: context.Canceled}, podEvent{}, true},
+		{"cancelled call during the pull", pullOutcome{Images: []string{img}, VolumeID: vol, Step: stepPull, Err: context.Canceled}, podEvent{}, true},
+		{"stack cached", pullOutcome{Images: []string{img, tools}, VolumeID: vol, Layers: 9},
+			podEvent{"Normal", "Pulled", `Images "reg.example/ds:v1", "reg.example/tools:v2" for volume "vol-1" are already cached on the node`}, false},
+		{"stack pulled", pullOutcome{Images: []string{img, tools}, VolumeID: vol, Layers: 9, Downloaded: 1, Bytes: 2000, Duration: time.Second},
+			podEvent{"Normal", "Pulled", `Pulled images "reg.example/ds:v1", "reg.example/tools:v2" for volume "vol-1" in 1s (2.0 kB, 1 of 9 layers downloaded)`}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, ok := outcomeEvent(tc.o)
@@ -54,8 +58,12 @@ func TestOutcomeEvent(t *testing.T) {
 
 func TestPullingEvent(t *testing.T) {
 	want := podEvent{"Normal", "Pulling", `Pulling image "r/x:v1" for volume "v"`}
-	if got := pullingEvent("r/x:v1", "v"); got != want {
+	if got := pullingEvent([]string{"r/x:v1"}, "v"); got != want {
 		t.Errorf("pullingEvent = %+v, want %+v", got, want)
+	}
+	want = podEvent{"Normal", "Pulling", `Pulling images "r/x:v1", "r/tools:v2" for volume "v"`}
+	if got := pullingEvent([]string{"r/x:v1", "r/tools:v2"}, "v"); got != want {
+		t.Errorf("pullingEvent of a stack = %+v, want %+v", got, want)
 	}
 }
 

@@ -7,10 +7,14 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
@@ -62,6 +66,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		PullPolicy: string(attrs.PullPolicy), SubPath: attrs.SubPath,
 		ReadOnly: req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()),
 	}
+	for _, ref := range attrs.Images() {
+		want.Stack = append(want.Stack, stackImage{Image: ref})
+	}
 	pod := podOf(req.GetVolumeContext())
 	want.PodNamespace, want.PodName, want.PodUID = pod.Namespace, pod.Name, pod.UID
 	identity, secrets, err := identityOf(req.GetVolumeContext(), req.GetSecrets())
@@ -74,6 +81,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	defer d.inflight.unlock(key)
 	logger := klog.FromContext(ctx).WithValues("volumeID", volID, "targetPath", target, "image", attrs.Image)
+	if len(attrs.StackImages) > 0 {
+		logger = logger.WithValues("stackImages", attrs.StackImages)
+	}
 
 	dirs := d.dirsOf(key)
 	old, err := readRecord(dirs.record)
@@ -89,8 +99,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		logger.V(2).Info("Volume already published")
 		return &csi.NodePublishVolumeResponse{}, nil
 	case old != nil && mounted:
-		return nil, errorf(codes.AlreadyExists, "volume %s is already published at %s with other arguments (image %s, readOnly %v, subPath %q)",
-			volID, target, old.Image, old.ReadOnly, old.SubPath)
+		return nil, errorf(codes.AlreadyExists, "volume %s is already published at %s with other arguments (%s, readOnly %v, subPath %q)",
+			volID, target, describeStack(old.Refs()), old.ReadOnly, old.SubPath)
 	case mounted:
 		return nil, errorf(codes.AlreadyExists, "target %s is already a mount point that %s did not make", target, d.name)
 	case old != nil:
@@ -107,7 +117,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		return nil, err
 	}
-	logger.Info("Volume published", "digest", want.Digest, "layers", len(want.Layers), "readOnly", want.ReadOnly,
+	logger.Info("Volume published", "digests", stackDigests(want), "layers", len(want.Layers), "readOnly", want.ReadOnly,
 		"subPath", want.SubPath, "duration", time.Since(start).Round(time.Microsecond))
 	return &csi.NodePublishVolumeResponse{}, nil
 }
@@ -115,29 +125,21 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // publish does the work of NodePublishVolume. On error the caller tears
 // down whatever it left.
 func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, rec *volumeRecord, secrets map[string]string, pod credentials.Pod) error {
-	pull := newPullTracker(d.metrics, d.events, podRef{rec.PodNamespace, rec.PodName, rec.PodUID}, rec.Image, rec.VolumeID)
+	refs := rec.Refs()
+	pull := newPullTracker(d.metrics, d.events, podRef{rec.PodNamespace, rec.PodName, rec.PodUID}, refs, rec.VolumeID)
 	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy), Progress: pull.progress}
-	// The first of the volume's secret, the pod's identity (with
-	// --pod-identity), the driver's service account's pull secrets and the
-	// credential providers that has credentials for the registry.
-	creds, err := d.creds.For(ctx, rec.Image, secrets, pod)
+	stack, err := d.resolveStack(ctx, logger, refs, o, secrets, pod, pull)
 	if err != nil {
 		return err
 	}
-	o.Credentials = creds.Credentials
-	if creds.From != "" {
-		logger.V(4).Info("Pull credentials chosen", "source", creds.From)
-	}
-	img, err := d.store.Resolve(ctx, rec.Image, o)
-	if err != nil {
-		err = creds.Explain(err) // what was tried, should the registry refuse
-		pull.finish(stepResolve, 0, err)
+	layers := stackLayers(stack)
+	if err := checkDepth(refs, len(layers)); err != nil {
 		return err
 	}
-	if n := len(img.Layers); n > mount.MaxLowers {
-		return invalid("image %s has %d layers; overlayfs stacks at most %d", rec.Image, n, mount.MaxLowers)
+	for i, s := range stack {
+		rec.Stack[i].Digest = s.img.Digest
 	}
-	rec.Digest, rec.Layers = img.Digest, img.DiffIDs()
+	rec.Digest, rec.Layers = stack[0].img.Digest, layers
 	rec.Published = time.Now().UTC()
 
 	// The record goes to disk before anything it describes exists, so that
@@ -149,12 +151,13 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 	if err := writeRecord(dirs.record, rec); err != nil {
 		return fmt.Errorf("record volume: %w", err)
 	}
-	if err := d.ensureAndAcquire(ctx, key, img, o, pull, creds.Explain); err != nil {
+	if err := d.ensureAndAcquire(ctx, key, fetchPlan(stack), layers, pull); err != nil {
 		return err
 	}
-	lowers := make([]string, 0, len(img.Layers))
-	for i := len(img.Layers) - 1; i >= 0; i-- {
-		dir, err := d.store.LayerDir(img.Layers[i].DiffID)
+	// Overlayfs wants the top layer first.
+	lowers := make([]string, 0, len(layers))
+	for i := len(layers) - 1; i >= 0; i-- {
+		dir, err := d.store.LayerDir(layers[i])
 		if err != nil {
 			return err
 		}
@@ -179,8 +182,8 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 		return mount.MountOverlay(ov, rec.TargetPath)
 	}
 	// subPath: the overlay is mounted privately under the state root and
-	// only the sub-directory, resolved inside the image, is bound to the
-	// target.
+	// only the sub-directory, resolved inside the merged tree of the whole
+	// stack, is bound to the target.
 	if err := os.Mkdir(dirs.mnt, 0o700); err != nil {
 		return err
 	}
@@ -196,25 +199,163 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 	return nil
 }
 
-// ensureAndAcquire fetches the image's missing layers and records that this
-// publish holds them. A prune may remove a layer between the two steps;
+// stackedImage is one image of a publish's stack, resolved, with the pull
+// options (credentials) that resolved it and that fetch its layers.
+type stackedImage struct {
+	img  *layercache.Image
+	opts layercache.PullOptions
+	// explain adds what the credential chain knows to a registry's
+	// refusal: a registry may authorize the manifest and refuse a blob.
+	explain func(error) error
+}
+
+// resolveStack resolves the images of a stack, bottom first, each with its
+// own credentials: the images of one volume may live in different
+// registries, and the node-publish secret may hold an entry for each. The
+// layer cache checks each image's access rule (KEP-2535) as it resolves it.
+func (d *Driver) resolveStack(ctx context.Context, logger klog.Logger, refs []string, o layercache.PullOptions,
+	secrets map[string]string, pod credentials.Pod, pull *pullTracker) ([]stackedImage, error) {
+	stack := make([]stackedImage, 0, len(refs))
+	for _, ref := range refs {
+		// The first of the volume's secret, the pod's identity (with
+		// --pod-identity), the driver's service account's pull secrets and
+		// the credential providers that has credentials for the registry.
+		creds, err := d.creds.For(ctx, ref, secrets, pod)
+		if err != nil {
+			return nil, err
+		}
+		opts := o
+		opts.Credentials = creds.Credentials
+		if creds.From != "" {
+			logger.V(4).Info("Pull credentials chosen", "stackImage", ref, "source", creds.From)
+		}
+		img, err := d.store.Resolve(ctx, ref, opts)
+		if err != nil {
+			err = creds.Explain(err) // what was tried, should the registry refuse
+			pull.finish(stepResolve, 0, err)
+			return nil, err
+		}
+		stack = append(stack, stackedImage{img: img, opts: opts, explain: creds.Explain})
+	}
+	return stack, nil
+}
+
+// stackLayers returns the layers to mount for a stack of images: bottom
+// first, each layer once, at its topmost place in the stack.
+//
+// Overlayfs refuses a directory given twice as a lower: the mount fails with
+// ELOOP and "overlayfs: conflicting lowerdir path" in the kernel log, on the
+// new mount API and on mount(2) alike (see TestOverlayRefusesRepeatedLower in
+// package mount). Two images with a common base bring that about, and so
+// does one image that repeats a layer (the empty layer some build tools
+// write). Dropping the lower occurrences leaves the merged view what
+// applying the layers one after another gives: every name the lower
+// occurrence could show is met first in the identical occurrence above it,
+// and a whiteout or an opaque directory between the two hides nothing of the
+// upper one.
+func stackLayers(stack []stackedImage) []v1.Hash {
+	seen := map[v1.Hash]bool{}
+	var ids []v1.Hash // top first
+	for i := len(stack) - 1; i >= 0; i-- {
+		ls := stack[i].img.Layers
+		for j := len(ls) - 1; j >= 0; j-- {
+			if id := ls[j].DiffID; !seen[id] {
+				seen[id] = true
+				ids = append(ids, id)
+			}
+		}
+	}
+	slices.Reverse(ids)
+	return ids
+}
+
+// checkDepth refuses a stack of more layers than overlayfs mounts, before
+// anything is fetched.
+func checkDepth(refs []string, layers int) error {
+	switch {
+	case layers <= mount.MaxLowers:
+		return nil
+	case len(refs) == 1:
+		return invalid("image %s has %d layers; overlayfs stacks at most %d", refs[0], layers, mount.MaxLowers)
+	}
+	return invalid("the stack of %d images has %d layers; overlayfs stacks at most %d (images, bottom first: %s): squash some of them, or stack fewer",
+		len(refs), layers, mount.MaxLowers, strings.Join(refs, ", "))
+}
+
+// fetchPlan splits the stack's layers among its images for fetching: each
+// layer once, from the lowest image that has it, so that a layer two images
+// share is fetched once and counted once in the pull's metrics and events.
+func fetchPlan(stack []stackedImage) []stackedImage {
+	seen := map[v1.Hash]bool{}
+	plan := make([]stackedImage, 0, len(stack))
+	for _, s := range stack {
+		var own []layercache.Layer
+		for _, l := range s.img.Layers {
+			if !seen[l.DiffID] {
+				seen[l.DiffID] = true
+				own = append(own, l)
+			}
+		}
+		if len(own) == 0 {
+			continue
+		}
+		part := *s.img // img.Layers may be shared with other publishes: never modified
+		part.Layers = own
+		s.img = &part
+		plan = append(plan, s)
+	}
+	return plan
+}
+
+// ensureAndAcquire fetches the stack's missing layers and records that this
+// publish holds layers. A prune may remove a layer between the two steps;
 // then the layers are ensured again. The pull is reported once, when it
-// fails or when all the layers were there for Acquire. explain adds what
-// the credential chain knows to a refusal, as for the resolve: a registry
-// may authorize the manifest and refuse a blob.
-func (d *Driver) ensureAndAcquire(ctx context.Context, key string, img *layercache.Image, o layercache.PullOptions, pull *pullTracker, explain func(error) error) error {
+// fails or when all the layers were there for Acquire.
+func (d *Driver) ensureAndAcquire(ctx context.Context, key string, plan []stackedImage, layers []v1.Hash, pull *pullTracker) error {
 	for attempt := 0; ; attempt++ {
-		if err := d.store.Ensure(ctx, img, o); err != nil {
-			err = explain(err)
-			pull.finish(stepPull, len(img.Layers), err)
+		if err := d.ensureStack(ctx, plan); err != nil {
+			pull.finish(stepPull, len(layers), err)
 			return err
 		}
-		err := d.store.Acquire(key, img.DiffIDs())
+		err := d.store.Acquire(key, layers)
 		if !errors.Is(err, layercache.ErrLayerMissing) || attempt == 2 {
-			pull.finish(stepPull, len(img.Layers), nil)
+			pull.finish(stepPull, len(layers), nil)
 			return err
 		}
 	}
+}
+
+// ensureStack ensures the layers of every image of the plan at the same
+// time: the images may come from different registries, and a small
+// toolchain need not wait behind a large dataset. The plan holds each layer
+// once, so no two of these fetch the same layer.
+func (d *Driver) ensureStack(ctx context.Context, plan []stackedImage) error {
+	errs := make([]error, len(plan))
+	var wg sync.WaitGroup
+	for i, s := range plan {
+		wg.Go(func() { errs[i] = s.explain(d.store.Ensure(ctx, s.img, s.opts)) })
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// describeStack names a volume's images for a message: "image A" or
+// "images A, B (bottom first)".
+func describeStack(refs []string) string {
+	if len(refs) == 1 {
+		return "image " + refs[0]
+	}
+	return "images " + strings.Join(refs, ", ") + " (bottom first)"
+}
+
+// stackDigests lists the digests of a record's images, bottom first, for
+// the log.
+func stackDigests(rec *volumeRecord) []string {
+	var out []string
+	for _, im := range rec.Images() {
+		out = append(out, im.Digest.String())
+	}
+	return out
 }
 
 // teardown undoes a publish, whatever state it reached: unmount the target
@@ -270,7 +411,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := d.teardown(logger, key, rec); err != nil {
 		return nil, err
 	}
-	logger.Info("Volume unpublished", "image", rec.Image)
+	logger.Info("Volume unpublished", "images", rec.Refs())
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 

@@ -51,7 +51,7 @@ func (d *Driver) prepull(ctx context.Context, ref string) {
 	for {
 		start := time.Now()
 		// No pod waits for a prepull: metrics only, no events.
-		pull := newPullTracker(d.metrics, nil, podRef{}, ref, "")
+		pull := newPullTracker(d.metrics, nil, podRef{}, []string{ref}, "")
 		img, err := d.pullForPrepull(ctx, ref, pull)
 		layers := 0
 		if img != nil {

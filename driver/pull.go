@@ -11,26 +11,27 @@ import (
 	"github.com/strata-csi/strata/layercache"
 )
 
-// pullTracker follows one publish's resolve and pull of its image. Its
+// pullTracker follows one publish's resolve and pull of its images. Its
 // progress method is the pull's Progress function: it counts cache hits and
 // misses and announces the pull on the pod at the first missing layer. At
 // the end, finish reports the outcome in the metrics and as an event on the
 // pod.
 type pullTracker struct {
-	metrics         *metrics.Metrics // nil: metrics off
-	events          *podEvents       // nil: no API access
-	pod             podRef
-	image, volumeID string
-	start           time.Time
+	metrics  *metrics.Metrics // nil: metrics off
+	events   *podEvents       // nil: no API access
+	pod      podRef
+	images   []string // the volume's stack, bottom first
+	volumeID string
+	start    time.Time
 
 	mu      sync.Mutex
 	joined  map[string]bool  // layers another caller was fetching
 	missing map[string]int64 // compressed sizes of the layers the cache lacked
 }
 
-func newPullTracker(m *metrics.Metrics, events *podEvents, pod podRef, image, volumeID string) *pullTracker {
+func newPullTracker(m *metrics.Metrics, events *podEvents, pod podRef, images []string, volumeID string) *pullTracker {
 	return &pullTracker{
-		metrics: m, events: events, pod: pod, image: image, volumeID: volumeID, start: time.Now(),
+		metrics: m, events: events, pod: pod, images: images, volumeID: volumeID, start: time.Now(),
 		joined: map[string]bool{}, missing: map[string]int64{},
 	}
 }
@@ -61,16 +62,16 @@ func (t *pullTracker) progress(e layercache.ProgressEvent) {
 	}
 	t.mu.Unlock()
 	if first {
-		t.events.emit(t.pod, pullingEvent(t.image, t.volumeID))
+		t.events.emit(t.pod, pullingEvent(t.images, t.volumeID))
 	}
 }
 
-// outcome sums up the pull so far; layers is the image's layer count (0 if
+// outcome sums up the pull so far; layers is the stack's layer count (0 if
 // it did not resolve).
 func (t *pullTracker) outcome(step string, layers int, err error) pullOutcome {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	o := pullOutcome{Image: t.image, VolumeID: t.volumeID, Layers: layers, Downloaded: len(t.missing), Duration: time.Since(t.start)}
+	o := pullOutcome{Images: t.images, VolumeID: t.volumeID, Layers: layers, Downloaded: len(t.missing), Duration: time.Since(t.start)}
 	for _, n := range t.missing {
 		o.Bytes += n
 	}
@@ -80,7 +81,7 @@ func (t *pullTracker) outcome(step string, layers int, err error) pullOutcome {
 	return o
 }
 
-// finish reports how the step ended (err nil: the image is all in the
+// finish reports how the step ended (err nil: the images are all in the
 // cache): the event on the pod, and the pull's duration and registry error
 // in the metrics.
 func (t *pullTracker) finish(step string, layers int, err error) {

@@ -129,7 +129,7 @@ func TestPullTracker(t *testing.T) {
 			ev := newPodEvents(kube, DefaultName, "node-1")
 			defer ev.shutdown()
 			m := metrics.New(metrics.Sources{})
-			tr := newPullTracker(m, ev, podRef{Namespace: "ns", Name: "p", UID: "u"}, "r/x:v1", "vol")
+			tr := newPullTracker(m, ev, podRef{Namespace: "ns", Name: "p", UID: "u"}, []string{"r/x:v1"}, "vol")
 			for _, e := range tc.progress {
 				tr.progress(e)
 			}
@@ -170,7 +170,7 @@ func TestResolveFailureIsCounted(t *testing.T) {
 	ev := newPodEvents(kube, DefaultName, "node-1")
 	defer ev.shutdown()
 	m := metrics.New(metrics.Sources{})
-	tr := newPullTracker(m, ev, podRef{Namespace: "ns", Name: "p"}, "r/missing:v1", "vol")
+	tr := newPullTracker(m, ev, podRef{Namespace: "ns", Name: "p"}, []string{"r/missing:v1"}, "vol")
 	tr.finish(stepResolve, 0, fmt.Errorf("%w: manifest unknown", layercache.ErrNotFound))
 	e := waitEvents(t, kube, "ns", 1)[0]
 	if e.Type != "Warning" || e.Reason != "PullFailed" || e.Message != `Failed to resolve image "r/missing:v1" for volume "vol": not found in registry: manifest unknown` {

@@ -35,7 +35,7 @@ func (d *Driver) Recover() error {
 		}
 		logger := klog.Background().WithValues("volumeKey", key)
 		if rec != nil {
-			logger = logger.WithValues("volumeID", rec.VolumeID, "targetPath", rec.TargetPath, "image", rec.Image)
+			logger = logger.WithValues("volumeID", rec.VolumeID, "targetPath", rec.TargetPath, "images", rec.Refs())
 			if ok, _ := mount.IsMountPoint(rec.TargetPath); ok {
 				if err := d.store.Acquire(key, rec.Layers); err != nil {
 					logger.Error(err, "Published volume's layers are missing from the cache")

@@ -14,6 +14,9 @@ import (
 // format, so that the strata CLI can read it too).
 type volumeRecord = volumes.Record
 
+// stackImage is one image of a volume's stack in its record.
+type stackImage = volumes.StackImage
+
 // volumeKey names one publish: a volume id at a target path.
 func volumeKey(volumeID, targetPath string) string {
 	sum := sha256.Sum256([]byte(volumeID + "\x00" + filepath.Clean(targetPath)))

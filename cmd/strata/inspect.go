@@ -217,7 +217,12 @@ func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.Lay
 		if pod == "" {
 			pod = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", v.VolumeID, pod, v.Image, shortDigest(v.Digest), len(v.Layers), ago(v.Published, now))
+		// A stack shows its bottom image and how many are above it.
+		image := v.Image
+		if n := len(v.Images()) - 1; n > 0 {
+			image += fmt.Sprintf(" (+%d stacked)", n)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", v.VolumeID, pod, image, shortDigest(v.Digest), len(v.Layers), ago(v.Published, now))
 	}
 	return tw.Flush()
 }

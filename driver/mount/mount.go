@@ -26,6 +26,11 @@ const MaxLowers = 500
 // classic mount(2) fallback, when its mount options do not fit in a page.
 var ErrTooManyLayers = errors.New("too many layers")
 
+// ErrRepeatedLower is wrapped when a directory is given twice as a lower:
+// overlayfs refuses that with ELOOP. The driver mounts a layer that a stack
+// repeats once, at its topmost place, which shows the same tree.
+var ErrRepeatedLower = errors.New("repeated lower directory")
+
 // ErrNotDir is wrapped when a path that must be a directory (the source of a
 // bind, a sub directory for BindBeneath, an overlay layer) is something else.
 var ErrNotDir = errors.New("not a directory")

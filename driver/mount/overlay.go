@@ -129,10 +129,18 @@ func (o *Overlay) validate() error {
 	if n > MaxLowers {
 		return fmt.Errorf("%w: %d lower layers, overlayfs allows at most %d", ErrTooManyLayers, n, MaxLowers)
 	}
+	// Overlayfs refuses a directory given twice as a lower (ELOOP,
+	// "conflicting lowerdir path" in the kernel log only): say which.
+	seen := make(map[string]int, n)
 	for i, l := range o.Lowers {
 		if l == "" {
 			return fmt.Errorf("lower %d of %d is an empty path", i+1, n)
 		}
+		if j, ok := seen[l]; ok {
+			return fmt.Errorf("%w: lowers %d and %d of %d are the same directory %q; overlayfs takes a directory once: keep only the upper one",
+				ErrRepeatedLower, j+1, i+1, n, l)
+		}
+		seen[l] = i
 	}
 	if o.Upper != "" && o.Work == "" {
 		return fmt.Errorf("upper %q has no work directory", o.Upper)

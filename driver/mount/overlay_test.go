@@ -469,3 +469,68 @@ func TestOverlayVolatile(t *testing.T) {
 		})
 	}
 }
+
+// TestOverlayRefusesRepeatedLower records a kernel behaviour the driver
+// works around: overlayfs refuses a directory given twice as a lower, with
+// ELOOP from fsconfig(FSCONFIG_CMD_CREATE) or mount(2) and nothing but
+// "overlayfs: conflicting lowerdir path" in the kernel log, on every API and
+// with or without an upper. MountOverlay refuses it first, naming the
+// directory. A stack that repeats a layer (two images with one base) is
+// mounted with the layer once, at its topmost place; the second half checks
+// that this shows what applying the layers one after another shows.
+func TestOverlayRefusesRepeatedLower(t *testing.T) {
+	requireRoot(t)
+	for _, api := range allAPIs {
+		for _, withUpper := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/upper=%v", api, withUpper), func(t *testing.T) {
+				forceAPI(t, api)
+				d := t.TempDir()
+				base, mid := mkdir(t, d+"/base"), mkdir(t, d+"/mid")
+				writeFile(t, base+"/x", "base-x")
+				whiteout(t, mid+"/x")
+				target := mkdir(t, d+"/merged")
+				o := Overlay{Lowers: []string{base, mid, base}}
+				if withUpper {
+					o.Upper, o.Work = mkdir(t, d+"/upper"), mkdir(t, d+"/work")
+				}
+				// The kernel itself, past validate.
+				var err error
+				if api == apiClassic {
+					err = mountClassic(&o, target, !withUpper)
+				} else {
+					err = mountFsopen(&o, target, !withUpper, api)
+				}
+				if err == nil {
+					cleanupUnmount(t, target)
+					t.Fatal("the kernel mounted a lower twice; the driver's dedup may be unneeded on this kernel")
+				}
+				if !errors.Is(err, unix.ELOOP) {
+					t.Errorf("kernel error for a repeated lower = %v, want ELOOP", err)
+				}
+				err = MountOverlay(o, target)
+				if !errors.Is(err, ErrRepeatedLower) || !strings.Contains(err.Error(), base) {
+					t.Errorf("MountOverlay(repeated lower) = %v, want ErrRepeatedLower naming %s", err, base)
+				}
+				assertMountPoint(t, target, false)
+			})
+		}
+	}
+	t.Run("topmost occurrence shows the layers applied in order", func(t *testing.T) {
+		d := t.TempDir()
+		// Bottom first: base, mid, base. mid deletes x and makes d opaque;
+		// base, applied again, brings x and d/p back next to mid's d/q.
+		base, mid := mkdir(t, d+"/base"), mkdir(t, d+"/mid")
+		writeFile(t, base+"/x", "base-x")
+		writeFile(t, base+"/d/p", "base-p")
+		whiteout(t, mid+"/x")
+		writeFile(t, mid+"/d/q", "mid-q")
+		opaque(t, mid+"/d")
+		writeFile(t, mid+"/m", "mid-m")
+		target := mkdir(t, d+"/merged")
+		mountOverlayT(t, Overlay{Lowers: []string{base, mid}}, target) // top first
+		assertContent(t, target+"/x", "base-x")
+		assertContent(t, target+"/d/p", "base-p")
+		assertContent(t, target+"/d/q", "mid-q")
+		assertContent(t, target+"/m", "mid-m")
+	})
+}

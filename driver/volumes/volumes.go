@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"time"
 
@@ -30,15 +31,23 @@ const (
 // repeated publish and to undo a publish after a restart, and the pod it was
 // published for.
 type Record struct {
-	VolumeID   string    `json:"volumeID"`
-	TargetPath string    `json:"targetPath"`
-	Image      string    `json:"image"`
-	PullPolicy string    `json:"pullPolicy"`
-	SubPath    string    `json:"subPath,omitempty"`
-	ReadOnly   bool      `json:"readOnly"`
-	Digest     v1.Hash   `json:"digest"`
-	Layers     []v1.Hash `json:"layers"` // bottom first
-	Published  time.Time `json:"published"`
+	VolumeID   string `json:"volumeID"`
+	TargetPath string `json:"targetPath"`
+	// Image and Digest are the bottom image of the stack (the image
+	// attribute), kept on their own so that readers older than stacks
+	// still find the volume's image.
+	Image      string  `json:"image"`
+	PullPolicy string  `json:"pullPolicy"`
+	SubPath    string  `json:"subPath,omitempty"`
+	ReadOnly   bool    `json:"readOnly"`
+	Digest     v1.Hash `json:"digest"`
+	// Stack is every image of the volume, bottom first, Image included;
+	// records written before stacks existed lack it (see Images).
+	Stack []StackImage `json:"stack,omitempty"`
+	// Layers are the layers mounted, bottom first: the stack's layers with
+	// each kept once, at its topmost place.
+	Layers    []v1.Hash `json:"layers"`
+	Published time.Time `json:"published"`
 	// The pod the volume was published for, when kubelet says
 	// (podInfoOnMount); records written before these existed lack them.
 	PodNamespace string `json:"podNamespace,omitempty"`
@@ -46,11 +55,40 @@ type Record struct {
 	PodUID       string `json:"podUID,omitempty"`
 }
 
-// SameRequest reports whether a publish asks for what r already is. The
-// digest is not compared: a tag that moved applies to new publishes only.
-// Nor is the pod: kubelet's target path already names it.
+// StackImage is one image of a volume's stack.
+type StackImage struct {
+	Image  string  `json:"image"`
+	Digest v1.Hash `json:"digest"`
+}
+
+// Images returns the volume's stack, bottom first. A record without a
+// stack (one image, or written before stacks existed) is the stack of its
+// Image alone.
+func (r *Record) Images() []StackImage {
+	if len(r.Stack) > 0 {
+		return r.Stack
+	}
+	if r.Image == "" {
+		return nil
+	}
+	return []StackImage{{Image: r.Image, Digest: r.Digest}}
+}
+
+// Refs returns the references of the volume's stack, bottom first.
+func (r *Record) Refs() []string {
+	var out []string
+	for _, im := range r.Images() {
+		out = append(out, im.Image)
+	}
+	return out
+}
+
+// SameRequest reports whether a publish asks for what r already is: the
+// same stack of references, in the same order. Digests are not compared: a
+// tag that moved applies to new publishes only. Nor is the pod: kubelet's
+// target path already names it.
 func (r *Record) SameRequest(o *Record) bool {
-	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && r.Image == o.Image &&
+	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && slices.Equal(r.Refs(), o.Refs()) &&
 		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly
 }
 

@@ -62,3 +62,53 @@ func TestListReadsWhatWriteWrote(t *testing.T) {
 		t.Errorf("record without a pod mentions one:\n%s", data)
 	}
 }
+
+// TestStackOfOldRecords: a record written before stacks existed (only image
+// and digest) reads as a stack of that one image, and is the same request
+// as a one-image publish that records its stack.
+func TestStackOfOldRecords(t *testing.T) {
+	root := t.TempDir()
+	d := v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("cd", 32)}
+	dir := filepath.Join(root, Dir, "old")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	old := `{"volumeID":"v","targetPath":"/t","image":"r/ds:v1","pullPolicy":"IfNotPresent","readOnly":false,` +
+		`"digest":"` + d.String() + `","layers":["` + d.String() + `"],"published":"2025-01-01T00:00:00Z"}`
+	if err := os.WriteFile(filepath.Join(dir, RecordFile), []byte(old), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := Read(filepath.Join(dir, RecordFile))
+	if err != nil || rec == nil {
+		t.Fatalf("Read old record = %v, %v", rec, err)
+	}
+	if got := rec.Images(); len(got) != 1 || got[0].Image != "r/ds:v1" || got[0].Digest != d {
+		t.Errorf("old record's stack = %+v, want [r/ds:v1@%s]", got, d)
+	}
+	base := Record{VolumeID: "v", TargetPath: "/t", Image: "r/ds:v1", PullPolicy: "IfNotPresent"}
+	one := base
+	one.Stack = []StackImage{{Image: "r/ds:v1"}}
+	if !rec.SameRequest(&one) || !rec.SameRequest(&base) {
+		t.Error("an old one-image record is not the same request as a one-image publish")
+	}
+	for name, stack := range map[string][]string{
+		"another image above": {"r/ds:v1", "r/tools:v1"},
+		"the order reversed":  {"r/tools:v1", "r/ds:v1"},
+	} {
+		o := base
+		o.Stack = nil
+		for _, ref := range stack {
+			o.Stack = append(o.Stack, StackImage{Image: ref})
+		}
+		if rec.SameRequest(&o) {
+			t.Errorf("%s: the same request as the one-image record", name)
+		}
+	}
+	two := base
+	two.Stack = []StackImage{{Image: "r/ds:v1", Digest: d}, {Image: "r/tools:v1"}}
+	same := base
+	same.Stack = []StackImage{{Image: "r/ds:v1"}, {Image: "r/tools:v1"}}
+	if !two.SameRequest(&same) {
+		t.Error("the same stack (digests aside) is not the same request")
+	}
+}

@@ -56,7 +56,9 @@ func firstDifference(a, b []byte) string {
 // substitute.
 const (
 	datasetPlaceholder = "registry.local:5000/datasets/sample:v1"
-	shellImage         = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2"
+	// The image that stacked.yaml stacks above the dataset.
+	toolchainPlaceholder = "registry.local:5000/tools/toolchain:v1"
+	shellImage           = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2"
 )
 
 // TestExamples: every example parses, holds the kinds it should, and its
@@ -68,6 +70,7 @@ func TestExamples(t *testing.T) {
 		"readonly.yaml":  {"Pod"},
 		"subpath.yaml":   {"Pod"},
 		"static-pv.yaml": {"PersistentVolume", "PersistentVolumeClaim", "Deployment"},
+		"stacked.yaml":   {"Pod"},
 	}
 	files, err := filepath.Glob(filepath.Join(repoRoot(t), "deploy", "examples", "*.yaml"))
 	if err != nil {
@@ -110,13 +113,21 @@ func TestExamples(t *testing.T) {
 					t.Errorf("volume image %q, want the placeholder %s", a["image"], datasetPlaceholder)
 				}
 				for k := range a {
-					if k != "image" && k != "pullPolicy" && k != "subPath" {
+					if k != "image" && k != "stackImages" && k != "pullPolicy" && k != "subPath" {
 						t.Errorf("unknown volume attribute %q: the plugin refuses it", k)
 					}
 				}
 			}
 			if name == "subpath.yaml" && attrs[0]["subPath"] == "" {
 				t.Error("no subPath attribute")
+			}
+			if name == "stacked.yaml" {
+				if got := attrs[0]["stackImages"]; got != toolchainPlaceholder {
+					t.Errorf("stackImages %q, want the placeholder %s", got, toolchainPlaceholder)
+				}
+				if !strings.Contains(header, toolchainPlaceholder) {
+					t.Errorf("the comment at the top does not name the placeholder image %s", toolchainPlaceholder)
+				}
 			}
 		})
 	}

@@ -50,6 +50,7 @@ func TestStrata(t *testing.T) {
 		{"StaticPVDeployment", testStaticPVDeployment},
 		{"ReadOnlyVolume", testReadOnlyVolume},
 		{"SubPathVolume", testSubPathVolume},
+		{"StackedVolume", testStackedVolume},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
 		{"MissingImage", testMissingImage},

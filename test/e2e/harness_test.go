@@ -510,6 +510,7 @@ type testPod struct {
 	secret         string // nodePublishSecretRef
 	policy         string // pullPolicy attribute
 	serviceAccount string
+	stackImages    string // stackImages attribute: images above image, bottom first
 }
 
 func (p testPod) manifest() string {
@@ -536,6 +537,9 @@ func (p testPod) manifest() string {
 `, busybox, driverName, p.readOnly, p.image)
 	if p.policy != "" {
 		fmt.Fprintf(&b, "        pullPolicy: %s\n", p.policy)
+	}
+	if p.stackImages != "" {
+		fmt.Fprintf(&b, "        stackImages: %q\n", p.stackImages)
 	}
 	if p.secret != "" {
 		fmt.Fprintf(&b, "      nodePublishSecretRef:\n        name: %s\n", p.secret)
