@@ -8,11 +8,12 @@
 // pods see and what the node holds: the overlay mounts in the mount table,
 // the upper directories and the layer cache under the plugin's state dir.
 // After Strata's own scenarios they run the Kubernetes external-storage e2e
-// suite (e2e.test, built from the module proxy at the cluster's version)
+// suite (e2e-storage.test: test/e2e with only its storage specs, built from
+// the module proxy at the cluster's version)
 // against Strata's inline ephemeral volumes.
 //
 // The files carry the build tag e2e. hack/e2e (make e2e) brings the cluster
-// up, builds and imports the plugin image, builds e2e.test and runs
+// up, builds and imports the plugin image, builds e2e-storage.test and runs
 //
 //	go test -tags e2e ./test/e2e
 //

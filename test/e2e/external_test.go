@@ -40,7 +40,7 @@ type junitCase struct {
 }
 
 // testExternalStorageSuite runs Kubernetes' own external-storage e2e tests
-// (e2e.test at the cluster's version) against Strata's inline ephemeral
+// (e2e-storage.test at the cluster's version) against Strata's inline ephemeral
 // volumes, and requires 0 failures, at least the four specs known to apply,
 // and an explanation for every skip.
 func testExternalStorageSuite(t *testing.T) {
@@ -63,12 +63,12 @@ func testExternalStorageSuite(t *testing.T) {
 	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.kubeconfig)
 	start := time.Now()
 	out, runErr := cmd.CombinedOutput()
-	t.Logf("e2e.test (%s) ran %.1f s", c.e2eTest, time.Since(start).Seconds())
+	t.Logf("e2e-storage.test (%s) ran %.1f s", c.e2eTest, time.Since(start).Seconds())
 	if i := strings.LastIndex(string(out), "Ran "); i >= 0 {
 		t.Logf("%s", strings.TrimSpace(string(out[i:])))
 	}
 	if runErr != nil {
-		t.Errorf("e2e.test: %v\n%s", runErr, tail(string(out), 200))
+		t.Errorf("e2e-storage.test: %v\n%s", runErr, tail(string(out), 200))
 	}
 
 	b, err := os.ReadFile(filepath.Join(report, "junit_01.xml"))
@@ -83,7 +83,7 @@ func testExternalStorageSuite(t *testing.T) {
 	for _, s := range j.Suites {
 		for _, tc := range s.Cases {
 			if !strings.Contains(tc.Name, "strata.csi.dev") {
-				continue // not selected: every other spec of e2e.test
+				continue // not selected: every other spec of the suite
 			}
 			switch {
 			case tc.Failure != nil || tc.Error != nil:

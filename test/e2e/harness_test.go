@@ -35,7 +35,7 @@ const (
 	releaseNS  = "strata-system"
 	// The busybox image of the Kubernetes e2e suite, under its exact name
 	// (hack/e2e tags the cluster's local busybox with it): the examples in
-	// deploy/examples and e2e.test's pods use it.
+	// deploy/examples and the e2e suite's pods use it.
 	busybox = "registry.k8s.io/e2e-test-images/busybox:1.37.0-2"
 	// The registry runs inside the cluster's network namespace on its
 	// loopback: the plugin (hostNetwork) reaches it there over plain HTTP.
@@ -45,7 +45,7 @@ const (
 )
 
 // cluster is what hack/cluster-up wrote to its env file, plus the plugin
-// image and the e2e.test binary that hack/e2e prepared.
+// image and the e2e-storage.test binary that hack/e2e prepared.
 type cluster struct {
 	dir, netns, kubeconfig, kubeletDir, stateDir, nodeName, k8sVersion string
 	kubectlBin, ctrBin                                                 string
