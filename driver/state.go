@@ -43,7 +43,7 @@ func (d *Driver) dirsOf(key string) volumeDirs {
 	return volumeDirs{
 		dir:    dir,
 		record: filepath.Join(dir, volumes.RecordFile),
-		upper:  filepath.Join(dir, "upper"),
+		upper:  filepath.Join(dir, volumes.UpperDir),
 		work:   filepath.Join(dir, "work"),
 		mnt:    filepath.Join(dir, "mnt"),
 	}

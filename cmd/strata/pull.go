@@ -49,7 +49,7 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if *concurrency < 1 {
 			return usagef(cmd, "--concurrency must be at least 1, got %d", *concurrency)
 		}
-		creds, err := credentials(e.stdin, *username, *passwordStdin, *dockerConfig)
+		creds, err := credentials(cmd, e.stdin, *username, *passwordStdin, *dockerConfig)
 		if err != nil {
 			return err
 		}
@@ -75,10 +75,9 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 	}
 }
 
-// credentials builds the pull credentials from the flags; nil pulls
-// anonymously.
-func credentials(stdin io.Reader, username string, passwordStdin bool, dockerConfig string) (*layercache.Credentials, error) {
-	cmd := commands["pull"]
+// credentials builds the registry credentials of cmd from its flags; nil
+// means anonymous.
+func credentials(cmd *command, stdin io.Reader, username string, passwordStdin bool, dockerConfig string) (*layercache.Credentials, error) {
 	switch {
 	case dockerConfig != "" && (username != "" || passwordStdin):
 		return nil, usagef(cmd, "use either --docker-config or --username/--password-stdin, not both")

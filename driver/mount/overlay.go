@@ -120,6 +120,28 @@ func probeAPI() overlayAPI {
 	return apiClassic
 }
 
+// upperOptions pin the overlayfs features that decide what a writable
+// upper directory can hold, whatever the kernel's defaults (module
+// parameters and CONFIG_OVERLAY_FS_* differ between distributions). With
+// them off, an upper is a self-contained diff that `strata commit`
+// (package layercache/commit) turns into a layer:
+//   - redirect_dir=nofollow: renaming a lower directory fails with EXDEV
+//     (tools such as mv then copy it), instead of leaving a
+//     trusted.overlay.redirect that points into the lower layers; and no
+//     redirect is followed, as none is ever created.
+//   - metacopy=off: a chmod or chown copies the whole file up, so the upper
+//     never holds a metadata-only file whose data stays below.
+//   - index=off: no upper file is linked from the work dir's index, and
+//     hardlinks of lower files break on copy-up, as they do by default.
+//
+// xino is left alone: it changes only the inode numbers the merged view
+// reports, never what the upper holds.
+var upperOptions = []struct{ key, value string }{
+	{"redirect_dir", "nofollow"},
+	{"metacopy", "off"},
+	{"index", "off"},
+}
+
 // validate checks o before anything reaches the kernel.
 func (o *Overlay) validate() error {
 	n := len(o.Lowers)
@@ -218,6 +240,11 @@ func mountFsopen(o *Overlay, target string, ro bool, api overlayAPI) error {
 				return withKernelMessages(fsfd, fmt.Errorf("fsconfig volatile: %w", err))
 			}
 		}
+		for _, opt := range upperOptions {
+			if err := unix.FsconfigSetString(fsfd, opt.key, opt.value); err != nil {
+				return withKernelMessages(fsfd, fmt.Errorf("fsconfig %s=%s: %w", opt.key, opt.value, err))
+			}
+		}
 	}
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return withKernelMessages(fsfd, fmt.Errorf("fsconfig create: %w", err))
@@ -312,6 +339,9 @@ func mountClassic(o *Overlay, target string, ro bool) error {
 		b.WriteString(p)
 		if o.Volatile {
 			b.WriteString(",volatile")
+		}
+		for _, opt := range upperOptions {
+			b.WriteString("," + opt.key + "=" + opt.value)
 		}
 	}
 	data := b.String()

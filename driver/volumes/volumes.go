@@ -21,11 +21,16 @@ import (
 )
 
 // Dir is the directory under the state root that holds one directory per
-// publish; RecordFile is the record's name in it.
+// publish; RecordFile is the record's name in it, and UpperDir the
+// publish's writable overlay upper directory (none for a read-only publish).
 const (
 	Dir        = "volumes"
 	RecordFile = "volume.json"
+	UpperDir   = "upper"
 )
+
+// Upper returns the upper directory of the publish key under root.
+func Upper(root, key string) string { return filepath.Join(root, Dir, key, UpperDir) }
 
 // Record is volumes/<key>/volume.json: everything needed to recognise a
 // repeated publish and to undo a publish after a restart, and the pod it was
