@@ -1,6 +1,7 @@
 package csitest
 
 import (
+	"io"
 	"net/http"
 	"strings"
 	"sync"
@@ -10,13 +11,15 @@ import (
 	"github.com/strata-csi/strata/test/testimage"
 )
 
-// blobRegistry is a loopback registry that counts blob downloads by digest,
-// and can trickle them out slowly.
+// blobRegistry is a loopback registry that counts blob downloads by digest
+// and the request body bytes it receives (pushes), and can trickle
+// downloads out slowly.
 type blobRegistry struct {
 	addr string
 
 	mu   sync.Mutex
 	gets map[string]int
+	recv int64
 }
 
 // newBlobRegistry starts a registry whose blob responses go out in 32 KiB
@@ -33,6 +36,9 @@ func newBlobRegistry(t *testing.T, delay time.Duration) *blobRegistry {
 				if delay > 0 {
 					w = slowWriter{ResponseWriter: w, delay: delay}
 				}
+			}
+			if r.Body != nil {
+				r.Body = countingBody{ReadCloser: r.Body, b: b}
 			}
 			next.ServeHTTP(w, r)
 		})
@@ -51,11 +57,34 @@ func (b *blobRegistry) counts() map[string]int {
 	return out
 }
 
-// reset forgets the downloads so far (a push's own reads, if any).
+// reset forgets the downloads and received bytes so far (a push's own
+// reads, if any).
 func (b *blobRegistry) reset() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	clear(b.gets)
+	b.recv = 0
+}
+
+// received returns the request body bytes received since the last reset.
+func (b *blobRegistry) received() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.recv
+}
+
+// countingBody adds what a request body carries to b.recv.
+type countingBody struct {
+	io.ReadCloser
+	b *blobRegistry
+}
+
+func (c countingBody) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	c.b.mu.Lock()
+	c.b.recv += int64(n)
+	c.b.mu.Unlock()
+	return n, err
 }
 
 // slowWriter trickles a response out in small chunks.

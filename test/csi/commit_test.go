@@ -6,10 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,7 +15,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -42,60 +39,6 @@ func (e *env) commitCLI(args ...string) (string, error) {
 	return stdout.String(), nil
 }
 
-// pushRegistry is a loopback registry that counts blob downloads by digest
-// and the request body bytes it receives.
-type pushRegistry struct {
-	addr string
-	mu   sync.Mutex
-	gets map[string]int
-	recv int64
-}
-
-func newPushRegistry(t *testing.T) *pushRegistry {
-	r := &pushRegistry{gets: map[string]int{}}
-	r.addr = testimage.Server(t, func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-			if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/blobs/") {
-				r.mu.Lock()
-				r.gets[req.URL.Path[strings.LastIndex(req.URL.Path, "/")+1:]]++
-				r.mu.Unlock()
-			}
-			if req.Body != nil {
-				req.Body = countingBody{ReadCloser: req.Body, r: r}
-			}
-			next.ServeHTTP(w, req)
-		})
-	})
-	return r
-}
-
-// reset forgets what was counted so far.
-func (r *pushRegistry) reset() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.gets, r.recv = map[string]int{}, 0
-}
-
-func (r *pushRegistry) received() int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.recv
-}
-
-// countingBody adds what a request body carries to r.recv.
-type countingBody struct {
-	io.ReadCloser
-	r *pushRegistry
-}
-
-func (b countingBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	b.r.mu.Lock()
-	b.r.recv += int64(n)
-	b.r.mu.Unlock()
-	return n, err
-}
-
 // podAttrs are the attributes of an inline volume of pod ns/name.
 func podAttrs(image, ns, name string) map[string]string {
 	return map[string]string{"image": image, "csi.storage.k8s.io/pod.name": name,
@@ -108,7 +51,7 @@ func podAttrs(image, ns, name string) map[string]string {
 // volume, shows the same tree as the volume did, file for file.
 func TestCommitRoundTrip(t *testing.T) {
 	e := newEnv(t)
-	reg := newPushRegistry(t)
+	reg := newBlobRegistry(t, 0)
 	owned := testimage.File("owned", "owned by 1000:2000")
 	owned.UID, owned.GID, owned.Mode = 1000, 2000, 0o640
 	setuid := testimage.File("bin/tool", "#!/bin/true\n")
@@ -325,7 +268,7 @@ var uploadedLine = regexp.MustCompile(`(?m)^pushed (\S+)@(sha256:[0-9a-f]{64}), 
 // registry mounts them into the target repository.
 func TestCommitUploadsOnlyTheDiff(t *testing.T) {
 	e := newEnv(t)
-	reg := newPushRegistry(t)
+	reg := newBlobRegistry(t, 0)
 	big := make([]byte, 10<<20)
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := range big {
@@ -363,10 +306,10 @@ func TestCommitUploadsOnlyTheDiff(t *testing.T) {
 	recv := reg.received()
 	t.Logf("commit of %d bytes over a %d byte base took %v: the CLI sent %d bytes, the registry received %d body bytes",
 		len(small), len(big), time.Since(start), sent, recv)
-	if n := reg.gets[baseDigest.Hex]; n > 0 {
+	if n := reg.counts()[baseDigest.Hex]; n > 0 {
 		t.Errorf("the commit downloaded the base layer %d times", n)
 	}
-	if n := reg.gets["sha256:"+baseDigest.Hex]; n > 0 {
+	if n := reg.counts()["sha256:"+baseDigest.Hex]; n > 0 {
 		t.Errorf("the commit downloaded the base layer %d times", n)
 	}
 	limit := int64(len(small)) + 16<<10 // the gzip of random data, a config and a manifest
@@ -390,7 +333,7 @@ func TestCommitUploadsOnlyTheDiff(t *testing.T) {
 // needs the pod or --target-path.
 func TestCommitAmbiguousVolume(t *testing.T) {
 	e := newEnv(t)
-	reg := newPushRegistry(t)
+	reg := newBlobRegistry(t, 0)
 	base := reg.addr + "/commit/amb:v1"
 	testimage.Push(t, base, testimage.Image(t, testimage.Layer(t, testimage.Tar(t, testimage.File("f", "f")), testimage.Gzip)))
 	var targets []string
