@@ -7,13 +7,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 
@@ -131,32 +129,14 @@ func sameTree(t *testing.T, what string, got, want map[string]string) {
 	}
 }
 
-// blobCounter wraps a registry and counts the GETs of each blob digest.
-type blobCounter struct {
-	mu   sync.Mutex
-	gets map[string]int
-}
-
-func (c *blobCounter) wrap(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, d, ok := strings.Cut(r.URL.Path, "/blobs/"); ok && r.Method == http.MethodGet {
-			c.mu.Lock()
-			c.gets[d]++
-			c.mu.Unlock()
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-func (c *blobCounter) count(t *testing.T, l v1.Layer) int {
+// layerGets is how often reg served layer l's blob.
+func layerGets(t *testing.T, reg *blobRegistry, l v1.Layer) int {
 	t.Helper()
 	d, err := l.Digest()
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.gets[d.String()]
+	return reg.counts()[d.String()]
 }
 
 // TestStackedImages stacks a toolchain image on a dataset image. The pod sees
@@ -302,8 +282,8 @@ func TestStackedImages(t *testing.T) {
 func TestStackSharedBase(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	blobs := &blobCounter{gets: map[string]int{}}
-	reg := testimage.Server(t, blobs.wrap)
+	blobs := newBlobRegistry(t, 0)
+	reg := blobs.addr
 	lowerRef, upperRef, flatRef := reg+"/shared/lower:v1", reg+"/shared/upper:v1", reg+"/shared/flat:v1"
 	base := testimage.Layer(t, testimage.Tar(t,
 		testimage.File("etc/os", "base os\n"),
@@ -334,7 +314,7 @@ func TestStackSharedBase(t *testing.T) {
 			t.Errorf("%s = %q, want %q (the layers applied in order)", p, got, want)
 		}
 	}
-	if n := blobs.count(t, base); n != 1 {
+	if n := layerGets(t, blobs, base); n != 1 {
 		t.Errorf("the shared base was downloaded %d times, want 1", n)
 	}
 	if got, _ := filepath.Glob(filepath.Join(e.root, "layers", "sha256", "*", "fs")); len(got) != 3 {
@@ -346,7 +326,7 @@ func TestStackSharedBase(t *testing.T) {
 
 	flat := e.publishImage("flat", flatRef)
 	sameTree(t, "stack versus one image that repeats the base", tree(t, tgt), tree(t, flat))
-	if n := blobs.count(t, base); n != 1 {
+	if n := layerGets(t, blobs, base); n != 1 {
 		t.Errorf("the base was downloaded %d times, want 1", n)
 	}
 
