@@ -50,6 +50,14 @@ type Options struct {
 	Source   string    // org.opencontainers.image.source
 	Platform string    // os/arch[/variant], e.g. linux/amd64
 	Created  time.Time // image creation time and the mtime of every file
+	// Mke2fs is the build host's mke2fs, copied to /sbin/mke2fs with the
+	// shared libraries and dynamic loader it needs (as ldd lists them), and
+	// linked as /sbin/mkfs.ext4: persistent clones format their filesystem
+	// images with it. Empty: the image has no mke2fs.
+	Mke2fs string
+	// Mke2fsConf is copied to /etc/mke2fs.conf with Mke2fs; empty means
+	// /etc/mke2fs.conf.
+	Mke2fsConf string
 }
 
 // Result describes a built image.
@@ -129,12 +137,16 @@ func Build(o Options) (*Result, error) {
 	}
 	img = mutate.MediaType(img, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	contents := append([]string(nil), binaries...)
+	if o.Mke2fs != "" {
+		contents = append(contents, "mke2fs")
+	}
 	img, err = mutate.Append(img, mutate.Addendum{
 		Layer:     layer,
 		MediaType: types.OCILayer,
 		History: v1.History{
 			Created:   v1.Time{Time: created},
-			CreatedBy: "hack/buildimage: base files and " + strings.Join(binaries, ", "),
+			CreatedBy: "hack/buildimage: base files and " + strings.Join(contents, ", "),
 		},
 	})
 	if err != nil {
@@ -176,9 +188,11 @@ type file struct {
 	name string // relative, no leading slash; directories end in '/'
 	mode int64
 	data []byte
+	link string // symlink target; set for symlinks only
 }
 
-// rootfs returns the image's files: a minimal base and the binaries.
+// rootfs returns the image's files: a minimal base, the binaries and, if
+// asked for, mke2fs.
 func rootfs(o Options, plat *v1.Platform) ([]file, error) {
 	ca, err := os.ReadFile(o.CABundle)
 	if err != nil {
@@ -214,6 +228,13 @@ func rootfs(o Options, plat *v1.Platform) ([]file, error) {
 			return nil, err
 		}
 		files = append(files, file{name: binDir + "/" + b, mode: 0o755, data: data})
+	}
+	if o.Mke2fs != "" {
+		mk, err := mke2fsFiles(o.Mke2fs, o.Mke2fsConf, plat)
+		if err != nil {
+			return nil, err
+		}
+		files = withParents(append(files, mk...))
 	}
 	return files, nil
 }
@@ -282,6 +303,8 @@ func tarFiles(files []file, mtime time.Time) ([]byte, error) {
 		}
 		if strings.HasSuffix(f.name, "/") {
 			hdr.Typeflag = tar.TypeDir
+		} else if f.link != "" {
+			hdr.Typeflag, hdr.Linkname = tar.TypeSymlink, f.link
 		} else {
 			hdr.Typeflag = tar.TypeReg
 			hdr.Size = int64(len(f.data))

@@ -1,16 +1,22 @@
 // Command buildimage builds the Strata container image without Docker: one
 // image per node holding the CSI plugin (strata-csi, the entrypoint) and the
 // operator CLI (strata), on a minimal base generated from files (root in
-// /etc/passwd and /etc/group, /etc/nsswitch.conf, the host's CA bundle, /tmp).
-// Nothing is pulled.
+// /etc/passwd and /etc/group, /etc/nsswitch.conf, the host's CA bundle, /tmp),
+// plus the build host's mke2fs (/sbin/mke2fs, /sbin/mkfs.ext4 and
+// /etc/mke2fs.conf, with the shared libraries and dynamic loader ldd lists
+// for it), with which persistent clones format their ext4 images. Nothing is
+// pulled.
 //
 // Usage:
 //
 //	buildimage --bin bin --out bin/strata-image.tar [--tag REF] [--version V]
 //	           [--revision SHA] [--source URL] [--platform linux/amd64] [--push REF]
+//	           [--mke2fs /sbin/mke2fs]
 //
 // The binaries must be static (make build uses CGO_ENABLED=0); dynamic ones
-// are refused. The output is an OCI image layout archive whose index.json
+// are refused. mke2fs is dynamic and comes with its libraries, so it only
+// runs in an image of the build host's architecture: a cross build needs
+// --mke2fs= (no mke2fs; persistent clones then fail on that node). The output is an OCI image layout archive whose index.json
 // names the image (org.opencontainers.image.ref.name and containerd's
 // io.containerd.image.name) and which also carries a docker-style
 // manifest.json with RepoTags, so that both
@@ -72,6 +78,8 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.Source, "source", defaultSrc, "source repository label")
 	fs.StringVar(&o.Platform, "platform", "linux/"+runtime.GOARCH, "the binaries' platform, os/arch[/variant]")
 	fs.StringVar(&o.CABundle, "ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "CA bundle copied into the image")
+	fs.StringVar(&o.Mke2fs, "mke2fs", "/sbin/mke2fs", "the build host's mke2fs, copied into the image with its libraries as /sbin/mke2fs and /sbin/mkfs.ext4 (persistent clones need it); empty: none")
+	fs.StringVar(&o.Mke2fsConf, "mke2fs-conf", defaultConfPath, "copied to /etc/mke2fs.conf with --mke2fs")
 	fs.StringVar(&push, "push", "", "also push the image to this reference, e.g. 127.0.0.1:5000/strata/strata-csi:dev")
 	fs.BoolVar(&insecure, "insecure", false, "push over plain HTTP to any registry (loopback registries always use it)")
 	fs.Usage = func() {

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"debug/elf"
 	"errors"
 	"io"
 	"log"
@@ -102,15 +103,17 @@ func testCABundle(t *testing.T) string {
 
 func testOptions(t *testing.T, bins string) Options {
 	return Options{
-		BinDir:   bins,
-		CABundle: testCABundle(t),
-		Tag:      testTag,
-		Out:      filepath.Join(t.TempDir(), "strata-image.tar"),
-		Version:  "v0.0.1-test",
-		Revision: "0123456789abcdef0123456789abcdef01234567",
-		Source:   "https://example.com/strata",
-		Platform: "linux/" + runtime.GOARCH,
-		Created:  time.Unix(1700000000, 0),
+		BinDir:     bins,
+		CABundle:   testCABundle(t),
+		Tag:        testTag,
+		Out:        filepath.Join(t.TempDir(), "strata-image.tar"),
+		Version:    "v0.0.1-test",
+		Revision:   "0123456789abcdef0123456789abcdef01234567",
+		Source:     "https://example.com/strata",
+		Platform:   "linux/" + runtime.GOARCH,
+		Created:    time.Unix(1700000000, 0),
+		Mke2fs:     "/sbin/mke2fs",
+		Mke2fsConf: "/etc/mke2fs.conf",
 	}
 }
 
@@ -296,7 +299,18 @@ func TestBuild(t *testing.T) {
 		"usr/local/bin/":                    {tar.TypeDir, 0o755, nil},
 		"usr/local/bin/strata-csi":          {tar.TypeReg, 0o755, mustRead(t, filepath.Join(bins, "strata-csi"))},
 		"usr/local/bin/strata":              {tar.TypeReg, 0o755, mustRead(t, filepath.Join(bins, "strata"))},
+		"sbin/":                             {tar.TypeDir, 0o755, nil},
+		"sbin/mke2fs":                       {tar.TypeReg, 0o755, mustRead(t, "/sbin/mke2fs")},
+		"sbin/mkfs.ext4":                    {tar.TypeSymlink, 0o777, nil},
+		"etc/mke2fs.conf":                   {tar.TypeReg, 0o644, mustRead(t, "/etc/mke2fs.conf")},
 	}
+	// mke2fs's dynamic loader, at the path its ELF header names.
+	interp := elfInterp(t, "/sbin/mke2fs")
+	want[strings.TrimPrefix(interp, "/")] = struct {
+		typ  byte
+		mode int64
+		data []byte
+	}{tar.TypeReg, 0o755, mustRead(t, interp)}
 	for n, w := range want {
 		e, ok := files[n]
 		if !ok {
@@ -316,6 +330,20 @@ func TestBuild(t *testing.T) {
 		}
 		if !e.hdr.ModTime.Equal(o.Created) {
 			t.Errorf("%s mtime %v, want %v", n, e.hdr.ModTime, o.Created)
+		}
+	}
+	if l := files["sbin/mkfs.ext4"].hdr; l == nil || l.Linkname != "mke2fs" {
+		t.Errorf("/sbin/mkfs.ext4 is not a symlink to mke2fs: %+v", l)
+	}
+	var libs []string
+	for n := range files {
+		if strings.Contains(n, ".so") {
+			libs = append(libs, n)
+		}
+	}
+	for _, lib := range []string{"libext2fs.so.2", "libcom_err.so.2", "libc.so.6"} {
+		if !strings.Contains(strings.Join(libs, " "), "/"+lib) {
+			t.Errorf("no %s in the image; shared objects: %v", lib, libs)
 		}
 	}
 	if !strings.HasPrefix(string(files["etc/passwd"].data), "root:x:0:0:") {
@@ -504,5 +532,131 @@ func TestPush(t *testing.T) {
 	}
 	if cf.Config.Labels["org.opencontainers.image.created"] != "2023-11-14T22:13:20Z" {
 		t.Errorf("SOURCE_DATE_EPOCH not used: created label %q", cf.Config.Labels["org.opencontainers.image.created"])
+	}
+}
+
+// elfInterp returns the dynamic loader (PT_INTERP) of an executable.
+func elfInterp(t *testing.T, p string) string {
+	t.Helper()
+	f, err := elf.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, prog := range f.Progs {
+		if prog.Type == elf.PT_INTERP {
+			b, err := io.ReadAll(prog.Open())
+			if err != nil {
+				t.Fatal(err)
+			}
+			return strings.TrimRight(string(b), "\x00")
+		}
+	}
+	t.Fatalf("%s has no PT_INTERP", p)
+	return ""
+}
+
+// extractLayer unpacks the image's single layer into dir: directories,
+// regular files and symlinks, with their modes.
+func extractLayer(t *testing.T, img v1.Image, dir string) {
+	t.Helper()
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range layers {
+		files, order := layerEntries(t, l)
+		for _, n := range order {
+			e := files[n]
+			p := filepath.Join(dir, filepath.FromSlash(n))
+			var err error
+			switch e.hdr.Typeflag {
+			case tar.TypeDir:
+				err = os.MkdirAll(p, os.FileMode(e.hdr.Mode).Perm())
+			case tar.TypeReg:
+				err = os.WriteFile(p, e.data, os.FileMode(e.hdr.Mode).Perm())
+			case tar.TypeSymlink:
+				err = os.Symlink(e.hdr.Linkname, p)
+			default:
+				t.Fatalf("layer entry %s has type %c", n, e.hdr.Typeflag)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// TestMke2fsRunsInImage unpacks the image and runs its mkfs.ext4 in a chroot
+// of it: the libraries and the loader it needs are all there, and it formats
+// a file.
+func TestMke2fsRunsInImage(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("TestMke2fsRunsInImage needs root: it chroots into the unpacked image")
+	}
+	o := testOptions(t, staticBins(t))
+	o.Out = ""
+	res, err := Build(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	extractLayer(t, res.Image, root)
+
+	out, err := exec.Command("chroot", root, "/sbin/mkfs.ext4", "-V").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "mke2fs 1.") {
+		t.Fatalf("chroot %s /sbin/mkfs.ext4 -V: %v\n%s", root, err, out)
+	}
+	t.Logf("in the image: %s", bytes.TrimSpace(out))
+
+	img := filepath.Join(root, "tmp", "disk.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	// No PATH in the chroot's environment beyond the image's own.
+	cmd := exec.Command("chroot", root, "/sbin/mkfs.ext4", "-q", "-F", "-t", "ext4", "-L", "in-image", "/tmp/disk.img")
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 in the image: %v\n%s", err, out)
+	}
+	b := make([]byte, 2048)
+	f, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	if b[1024+0x38] != 0x53 || b[1024+0x39] != 0xef || !bytes.HasPrefix(b[1024+0x78:], []byte("in-image")) {
+		t.Errorf("mkfs.ext4 in the image wrote no ext4 superblock labelled in-image")
+	}
+}
+
+// TestWithoutMke2fs: an empty Mke2fs builds the image without it (for cross
+// builds), and a foreign-architecture mke2fs is refused.
+func TestWithoutMke2fs(t *testing.T) {
+	o := testOptions(t, staticBins(t))
+	o.Out, o.Mke2fs = "", ""
+	res, err := Build(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layers, err := res.Image.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := layerEntries(t, layers[0])
+	for n := range files {
+		if strings.HasPrefix(n, "sbin/") || strings.HasPrefix(n, "lib") || n == "etc/mke2fs.conf" {
+			t.Errorf("image without mke2fs has %s", n)
+		}
+	}
+	if _, err := mke2fsFiles("/sbin/mke2fs", "", &v1.Platform{OS: "linux", Architecture: "s390x"}); runtime.GOARCH != "s390x" &&
+		(err == nil || !strings.Contains(err.Error(), "not for linux/s390x")) {
+		t.Errorf("mke2fs for another architecture: %v, want an error", err)
 	}
 }
