@@ -23,16 +23,19 @@ build:
 deps:
 	hack/install-deps
 
-## lint: formatting and vet
+## lint: formatting and vet (with -race, so that vet and the tests share one
+## compilation of every dependency)
 lint: deps
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
-	$(GO) vet ./...
-	$(GO) vet -tags e2e,cluster ./test/...
+	$(GO) vet -race ./...
+	$(GO) vet -race -tags e2e,cluster ./test/...
 
 ## test: the whole suite: unit and integration tests, then the end-to-end
-## suite on a real cluster (root)
-test: unit e2e
+## suite on a real cluster (root); the cluster's binaries build in the
+## background meanwhile the first time (hack/test)
+test:
+	hack/test
 
 ## unit: formatting, vet, and every package's tests (root: real mounts, a
 ## real registry on loopback); the fast loop, no cluster

@@ -10,14 +10,13 @@ CLUSTER_DIR=${CLUSTER_DIR:-/tmp/strata-cluster}
 CLUSTER_CACHE=${CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/cluster}
 export CLUSTER_CACHE
 
-K8S_VERSION=${K8S_VERSION:-v1.37.2}
+# shellcheck source=../versions.sh
+. "$CLUSTER_REPO/hack/versions.sh"
 # CONTAINERD=build: containerd CONTAINERD_VERSION from the module proxy;
 # CONTAINERD=debian: Debian's containerd 1.6 package (use with K8S_VERSION<=v1.35.x).
 CONTAINERD=${CONTAINERD:-build}
-CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.2.9}
 # ETCD=build: etcd ETCD_VERSION from the module proxy; ETCD=debian: etcd-server 3.4.
 ETCD=${ETCD:-build}
-ETCD_VERSION=${ETCD_VERSION:-v3.6.8}
 
 # Network plan: everything lives in network namespace CLUSTER_NETNS.
 CLUSTER_NETNS=${CLUSTER_NETNS:-strata-e2e}
