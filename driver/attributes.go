@@ -5,6 +5,7 @@ import (
 	"maps"
 	"path"
 	"sort"
+	"strconv"
 	"strings"
 	"unicode"
 
@@ -42,7 +43,23 @@ const (
 	// credentials: they are never logged (see sanitize) nor stored.
 	attrServiceAccount = kubePrefix + "serviceAccount.name"
 	attrTokens         = kubePrefix + "serviceAccount.tokens"
+	// reservedPrefix marks the keys that the controller sets in the volume
+	// context of a volume it provisions: a StorageClass must not set them,
+	// a static PersistentVolume may (to name a clone made beforehand).
+	reservedPrefix = "strata.csi.dev/"
+	// attrClone "true" makes the volume a persistent clone: its writes
+	// live in clones/<volumeID>/ on the node until the volume is deleted.
+	attrClone = reservedPrefix + "clone"
+	// attrCapacity is a clone's size in bytes, a positive integer: its
+	// writes fail with ENOSPC beyond it.
+	attrCapacity = reservedPrefix + "capacity"
+	// attrProvisionerIdentity is added to the volume attributes of the PVs
+	// that the upstream csi-provisioner sidecar creates: accepted, unused.
+	attrProvisionerIdentity = "storage.kubernetes.io/csiProvisionerIdentity"
 )
+
+// DefaultCloneCapacity is the size of a clone whose claim requests none.
+const DefaultCloneCapacity int64 = 1 << 30
 
 // identityOf returns the pod identity of a publish from its volume context
 // and secrets, and the secrets without the tokens (what is left is the
@@ -90,6 +107,10 @@ type volumeAttributes struct {
 	StackImages []string
 	PullPolicy  layercache.PullPolicy
 	SubPath     string // cleaned, relative; "" for the whole image
+	// Clone is a persistent clone of the stack (attrClone), of
+	// CloneCapacity bytes (attrCapacity; 0 when not given).
+	Clone         bool
+	CloneCapacity int64
 }
 
 // Images returns the volume's whole stack of images, bottom first.
@@ -121,7 +142,19 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 		case k == attrSubPath:
 			sub := path.Clean("/" + val)[1:]
 			v.SubPath = sub
-		case strings.HasPrefix(k, kubePrefix):
+		case k == attrClone:
+			b, err := strconv.ParseBool(val)
+			if err != nil {
+				return v, invalid("volume attribute %s: %q is not true or false", attrClone, val)
+			}
+			v.Clone = b
+		case k == attrCapacity:
+			n, err := strconv.ParseInt(strings.TrimSpace(val), 10, 64)
+			if err != nil || n <= 0 {
+				return v, invalid("volume attribute %s: %q is not a positive number of bytes", attrCapacity, val)
+			}
+			v.CloneCapacity = n
+		case strings.HasPrefix(k, kubePrefix), k == attrProvisionerIdentity:
 		default:
 			unknown = append(unknown, k)
 		}
@@ -130,6 +163,9 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 		sort.Strings(unknown)
 		return v, invalid("unknown volume attribute %q: the attributes are %s, %s, %s and %s",
 			strings.Join(unknown, `", "`), attrImage, attrStackImages, attrPullPolicy, attrSubPath)
+	}
+	if v.CloneCapacity > 0 && !v.Clone {
+		return v, invalid("volume attribute %s is set but %s is not \"true\": a capacity applies to clones only", attrCapacity, attrClone)
 	}
 	if v.Image == "" {
 		return v, invalid("volume attribute %q is required: name the OCI image to mount, e.g. registry.example.com/datasets/imagenet:v1", attrImage)

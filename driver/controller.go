@@ -6,17 +6,22 @@ import (
 	"encoding/hex"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
+	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/driver/volumes"
 )
 
 // controllerState remembers the volumes created since start, for the
 // idempotency that CreateVolume owes (same name, different arguments is
-// AlreadyExists). Nothing is allocated: the image is the volume, and the
-// volume context carries everything the node needs.
+// AlreadyExists). Nothing is allocated: the image is the volume (a clone's
+// disk is made by its node at its first stage), and the volume context
+// carries everything the node needs.
 type controllerState struct {
 	mu      sync.Mutex
 	volumes map[string]*createdVolume // by name
@@ -26,7 +31,13 @@ type createdVolume struct {
 	id       string
 	capacity int64
 	params   map[string]string
+	topology []*csi.Topology
 }
+
+// TopologyKey is the topology segment that names a node: a clone is
+// accessible from its node only. NodeGetInfo reports it, and kubelet copies
+// it into the node's labels.
+const TopologyKey = "topology.strata.csi.dev/node"
 
 // volumeIDPrefix starts every volume id the controller makes.
 const volumeIDPrefix = "strata-"
@@ -52,7 +63,12 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 }
 
 // CreateVolume validates StorageClass parameters and returns them as the
-// volume context.
+// volume context. A volume that every requested access mode only reads is
+// the image itself, usable on any node. A writable one is a persistent
+// clone of the image, bound to one node (the accessibility requirement's
+// first preferred, else requisite, topology): its volume context carries
+// attrClone and attrCapacity, and the node makes the clone at its first
+// stage. Nothing is copied here, nor anywhere else.
 func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	if req.GetName() == "" {
 		return nil, invalid("CreateVolume: name is required")
@@ -60,15 +76,22 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, err
 	}
-	if _, err := parseAttributes(req.GetParameters()); err != nil {
+	for k := range req.GetParameters() {
+		if strings.HasPrefix(k, reservedPrefix) {
+			return nil, invalid("CreateVolume %s: parameter %q is set by %s itself: remove it from the StorageClass", req.GetName(), k, d.name)
+		}
+	}
+	attrs, err := parseAttributes(req.GetParameters())
+	if err != nil {
 		return nil, err
 	}
 	if req.GetVolumeContentSource() != nil {
 		return nil, invalid("CreateVolume %s: volume content sources (snapshots, clones) are not supported: the image is the content", req.GetName())
 	}
 	capacity := req.GetCapacityRange().GetRequiredBytes()
-	if l := req.GetCapacityRange().GetLimitBytes(); l > 0 && capacity > l {
-		return nil, invalid("CreateVolume %s: required bytes %d exceed the limit %d", req.GetName(), capacity, l)
+	limit := req.GetCapacityRange().GetLimitBytes()
+	if limit > 0 && capacity > limit {
+		return nil, invalid("CreateVolume %s: required bytes %d exceed the limit %d", req.GetName(), capacity, limit)
 	}
 	// The volume context is the parameters less the provisioner's own keys.
 	vctx := map[string]string{}
@@ -76,6 +99,23 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 		if !strings.HasPrefix(k, kubePrefix) {
 			vctx[k] = v
 		}
+	}
+	var topology []*csi.Topology
+	clone := !allReadOnly(req.GetVolumeCapabilities())
+	if clone {
+		node, err := d.cloneNode(req)
+		if err != nil {
+			return nil, err
+		}
+		if capacity == 0 {
+			capacity = DefaultCloneCapacity
+			if limit > 0 && limit < capacity {
+				capacity = limit
+			}
+		}
+		vctx[attrClone] = "true"
+		vctx[attrCapacity] = strconv.FormatInt(capacity, 10)
+		topology = []*csi.Topology{{Segments: map[string]string{TopologyKey: node}}}
 	}
 	id := volumeID(req.GetName(), vctx)
 
@@ -86,25 +126,82 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 		c.volumes = map[string]*createdVolume{}
 	}
 	if old, ok := c.volumes[req.GetName()]; ok {
-		if old.capacity != capacity || !maps.Equal(old.params, vctx) {
-			return nil, errorf(codes.AlreadyExists, "volume %q already exists with other parameters or capacity", req.GetName())
+		if old.capacity != capacity || !maps.Equal(old.params, vctx) || !sameTopology(old.topology, topology) {
+			return nil, errorf(codes.AlreadyExists, "volume %q already exists with other parameters, capacity or node", req.GetName())
 		}
 	}
-	c.volumes[req.GetName()] = &createdVolume{id: id, capacity: capacity, params: vctx}
-	return &csi.CreateVolumeResponse{Volume: &csi.Volume{VolumeId: id, CapacityBytes: capacity, VolumeContext: vctx}}, nil
+	c.volumes[req.GetName()] = &createdVolume{id: id, capacity: capacity, params: vctx, topology: topology}
+	if clone {
+		klog.InfoS("Provisioned a persistent clone", "name", req.GetName(), "volumeID", id, "image", attrs.Image,
+			"node", topology[0].Segments[TopologyKey], "capacityBytes", capacity)
+	}
+	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
+		VolumeId: id, CapacityBytes: capacity, VolumeContext: vctx, AccessibleTopology: topology,
+	}}, nil
 }
 
-// DeleteVolume forgets a volume. There is nothing to free: a volume's
-// writable layer lives on the node and goes at unpublish.
-func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
-	if req.GetVolumeId() == "" {
+// allReadOnly reports whether every capability only reads.
+func allReadOnly(caps []*csi.VolumeCapability) bool {
+	for _, c := range caps {
+		if !readOnlyMode(c) {
+			return false
+		}
+	}
+	return true
+}
+
+// cloneNode picks the node of a new clone from the request's accessibility
+// requirement: the first preferred topology, else the first requisite one.
+// Without a requirement, a plugin that serves the node too (--mode=all, one
+// machine) places the clone on its own node; a controller alone cannot
+// guess where the pod will run.
+func (d *Driver) cloneNode(req *csi.CreateVolumeRequest) (string, error) {
+	ar := req.GetAccessibilityRequirements()
+	var top *csi.Topology
+	switch {
+	case len(ar.GetPreferred()) > 0:
+		top = ar.GetPreferred()[0]
+	case len(ar.GetRequisite()) > 0:
+		top = ar.GetRequisite()[0]
+	case d.mode == ModeAll && d.nodeID != "":
+		return d.nodeID, nil
+	default:
+		return "", invalid("CreateVolume %s: a writable volume is a clone on one node, and the request names no node: "+
+			"use a StorageClass with volumeBindingMode: WaitForFirstConsumer (or a read-only access mode, ReadOnlyMany, for the image itself)", req.GetName())
+	}
+	node := top.GetSegments()[TopologyKey]
+	if node == "" {
+		return "", invalid("CreateVolume %s: the accessibility requirement %v has no %s segment: is the node plugin of %s running on the chosen node?",
+			req.GetName(), top.GetSegments(), TopologyKey, d.name)
+	}
+	return node, nil
+}
+
+// sameTopology compares two volumes' accessible topologies.
+func sameTopology(a, b []*csi.Topology) bool {
+	return slices.EqualFunc(a, b, func(x, y *csi.Topology) bool { return maps.Equal(x.GetSegments(), y.GetSegments()) })
+}
+
+// DeleteVolume forgets a volume. A volume that is the image has nothing to
+// free. A clone's disk is on its node: a plugin that serves the node too
+// removes it here when it is on this node and not staged (FailedPrecondition
+// while it is); otherwise the node's sweep removes it once its
+// PersistentVolume is gone (see sweep.go).
+func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
 		return nil, invalid("DeleteVolume: volume id is required")
+	}
+	if d.store != nil && volumes.CheckCloneID(id) == nil {
+		if err := d.deleteLocalClone(klog.FromContext(ctx).WithValues("volumeID", id), id, "DeleteVolume"); err != nil {
+			return nil, err
+		}
 	}
 	c := &d.controller
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for name, v := range c.volumes {
-		if v.id == req.GetVolumeId() {
+		if v.id == id {
 			delete(c.volumes, name)
 		}
 	}

@@ -19,9 +19,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/commits"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/layercache"
@@ -56,6 +58,9 @@ type Config struct {
 	// Kube reaches the Kubernetes API (events on pods, pull secrets); nil
 	// when the plugin runs without one (tests, single machines).
 	Kube kubernetes.Interface
+	// Dynamic reaches the VolumeCommit custom resources (WatchCommits); nil
+	// turns them off.
+	Dynamic dynamic.Interface
 	// PullCredentials configures the sources of pull credentials after the
 	// volume's node-publish secret: a service account's imagePullSecrets
 	// (read through Kube, which New fills in) and kubelet credential
@@ -82,8 +87,9 @@ type Driver struct {
 
 	controller controllerState
 
-	kube   kubernetes.Interface // nil: no API access
-	events *podEvents           // nil: no API access, or no node service
+	kube    kubernetes.Interface // nil: no API access
+	dynamic dynamic.Interface    // nil: no VolumeCommits
+	events  *podEvents           // nil: no API access, or no node service
 }
 
 // New validates cfg and opens (in node mode) the layer cache. Call Recover
@@ -97,7 +103,7 @@ func New(cfg Config) (*Driver, error) {
 	default:
 		return nil, fmt.Errorf("unknown mode %q: use node, controller or all", cfg.Mode)
 	}
-	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode, kube: cfg.Kube}
+	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode, kube: cfg.Kube, dynamic: cfg.Dynamic}
 	if !d.serves(ModeNode) {
 		d.metrics = metrics.New(metrics.Sources{})
 		return d, nil
@@ -142,6 +148,22 @@ func New(cfg Config) (*Driver, error) {
 	return d, nil
 }
 
+// WatchCommits carries out, in the background until ctx ends, the
+// VolumeCommits that name volumes of this node (package driver/commits).
+// It does nothing without API access or outside node mode.
+func (d *Driver) WatchCommits(ctx context.Context) error {
+	if !d.serves(ModeNode) || d.kube == nil || d.dynamic == nil {
+		return nil
+	}
+	w, err := commits.New(commits.Config{Kube: d.kube, Dynamic: d.dynamic, NodeID: d.nodeID, DriverName: d.name,
+		Root: d.root, Store: d.store, Credentials: d.creds})
+	if err != nil {
+		return err
+	}
+	d.background.Go(func() { w.Run(ctx) })
+	return nil
+}
+
 // MetricsHandler serves the plugin's Prometheus metrics.
 func (d *Driver) MetricsHandler() http.Handler { return d.metrics.Handler() }
 
@@ -162,7 +184,9 @@ func (d *Driver) Close() error {
 }
 
 // Serve listens on endpoint (unix:///path/csi.sock) until ctx ends, then
-// stops gracefully. A stale socket file from an earlier run is removed.
+// stops gracefully. A stale socket file from an earlier run is removed. A
+// node plugin with API access also sweeps, until ctx ends, the clones of
+// deleted PersistentVolumes.
 func (d *Driver) Serve(ctx context.Context, endpoint string) error {
 	sock, err := SocketPath(endpoint)
 	if err != nil {
@@ -187,6 +211,12 @@ func (d *Driver) Serve(ctx context.Context, endpoint string) error {
 		csi.RegisterControllerServer(srv, d)
 	}
 	klog.InfoS("Serving CSI", "endpoint", endpoint, "driver", d.name, "mode", d.mode, "nodeID", d.nodeID, "version", d.version)
+	if d.kube != nil && d.store != nil {
+		// Clones whose PersistentVolume is deleted are removed by their
+		// node (see sweep.go); Close waits for the sweeper, which ends
+		// with ctx.
+		d.background.Go(func() { d.runCloneSweeper(ctx) })
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	select {

@@ -23,6 +23,10 @@ type statusError struct {
 
 func (e *statusError) Error() string { return e.msg }
 
+// GRPCStatus gives the error its code where the driver is called in-process
+// (the controller's provisioner), not only through the gRPC server.
+func (e *statusError) GRPCStatus() *status.Status { return status.New(e.code, e.msg) }
+
 func errorf(code codes.Code, format string, args ...any) error {
 	return &statusError{code: code, msg: fmt.Sprintf(format, args...)}
 }

@@ -21,11 +21,14 @@ import (
 
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/mount"
+	"github.com/strata-csi/strata/driver/volumes"
 	"github.com/strata-csi/strata/layercache"
 )
 
-// NodeGetCapabilities advertises volume stats and volume health (CSI 1.13's
-// successor of the volume condition).
+// NodeGetCapabilities advertises volume stats, volume health (CSI 1.13's
+// successor of the volume condition) and staging: kubelet then stages every
+// PersistentVolume before its publishes, which a clone needs (its overlay
+// is mounted once per node, at the staging path, and bound to each pod).
 func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
 	rpc := func(t csi.NodeServiceCapability_RPC_Type) *csi.NodeServiceCapability {
 		return &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}}}
@@ -33,12 +36,15 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 	return &csi.NodeGetCapabilitiesResponse{Capabilities: []*csi.NodeServiceCapability{
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_STATS),
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH),
+		rpc(csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME),
 	}}, nil
 }
 
-// NodeGetInfo returns the node id.
+// NodeGetInfo returns the node id, and the node's topology: the clones
+// made for it are accessible from it alone.
 func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
-	return &csi.NodeGetInfoResponse{NodeId: d.nodeID}, nil
+	return &csi.NodeGetInfoResponse{NodeId: d.nodeID,
+		AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKey: d.nodeID}}}, nil
 }
 
 // NodePublishVolume mounts the image's layer stack, with a private writable
@@ -68,6 +74,16 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	for _, ref := range attrs.Images() {
 		want.Stack = append(want.Stack, stackImage{Image: ref})
+	}
+	if attrs.Clone {
+		// A clone's overlay is mounted once, at its stage; each publish
+		// binds it.
+		staging := req.GetStagingTargetPath()
+		if staging == "" {
+			return nil, invalid("NodePublishVolume %s: the volume is a persistent clone, published from its staging path, and the request has none: "+
+				"clones are PersistentVolumes, which kubelet stages first", volID)
+		}
+		want.Clone, want.StagingPath = true, filepath.Clean(staging)
 	}
 	pod := podOf(req.GetVolumeContext())
 	want.PodNamespace, want.PodName, want.PodUID = pod.Namespace, pod.Name, pod.UID
@@ -117,6 +133,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		return nil, err
 	}
+	if want.Clone {
+		logger = logger.WithValues("stagingPath", want.StagingPath, "clone", true)
+	}
 	logger.Info("Volume published", "digests", stackDigests(want), "layers", len(want.Layers), "readOnly", want.ReadOnly,
 		"subPath", want.SubPath, "duration", time.Since(start).Round(time.Microsecond))
 	return &csi.NodePublishVolumeResponse{}, nil
@@ -125,6 +144,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // publish does the work of NodePublishVolume. On error the caller tears
 // down whatever it left.
 func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, rec *volumeRecord, secrets map[string]string, pod credentials.Pod) error {
+	if rec.Clone {
+		return d.publishClone(rec)
+	}
 	refs := rec.Refs()
 	pull := newPullTracker(d.metrics, d.events, podRef{rec.PodNamespace, rec.PodName, rec.PodUID}, refs, rec.VolumeID)
 	o := layercache.PullOptions{Policy: layercache.PullPolicy(rec.PullPolicy), Progress: pull.progress}
@@ -384,7 +406,9 @@ func (d *Driver) teardown(logger klog.Logger, key string, rec *volumeRecord) err
 }
 
 // NodeUnpublishVolume unmounts the target and discards the volume's writable
-// layer. A target that is not mounted, or gone, is success.
+// layer; for a persistent clone it only unmounts the bind (the clone's
+// writes stay, see clone.go). A target that is not mounted, or gone, is
+// success.
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	volID, target := req.GetVolumeId(), req.GetTargetPath()
 	if volID == "" {
@@ -416,7 +440,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 }
 
 // NodeGetVolumeStats reports the bytes and inodes used by the volume's
-// writable layer and the space left on the filesystem that holds it.
+// writable layer and the space left on the filesystem that holds it; for a
+// persistent clone, the usage of the clone's own filesystem.
 func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
 	volID, p := req.GetVolumeId(), req.GetVolumePath()
 	if volID == "" || p == "" {
@@ -428,7 +453,13 @@ func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeSta
 		return nil, err
 	}
 	if rec == nil {
+		if st, _ := volumes.ReadCloneStage(d.root, volID); st != nil && volumes.CheckCloneID(volID) == nil && st.StagingPath == filepath.Clean(p) {
+			return d.cloneStats(volID) // asked for the staging path
+		}
 		return nil, errorf(codes.NotFound, "volume %s is not published at %s on this node", volID, p)
+	}
+	if rec.Clone {
+		return d.cloneStats(volID)
 	}
 	var used, inodes int64
 	if !rec.ReadOnly {

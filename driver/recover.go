@@ -13,7 +13,9 @@ import (
 // Recover rebuilds the node's state from disk after a start: publishes
 // whose target is still mounted keep their layers; the others (the pod went
 // while the plugin was down, or a publish crashed half-way) are torn down.
-// The plugin reports ready only after it.
+// Persistent clones (clones/) and their mounts are left as they are, and
+// keep their layers; the publish of a clone (a bind) whose target is gone
+// loses its record only. The plugin reports ready only after it.
 func (d *Driver) Recover() error {
 	if d.store == nil {
 		d.ready.Store(true)
@@ -37,6 +39,11 @@ func (d *Driver) Recover() error {
 		if rec != nil {
 			logger = logger.WithValues("volumeID", rec.VolumeID, "targetPath", rec.TargetPath, "images", rec.Refs())
 			if ok, _ := mount.IsMountPoint(rec.TargetPath); ok {
+				if rec.Clone {
+					// The clone holds the layers (recoverClones).
+					kept++
+					continue
+				}
 				if err := d.store.Acquire(key, rec.Layers); err != nil {
 					logger.Error(err, "Published volume's layers are missing from the cache")
 				}
@@ -67,7 +74,11 @@ func (d *Driver) Recover() error {
 		klog.InfoS("Released the layers of a volume that no longer exists", "volumeKey", owner)
 		removed++
 	}
-	klog.InfoS("Recovered volumes", "published", kept, "released", removed)
+	clones, cloneRefsReleased, err := d.recoverClones(owners)
+	if err != nil {
+		return fmt.Errorf("recover clones: %w", err)
+	}
+	klog.InfoS("Recovered volumes", "published", kept, "released", removed, "clones", clones, "cloneReferencesReleased", cloneRefsReleased)
 	d.ready.Store(true)
 	return nil
 }

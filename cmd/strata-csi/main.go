@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -27,6 +28,7 @@ import (
 	"github.com/strata-csi/strata/driver"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/health"
+	"github.com/strata-csi/strata/driver/provisioner"
 	"github.com/strata-csi/strata/driver/registration"
 	"github.com/strata-csi/strata/layercache"
 )
@@ -67,6 +69,9 @@ func main() {
 		providerTTL = flag.Duration("image-credential-provider-timeout", credentials.DefaultProviderTimeout, "time a credential provider plugin may take to answer before it is killed")
 		podIdentity = flag.Bool("pod-identity", false, "pull with the pod's own identity too (needs the CSIDriver's podInfoOnMount, and tokenRequests for token providers): the imagePullSecrets of the pod's ServiceAccount that a SubjectAccessReview shows it may get, and credential providers with tokenAttributes, given the pod's ServiceAccount token for their audience")
 		regConfig   = flag.String("registry-config", "", "node-wide registry config file (YAML: mirrors, plain-HTTP hosts, per-host CA bundles and client certificates; see docs/registries.md), reloaded when it changes (empty = none)")
+		provision   = flag.Bool("provisioner", true, "in --mode=controller (and --mode=all with API access): provision the PersistentVolumeClaims of StorageClasses whose provisioner is --driver-name, in-process (sig-storage-lib-external-provisioner); false: serve only the CSI controller service, e.g. to the upstream csi-provisioner sidecar")
+		leaderElect = flag.Bool("leader-election", false, "provision only while holding the Lease <driver name with dots as dashes> (e.g. strata-csi-dev), so that one of several controller replicas provisions at a time")
+		leaderNS    = flag.String("leader-election-namespace", "", "namespace of the leader election Lease (empty: the pod's own namespace, from $POD_NAMESPACE or its service account)")
 		insecure    stringList
 		prepull     stringList
 	)
@@ -106,15 +111,16 @@ func main() {
 		}
 		budget.MaxBytes = n
 	}
-	kube, err := kubeClient(*kubeconfig)
+	kube, dyn, err := kubeClient(*kubeconfig)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "strata-csi: --kubeconfig: %v\n", err)
 		os.Exit(2)
 	}
-	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull}, driver.Config{
+	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull,
+		provision: *provision, leaderElection: *leaderElect, leaderElectionNamespace: *leaderNS}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
-		CacheOptions: cacheOpts, Kube: kube,
+		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
 			PodIdentity: *podIdentity,
@@ -128,7 +134,8 @@ func main() {
 
 // kubeClient connects to the Kubernetes API with kubeconfig, or with the
 // in-cluster config when the plugin runs in a pod; nil outside a cluster.
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+// The dynamic client reaches the VolumeCommit custom resources.
+func kubeClient(kubeconfig string) (kubernetes.Interface, dynamic.Interface, error) {
 	var (
 		cfg *rest.Config
 		err error
@@ -139,14 +146,19 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 	case os.Getenv("KUBERNETES_SERVICE_HOST") != "":
 		cfg, err = rest.InClusterConfig()
 	default:
-		klog.InfoS("No Kubernetes API access (not in a pod, no --kubeconfig): no events on pods")
-		return nil, nil
+		klog.InfoS("No Kubernetes API access (not in a pod, no --kubeconfig): no events on pods, no VolumeCommits")
+		return nil, nil, nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	cfg.UserAgent = "strata-csi/" + version
-	return kubernetes.NewForConfig(cfg)
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	return kube, dyn, err
 }
 
 // sidecars configures the node-side duties that the upstream sidecars
@@ -157,6 +169,11 @@ type sidecars struct {
 	healthAddress      string // GET /healthz; empty = off
 	metricsAddress     string // GET /metrics; empty = off
 	prepull            []string
+	// The in-process provisioner (csi-provisioner's duty), in controller
+	// and all modes.
+	provision               bool
+	leaderElection          bool
+	leaderElectionNamespace string // empty: the pod's own
 }
 
 // run serves CSI on endpoint, and beside it the kubelet registration socket
@@ -177,6 +194,14 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 	} else if kubeletCSI, err = driver.SocketPath(kubeletCSI); err != nil {
 		return fmt.Errorf("--kubelet-csi-endpoint: %w", err)
 	}
+	provision := side.provision && (cfg.Mode == driver.ModeController || cfg.Mode == driver.ModeAll)
+	if provision && cfg.Kube == nil {
+		if cfg.Mode == driver.ModeController {
+			return errors.New("--mode=controller provisions PersistentVolumes through the Kubernetes API, and there is no API access: run it in a pod, give --kubeconfig, or pass --provisioner=false to serve only the CSI controller service")
+		}
+		klog.InfoS("No Kubernetes API access: PersistentVolumeClaims are not provisioned")
+		provision = false
+	}
 	d, err := driver.New(cfg)
 	if err != nil {
 		return err
@@ -189,6 +214,9 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if err := d.Prepull(ctx, side.prepull); err != nil {
+		return err
+	}
+	if err := d.WatchCommits(ctx); err != nil {
 		return err
 	}
 	var (
@@ -237,6 +265,23 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 				return
 			}
 			if err := reg.Serve(ctx); err != nil {
+				fail(err)
+			}
+		})
+	}
+
+	if provision {
+		name := cfg.Name
+		if name == "" {
+			name = driver.DefaultName
+		}
+		p, err := provisioner.New(name, d, provisioner.WithNodes(provisioner.NodesFrom(cfg.Kube)), provisioner.WithTopologyKey(driver.TopologyKey))
+		if err != nil {
+			return err
+		}
+		wg.Go(func() {
+			err := provisioner.Run(ctx, cfg.Kube, p, provisioner.RunConfig{LeaderElection: side.leaderElection, Namespace: side.leaderElectionNamespace})
+			if err != nil {
 				fail(err)
 			}
 		})

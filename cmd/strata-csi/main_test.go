@@ -198,7 +198,7 @@ func TestKubeletRegistrationAndHealth(t *testing.T) {
 	regDir := filepath.Join(tmp, "reg")
 	regSock := filepath.Join(regDir, "strata.csi.dev-reg.sock")
 	healthAddr := freePort(t)
-	p := startPlugin(t, "--mode=controller", "--endpoint", "unix://"+csiSock,
+	p := startPlugin(t, "--mode=controller", "--provisioner=false", "--endpoint", "unix://"+csiSock,
 		"--kubelet-registration-dir", regDir, "--health-address", healthAddr)
 
 	info := getInfo(t, p, regSock)
@@ -243,7 +243,7 @@ func TestKubeletCSIEndpointFlag(t *testing.T) {
 	tmp := t.TempDir()
 	regDir := filepath.Join(tmp, "reg")
 	hostPath := "/var/lib/kubelet/plugins/strata.csi.dev/csi.sock"
-	p := startPlugin(t, "--mode=controller", "--endpoint", "unix://"+filepath.Join(tmp, "csi.sock"),
+	p := startPlugin(t, "--mode=controller", "--provisioner=false", "--endpoint", "unix://"+filepath.Join(tmp, "csi.sock"),
 		"--driver-name", "other.csi.dev", "--kubelet-registration-dir", regDir, "--kubelet-csi-endpoint", hostPath)
 	info := getInfo(t, p, filepath.Join(regDir, "other.csi.dev-reg.sock"))
 	if info.GetName() != "other.csi.dev" || info.GetEndpoint() != hostPath {
@@ -257,7 +257,7 @@ func TestKubeletCSIEndpointFlag(t *testing.T) {
 func TestNoSidecarsByDefault(t *testing.T) {
 	tmp := t.TempDir()
 	csiSock := filepath.Join(tmp, "csi.sock")
-	p := startPlugin(t, "--mode=controller", "--endpoint", "unix://"+csiSock)
+	p := startPlugin(t, "--mode=controller", "--provisioner=false", "--endpoint", "unix://"+csiSock)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := os.Stat(csiSock); err == nil {
@@ -283,7 +283,7 @@ func TestHealthAddressInUse(t *testing.T) {
 	}
 	defer lis.Close()
 	tmp := t.TempDir()
-	p := startPlugin(t, "--mode=controller", "--endpoint", "unix://"+filepath.Join(tmp, "csi.sock"),
+	p := startPlugin(t, "--mode=controller", "--provisioner=false", "--endpoint", "unix://"+filepath.Join(tmp, "csi.sock"),
 		"--health-address", lis.Addr().String())
 	select {
 	case <-p.exited:

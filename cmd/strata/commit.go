@@ -2,17 +2,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"k8s.io/klog/v2"
-
+	"github.com/strata-csi/strata/driver/commits/source"
 	"github.com/strata-csi/strata/driver/volumes"
 	"github.com/strata-csi/strata/layercache"
 	"github.com/strata-csi/strata/layercache/commit"
@@ -52,11 +47,7 @@ func commitFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if err != nil {
 			return err
 		}
-		base, target, err := commitRefs(cmd, s, vol, args[1])
-		if err != nil {
-			return err
-		}
-		return runCommit(ctx, e, s, vol, base, target, creds)
+		return runCommit(ctx, cmd, e, s, vol, args[1], creds)
 	}
 }
 
@@ -98,67 +89,31 @@ func findVolume(cmd *command, root, arg, targetPath string) (*volumes.Volume, er
 	if v.ReadOnly {
 		return nil, usagef(cmd, "volume %q at %s is read-only: it has no writes to commit", v.VolumeID, v.TargetPath)
 	}
-	if n := len(v.Images()); n > 1 {
-		return nil, fmt.Errorf("%w: volume %q stacks %d images; commit supports single-image volumes only "+
-			"(a stacked image spans repositories, and its layers would have to be copied)", layercache.ErrUnsupported, v.VolumeID, n)
-	}
 	return &v, nil
 }
 
-// commitRefs returns the volume's base image by digest, and the tag to push.
-func commitRefs(cmd *command, s *layercache.Store, v *volumes.Volume, targetRef string) (name.Digest, name.Tag, error) {
-	r, err := s.ParseReference(targetRef)
+// runCommit builds the layer from the volume's upper and pushes it to
+// targetRef (a tag), telling what it built and what it uploaded.
+func runCommit(ctx context.Context, cmd *command, e *env, s *layercache.Store, v *volumes.Volume, targetRef string, creds *layercache.Credentials) error {
+	target, err := commit.ParseTarget(s, targetRef)
 	if err != nil {
-		return name.Digest{}, name.Tag{}, usagef(cmd, "TARGET_REF: %v", err)
+		return usagef(cmd, "TARGET_REF: %v", err)
 	}
-	target, ok := r.(name.Tag)
-	if !ok {
-		return name.Digest{}, name.Tag{}, usagef(cmd, "TARGET_REF %q names a digest: give a tag (the digest is the result)", targetRef)
-	}
-	img, err := s.ParseReference(v.Image)
-	if err != nil {
-		return name.Digest{}, name.Tag{}, fmt.Errorf("volume %q: its image %q: %w", v.VolumeID, v.Image, err)
-	}
-	// The digest the volume was published with, not what the tag says now.
-	br, err := s.ParseReference(img.Context().String() + "@" + v.Digest.String())
-	if err != nil {
-		return name.Digest{}, name.Tag{}, fmt.Errorf("volume %q: its image digest %q: %w", v.VolumeID, v.Digest, err)
-	}
-	return br.(name.Digest), target, nil
-}
-
-// runCommit builds the layer from the volume's upper and pushes it.
-func runCommit(ctx context.Context, e *env, s *layercache.Store, v *volumes.Volume, base name.Digest, target name.Tag, creds *layercache.Credentials) error {
-	upper := volumes.Upper(e.root, v.Key)
-	if _, err := os.Stat(upper); errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("volume %q: its upper directory %s is gone: was it unpublished?", v.VolumeID, upper)
-	}
-	log := klog.FromContext(ctx).WithValues("volumeID", v.VolumeID, "targetPath", v.TargetPath, "image", base.String())
-	log.V(2).Info("Building the layer of the volume's writes", "upper", upper)
-	layer, err := commit.Build(ctx, upper, s.WorkDir())
-	if err != nil {
-		return fmt.Errorf("volume %q: %w", v.VolumeID, err)
-	}
-	defer layer.Close()
-	st := layer.Stats
-	size, _ := layer.Size()
-	digest, _ := layer.Digest()
-	fmt.Fprintf(e.stdout, "layer %s %d bytes: %d files (%d bytes), %d dirs, %d symlinks, %d hardlinks, %d deletions, %d opaque dirs\n",
-		digest, size, st.Files, st.Bytes, st.Dirs, st.Symlinks, st.Hardlinks, st.Whiteouts, st.Opaques)
-	if st.Skipped > 0 {
-		fmt.Fprintf(e.stderr, "strata: skipped %d device nodes or sockets, which a layer does not carry\n", st.Skipped)
-	}
-	createdBy := "strata commit of volume " + v.VolumeID
-	if v.Pod() != "" {
-		createdBy += " (pod " + v.Pod() + ")"
-	}
-	var sent commit.Counter
-	opts := s.RemoteOptions(ctx, creds, sent.Wrap)
-	newDigest, err := commit.Push(ctx, base, target, layer, createdBy, layercache.ClassifyRegistryError, opts...)
+	src, err := source.OfPublish(e.root, v)
 	if err != nil {
 		return err
 	}
-	log.V(1).Info("Committed volume", "target", target.String(), "digest", newDigest, "uploadedBytes", sent.Sent())
-	fmt.Fprintf(e.stdout, "pushed %s@%s, uploaded %d bytes\n", target, newDigest, sent.Sent())
+	res, err := commit.Volume(ctx, s, src, target, creds, func(r commit.Result) {
+		st := r.Stats
+		fmt.Fprintf(e.stdout, "layer %s %d bytes: %d files (%d bytes), %d dirs, %d symlinks, %d hardlinks, %d deletions, %d opaque dirs\n",
+			r.Layer, r.LayerBytes, st.Files, st.Bytes, st.Dirs, st.Symlinks, st.Hardlinks, st.Whiteouts, st.Opaques)
+		if st.Skipped > 0 {
+			fmt.Fprintf(e.stderr, "strata: skipped %d device nodes or sockets, which a layer does not carry\n", st.Skipped)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "pushed %s@%s, uploaded %d bytes\n", res.Target, res.Digest, res.Uploaded)
 	return nil
 }

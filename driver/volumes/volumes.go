@@ -1,5 +1,6 @@
 // Package volumes reads and writes the record of one publish,
-// volumes/<key>/volume.json under the node state root.
+// volumes/<key>/volume.json under the node state root, and the records of
+// persistent clones, clones/<volumeID>/ (see clones.go).
 //
 // It stands apart from package driver so that the strata CLI can tell which
 // pods hold which cached layers without linking the CSI server and the
@@ -29,7 +30,9 @@ const (
 	UpperDir   = "upper"
 )
 
-// Upper returns the upper directory of the publish key under root.
+// Upper returns the upper directory of the publish key under root. A
+// clone's publish (Record.Clone) has none: its writes are in
+// CloneUpper(root, VolumeID).
 func Upper(root, key string) string { return filepath.Join(root, Dir, key, UpperDir) }
 
 // Record is volumes/<key>/volume.json: everything needed to recognise a
@@ -58,6 +61,13 @@ type Record struct {
 	PodNamespace string `json:"podNamespace,omitempty"`
 	PodName      string `json:"podName,omitempty"`
 	PodUID       string `json:"podUID,omitempty"`
+	// Clone marks the publish of a persistent clone: a bind of the clone's
+	// overlay, staged at StagingPath, to the target. Such a publish has no
+	// upper of its own (the clone's is CloneUpper(root, VolumeID)), holds
+	// no layer references (the clone does, as CloneOwner), and undoing it
+	// only unmounts the bind.
+	Clone       bool   `json:"clone,omitempty"`
+	StagingPath string `json:"stagingPath,omitempty"`
 }
 
 // StackImage is one image of a volume's stack.
@@ -94,7 +104,8 @@ func (r *Record) Refs() []string {
 // target path already names it.
 func (r *Record) SameRequest(o *Record) bool {
 	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && slices.Equal(r.Refs(), o.Refs()) &&
-		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly
+		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly &&
+		r.Clone == o.Clone && r.StagingPath == o.StagingPath
 }
 
 // Pod returns "namespace/name" of the record's pod, or "" when unknown.

@@ -33,8 +33,8 @@ func pullSecretsRole(t *testing.T, objs objects) (object, clusterRole, clusterRo
 	t.Helper()
 	var role clusterRole
 	var binding clusterRoleBinding
-	o := objs.one(t, "Role", &role)
-	b := objs.one(t, "RoleBinding", &binding)
+	o := objs.withoutController().one(t, "Role", &role)
+	b := objs.withoutController().one(t, "RoleBinding", &binding)
 	if b.Namespace != o.Namespace {
 		t.Errorf("RoleBinding in %q, Role in %q", b.Namespace, o.Namespace)
 	}
@@ -68,7 +68,7 @@ func TestPullSecretsServiceAccount(t *testing.T) {
 			}
 			checkPullSecretsRules(t, role.Rules, tc.account)
 			var sa struct{}
-			saObj := objs.one(t, "ServiceAccount", &sa)
+			saObj := objs.withoutController().one(t, "ServiceAccount", &sa)
 			if binding.RoleRef.Kind != "Role" || binding.RoleRef.Name != o.Name {
 				t.Errorf("binding refers to %s %s, want Role %s", binding.RoleRef.Kind, binding.RoleRef.Name, o.Name)
 			}
@@ -84,7 +84,7 @@ func TestPullSecretsServiceAccount(t *testing.T) {
 		if _, ok := flags(t, mustContainer(t, objs).Args)["pull-secrets-service-account"]; ok {
 			t.Error("--pull-secrets-service-account given while disabled")
 		}
-		for _, k := range objs.kinds() {
+		for _, k := range objs.withoutController().kinds() {
 			if k == "Role" || k == "RoleBinding" {
 				t.Errorf("a %s is rendered while the source is disabled", k)
 			}
@@ -133,7 +133,7 @@ func TestImagePullSecrets(t *testing.T) {
 			Name string `yaml:"name"`
 		} `yaml:"imagePullSecrets"`
 	}
-	render(t, withProviders).one(t, "ServiceAccount", &sa)
+	render(t, withProviders).withoutController().one(t, "ServiceAccount", &sa)
 	var names []string
 	for _, s := range sa.ImagePullSecrets {
 		names = append(names, s.Name)
@@ -142,7 +142,7 @@ func TestImagePullSecrets(t *testing.T) {
 		t.Errorf("imagePullSecrets %q, want %q", names, want)
 	}
 	sa.ImagePullSecrets = nil
-	render(t, "").one(t, "ServiceAccount", &sa)
+	render(t, "").withoutController().one(t, "ServiceAccount", &sa)
 	if len(sa.ImagePullSecrets) != 0 {
 		t.Errorf("imagePullSecrets %v by default", sa.ImagePullSecrets)
 	}

@@ -1,0 +1,204 @@
+package commits
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/strata-csi/strata/driver/volumes"
+)
+
+const (
+	testDriver = "strata.csi.dev"
+	thisNode   = "node-1"
+)
+
+var (
+	digestA = v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("a", 64)}
+	digestB = v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("b", 64)}
+)
+
+// kubeletTarget is kubelet's target path of a CSI volume of pod uid: dir is
+// the pod's volume name (inline) or the PV's name.
+func kubeletTarget(uid, dir string) string {
+	return filepath.Join("/var/lib/kubelet/pods", uid, "volumes", "kubernetes.io~csi", dir, "mount")
+}
+
+// writeRecord writes a publish record (and its upper dir) under root.
+func writeRecord(t *testing.T, root, key string, rec volumes.Record) {
+	t.Helper()
+	dir := filepath.Join(root, volumes.Dir, key)
+	if err := os.MkdirAll(filepath.Join(dir, volumes.UpperDir), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := volumes.Write(filepath.Join(dir, volumes.RecordFile), &rec); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func testPod(name, uid, node string, phase corev1.PodPhase, vols ...corev1.Volume) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name, UID: types.UID(uid)},
+		Spec:       corev1.PodSpec{NodeName: node, Volumes: vols},
+		Status:     corev1.PodStatus{Phase: phase},
+	}
+}
+
+func inlineVol(name, driver string) corev1.Volume {
+	return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{Driver: driver}}}
+}
+
+func claimVol(name, claim string) corev1.Volume {
+	return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{
+		PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim}}}
+}
+
+func boundClaim(name, pv string) *corev1.PersistentVolumeClaim {
+	return &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name},
+		Spec: corev1.PersistentVolumeClaimSpec{VolumeName: pv}}
+}
+
+func csiPV(name, driver, handle string) *corev1.PersistentVolume {
+	return &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PersistentVolumeSpec{PersistentVolumeSource: corev1.PersistentVolumeSource{
+			CSI: &corev1.CSIPersistentVolumeSource{Driver: driver, VolumeHandle: handle}}}}
+}
+
+func podSource(pod, volume string) *VolumeCommit {
+	return &VolumeCommit{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "vc"},
+		Spec: Spec{Source: Source{Pod: &PodVolume{Name: pod, Volume: volume}}, Image: "127.0.0.1:1/x:v2"}}
+}
+
+func claimSource(claim string) *VolumeCommit {
+	return &VolumeCommit{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "vc"},
+		Spec: Spec{Source: Source{PersistentVolumeClaim: claim}, Image: "127.0.0.1:1/x:v2"}}
+}
+
+// TestLocate: which volume of this node a VolumeCommit names, decided
+// against real publish records and persistent clones in a state root: the
+// node that holds the volume takes it, a node that does not leaves it, and
+// the node that can tell it cannot be done refuses it with a reason.
+func TestLocate(t *testing.T) {
+	root := t.TempDir()
+	img := "127.0.0.1:1/datasets/base:v1"
+	writeRecord(t, root, "k-inline", volumes.Record{VolumeID: "csi-inline", TargetPath: kubeletTarget("uid-trainer", "data"),
+		Image: img, Digest: digestA, PodNamespace: "team-a", PodName: "trainer", PodUID: "uid-trainer"})
+	// Another pod's volume of the same name: never taken for trainer's.
+	writeRecord(t, root, "k-other", volumes.Record{VolumeID: "csi-other", TargetPath: kubeletTarget("uid-other", "data"),
+		Image: img, Digest: digestB, PodUID: "uid-other"})
+	writeRecord(t, root, "k-ro", volumes.Record{VolumeID: "csi-ro", TargetPath: kubeletTarget("uid-reader", "data"),
+		Image: img, Digest: digestA, ReadOnly: true, PodUID: "uid-reader"})
+	// A static PV published for one pod through a claim: kubelet names the
+	// directory after the PV.
+	writeRecord(t, root, "k-static", volumes.Record{VolumeID: "static-1", TargetPath: kubeletTarget("uid-static", "pv-static"),
+		Image: img, Digest: digestB, PodNamespace: "team-a", PodName: "static-user", PodUID: "uid-static"})
+	// A static PV published twice on this node.
+	for _, p := range []string{"p1", "p2"} {
+		writeRecord(t, root, "k-shared-"+p, volumes.Record{VolumeID: "shared-1", TargetPath: kubeletTarget("uid-"+p, "pv-shared"),
+			Image: img, Digest: digestA, PodNamespace: "team-a", PodName: p, PodUID: "uid-" + p})
+	}
+	// A persistent clone of this node, and its publish for a pod.
+	if err := volumes.WriteClone(root, &volumes.Clone{VolumeID: "strata-clone1", CapacityBytes: 1 << 30,
+		Stack: []volumes.StackImage{{Image: img, Digest: digestB}}}); err != nil {
+		t.Fatal(err)
+	}
+	writeRecord(t, root, "k-clone", volumes.Record{VolumeID: "strata-clone1", TargetPath: kubeletTarget("uid-cloneuser", "pv-clone"),
+		Image: img, Digest: digestB, PodUID: "uid-cloneuser", Clone: true, StagingPath: "/staging/x"})
+
+	objs := []runtime.Object{
+		testPod("trainer", "uid-trainer", thisNode, corev1.PodRunning, inlineVol("data", testDriver), inlineVol("scratch", "other.csi.io"),
+			corev1.Volume{Name: "cfg", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}),
+		testPod("elsewhere", "uid-elsewhere", "node-2", corev1.PodRunning, inlineVol("data", testDriver)),
+		testPod("unscheduled", "uid-unscheduled", "", corev1.PodPending, inlineVol("data", testDriver)),
+		testPod("starting", "uid-starting", thisNode, corev1.PodPending, inlineVol("data", testDriver)),
+		testPod("gone", "uid-gone", thisNode, corev1.PodSucceeded, inlineVol("data", testDriver)),
+		testPod("reader", "uid-reader", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
+		testPod("static-user", "uid-static", thisNode, corev1.PodRunning, claimVol("data", "static-claim")),
+		testPod("cloneuser", "uid-cloneuser", thisNode, corev1.PodRunning, claimVol("data", "clone-claim")),
+		testPod("nfs-user", "uid-nfs", thisNode, corev1.PodRunning, claimVol("data", "nfs-claim")),
+		boundClaim("static-claim", "pv-static"), csiPV("pv-static", testDriver, "static-1"),
+		boundClaim("clone-claim", "pv-clone"), csiPV("pv-clone", testDriver, "strata-clone1"),
+		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1"),
+		boundClaim("nfs-claim", "pv-nfs"), csiPV("pv-nfs", "nfs.csi.k8s.io", "nfs-1"),
+		boundClaim("remote-claim", "pv-remote"), csiPV("pv-remote", testDriver, "remote-1"),
+		boundClaim("unbound", ""),
+	}
+	l := &locator{kube: fake.NewClientset(objs...), root: root, node: thisNode, driver: testDriver}
+
+	for _, tc := range []struct {
+		name    string
+		vc      *VolumeCommit
+		verdict verdict
+		upper   string  // when here
+		digest  v1.Hash // when here
+		words   []string
+	}{
+		{"inline volume of a pod of this node", podSource("trainer", "data"), here, volumes.Upper(root, "k-inline"), digestA, nil},
+		{"pod on another node", podSource("elsewhere", "data"), notHere, "", v1.Hash{}, []string{"node-2"}},
+		{"pod not scheduled", podSource("unscheduled", "data"), notHere, "", v1.Hash{}, nil},
+		{"pod not created yet", podSource("later", "data"), notHere, "", v1.Hash{}, []string{"does not exist"}},
+		{"pod starting, volume not mounted yet", podSource("starting", "data"), notHere, "", v1.Hash{}, []string{"Pending"}},
+		{"pod over, volume unpublished", podSource("gone", "data"), refused, "", v1.Hash{}, []string{"not published on node node-1", "Succeeded"}},
+		{"no such volume in the pod", podSource("trainer", "nope"), refused, "", v1.Hash{}, []string{`no volume "nope"`, "data, scratch, cfg"}},
+		{"volume of another CSI driver", podSource("trainer", "scratch"), refused, "", v1.Hash{}, []string{"other.csi.io"}},
+		{"volume not CSI", podSource("trainer", "cfg"), refused, "", v1.Hash{}, []string{"not a strata.csi.dev volume"}},
+		{"read-only volume", podSource("reader", "data"), refused, "", v1.Hash{}, []string{"read-only"}},
+		{"pod's claim of a static PV", podSource("static-user", "data"), here, volumes.Upper(root, "k-static"), digestB, nil},
+		{"pod's claim of a persistent clone", podSource("cloneuser", "data"), here, volumes.CloneUpper(root, "strata-clone1"), digestB, nil},
+		{"pod's claim of another driver's PV", podSource("nfs-user", "data"), refused, "", v1.Hash{}, []string{"pv-nfs", "not a strata.csi.dev volume"}},
+		{"claim of a persistent clone", claimSource("clone-claim"), here, volumes.CloneUpper(root, "strata-clone1"), digestB, nil},
+		{"claim of a static PV published once", claimSource("static-claim"), here, volumes.Upper(root, "k-static"), digestB, nil},
+		{"claim published twice here", claimSource("shared-claim"), refused, "", v1.Hash{}, []string{"2 times", "team-a/p1, team-a/p2", "spec.source.pod"}},
+		{"claim of another driver", claimSource("nfs-claim"), refused, "", v1.Hash{}, []string{"pv-nfs"}},
+		{"claim whose volume is on another node", claimSource("remote-claim"), notHere, "", v1.Hash{}, []string{"not published on this node"}},
+		{"claim not bound", claimSource("unbound"), notHere, "", v1.Hash{}, []string{"not bound"}},
+		{"claim not created yet", claimSource("later"), notHere, "", v1.Hash{}, []string{"does not exist"}},
+		{"no source", &VolumeCommit{}, refused, "", v1.Hash{}, []string{"exactly one"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := l.locate(context.Background(), tc.vc)
+			if err != nil {
+				t.Fatalf("locate: %v", err)
+			}
+			if got.verdict != tc.verdict {
+				t.Fatalf("verdict %s (%s), want %s", got.verdict, got.why, tc.verdict)
+			}
+			if tc.verdict == here {
+				if got.src.Upper != tc.upper || got.src.Digest != tc.digest || len(got.src.Images) != 1 {
+					t.Errorf("source %+v, want upper %s, digest %s, one image", got.src, tc.upper, tc.digest)
+				}
+			}
+			for _, w := range tc.words {
+				if !strings.Contains(got.why, w) {
+					t.Errorf("reason %q does not say %q", got.why, w)
+				}
+			}
+		})
+	}
+
+	// Seen from another node, only what every node can tell is refused.
+	other := &locator{kube: l.kube, root: t.TempDir(), node: "node-2", driver: testDriver}
+	for _, tc := range []struct {
+		vc   *VolumeCommit
+		want verdict
+	}{
+		{podSource("trainer", "data"), notHere},
+		{podSource("trainer", "cfg"), notHere},
+		{claimSource("clone-claim"), notHere},
+		{claimSource("nfs-claim"), refused},
+	} {
+		got, err := other.locate(context.Background(), tc.vc)
+		if err != nil || got.verdict != tc.want {
+			t.Errorf("node-2 locates %+v: %s (%s), %v; want %s", tc.vc.Spec.Source, got.verdict, got.why, err, tc.want)
+		}
+	}
+}

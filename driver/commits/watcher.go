@@ -1,0 +1,456 @@
+package commits
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/retry"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/driver/credentials"
+	"github.com/strata-csi/strata/layercache"
+	"github.com/strata-csi/strata/layercache/commit"
+)
+
+// Event reasons on a VolumeCommit.
+const (
+	ReasonCommitting   = "Committing"
+	ReasonCommitted    = "Committed"
+	ReasonCommitFailed = "CommitFailed"
+)
+
+// Defaults, each with its reason.
+const (
+	// DefaultResync: how often every VolumeCommit is looked at again, which
+	// is how a Pending one notices that its pod was scheduled or its claim
+	// bound. Pods and claims are not watched: one GET per Pending commit a
+	// minute costs less than a node-wide watch of every pod.
+	DefaultResync = time.Minute
+	// DefaultAPIWait: how often the watcher checks that the VolumeCommit
+	// API is there (the CRD installed, the RBAC granted) before it watches.
+	DefaultAPIWait = time.Minute
+)
+
+// Credentials finds the credentials for an image (driver/credentials.Chain).
+type Credentials interface {
+	For(ctx context.Context, ref string, secrets map[string]string, pod credentials.Pod) (credentials.Pull, error)
+}
+
+var _ Credentials = (*credentials.Chain)(nil)
+
+// Config configures a Watcher.
+type Config struct {
+	// Kube reads pods, claims, volumes and push secrets, and records
+	// events; Dynamic reads and updates VolumeCommits. Both required.
+	Kube    kubernetes.Interface
+	Dynamic dynamic.Interface
+	// NodeID is this node's name, DriverName the CSI driver's, Root the node
+	// state root.
+	NodeID, DriverName, Root string
+	// Store is the node's layer cache: its work directory holds the layer
+	// being built, and it reaches registries as pulls do.
+	Store *layercache.Store
+	// Credentials are the driver's own credential sources, asked after the
+	// VolumeCommit's push secret.
+	Credentials Credentials
+	// Resync and APIWait: DefaultResync and DefaultAPIWait if zero.
+	Resync, APIWait time.Duration
+}
+
+// Watcher carries out the VolumeCommits of this node's volumes.
+type Watcher struct {
+	cfg    Config
+	loc    *locator
+	queue  workqueue.TypedRateLimitingInterface[string]
+	events record.EventRecorder
+	now    func() time.Time
+
+	mu      sync.Mutex
+	running map[string]bool // keys being committed by this process
+	// unwritten holds the final status of commits done whose status
+	// update failed, by object UID: a retry writes it, and does not commit
+	// again.
+	unwritten map[types.UID]Status
+}
+
+// New checks cfg and returns a Watcher; Run starts it.
+func New(cfg Config) (*Watcher, error) {
+	switch {
+	case cfg.Kube == nil || cfg.Dynamic == nil:
+		return nil, errors.New("VolumeCommits need Kubernetes API access")
+	case cfg.NodeID == "" || cfg.DriverName == "" || cfg.Root == "":
+		return nil, errors.New("VolumeCommits need the node id, the driver name and the state root")
+	case cfg.Store == nil || cfg.Credentials == nil:
+		return nil, errors.New("VolumeCommits need the layer cache and the credential chain")
+	}
+	if cfg.Resync == 0 {
+		cfg.Resync = DefaultResync
+	}
+	if cfg.APIWait == 0 {
+		cfg.APIWait = DefaultAPIWait
+	}
+	return &Watcher{
+		cfg:       cfg,
+		loc:       &locator{kube: cfg.Kube, root: cfg.Root, node: cfg.NodeID, driver: cfg.DriverName},
+		queue:     workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
+		now:       time.Now,
+		running:   map[string]bool{},
+		unwritten: map[types.UID]Status{},
+	}, nil
+}
+
+// Run watches VolumeCommits and carries out this node's, one at a time,
+// until ctx ends. A commit cut short by the end of ctx stays Running, and
+// is done again when the plugin starts next.
+func (w *Watcher) Run(ctx context.Context) {
+	log := klog.FromContext(ctx).WithName("volumecommits")
+	ctx = klog.NewContext(ctx, log)
+	defer w.queue.ShutDown()
+	if !w.waitForAPI(ctx) {
+		return
+	}
+	b := record.NewBroadcaster(record.WithContext(ctx))
+	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: w.cfg.Kube.CoreV1().Events("")})
+	defer b.Shutdown()
+	w.events = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: w.cfg.DriverName, Host: w.cfg.NodeID})
+
+	factory := dynamicinformer.NewDynamicSharedInformerFactory(w.cfg.Dynamic, w.cfg.Resync)
+	inf := factory.ForResource(GVR).Informer()
+	enqueue := func(obj any) {
+		if key, err := cache.MetaNamespaceKeyFunc(obj); err == nil {
+			w.queue.Add(key)
+		}
+	}
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    enqueue,
+		UpdateFunc: func(_, obj any) { enqueue(obj) },
+	}); err != nil {
+		log.Error(err, "Cannot watch VolumeCommits")
+		return
+	}
+	factory.Start(ctx.Done())
+	defer factory.Shutdown()
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return
+	}
+	log.Info("Watching VolumeCommits", "node", w.cfg.NodeID)
+	go func() {
+		<-ctx.Done()
+		w.queue.ShutDown()
+	}()
+	for w.processNext(ctx) {
+	}
+}
+
+// waitForAPI returns once VolumeCommits can be listed, checking every
+// APIWait and saying once why not; false if ctx ended first.
+func (w *Watcher) waitForAPI(ctx context.Context) bool {
+	log := klog.FromContext(ctx)
+	said := ""
+	for {
+		_, err := w.cfg.Dynamic.Resource(GVR).List(ctx, metav1.ListOptions{Limit: 1})
+		if err == nil {
+			return true
+		}
+		why := err.Error()
+		switch {
+		case apierrors.IsNotFound(err):
+			why = "the VolumeCommit CRD is not installed (charts/strata/crds/volumecommits.yaml)"
+		case apierrors.IsForbidden(err):
+			why = "the plugin's ServiceAccount may not list VolumeCommits (the chart's volumecommit RBAC)"
+		}
+		if why != said {
+			log.Info("VolumeCommits are not watched until the API serves them", "reason", why, "retry", w.cfg.APIWait)
+			said = why
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(w.cfg.APIWait):
+		}
+	}
+}
+
+// processNext handles one key of the queue; false when the queue shut down.
+func (w *Watcher) processNext(ctx context.Context) bool {
+	key, quit := w.queue.Get()
+	if quit {
+		return false
+	}
+	defer w.queue.Done(key)
+	if err := w.sync(ctx, key); err != nil {
+		if ctx.Err() == nil {
+			klog.FromContext(ctx).Error(err, "VolumeCommit not handled; retrying", "volumeCommit", key)
+			w.queue.AddRateLimited(key)
+		}
+		return true
+	}
+	w.queue.Forget(key)
+	return true
+}
+
+// sync takes the VolumeCommit key if it is this node's to do, and does it.
+// An error is an API error: the key is retried.
+func (w *Watcher) sync(ctx context.Context, key string) error {
+	ns, nm, err := cache.SplitMetaNamespaceKey(key)
+	if err != nil {
+		return nil
+	}
+	client := w.cfg.Dynamic.Resource(GVR).Namespace(ns)
+	// Read the object itself, not the informer's copy, which may lag behind
+	// a status this node wrote a moment ago.
+	u, err := client.Get(ctx, nm, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get VolumeCommit %s: %w", key, err)
+	}
+	vc, err := fromUnstructured(u)
+	if err != nil {
+		return nil // the CRD's schema forbids this; nothing to retry
+	}
+	log := klog.FromContext(ctx).WithValues("volumeCommit", key, "image", vc.Spec.Image)
+	ctx = klog.NewContext(ctx, log)
+	act := next(vc.Status, w.cfg.NodeID, w.isRunning(key))
+	if act == actSkip {
+		return nil
+	}
+	if final, ok := w.takeUnwritten(u.GetUID()); ok && act == actResume {
+		return w.writeFinal(ctx, client, u, final)
+	}
+	loc, err := w.loc.locate(ctx, vc)
+	if err != nil {
+		return err
+	}
+	log.V(4).Info("Located the VolumeCommit's volume", "action", act, "verdict", loc.verdict, "reason", loc.why)
+	switch {
+	case loc.verdict == notHere && act == actResume:
+		// This node took it and the volume has gone since (the pod ended
+		// while the plugin was down).
+		loc = refuse("%s; it was taken by node %s, which restarted before it was done", loc.why, w.cfg.NodeID)
+	case loc.verdict == notHere:
+		return nil
+	}
+	if loc.verdict == refused {
+		st := failed(vc.Status, w.cfg.NodeID, errors.New(loc.why), w.now())
+		if err := w.writeStatus(ctx, client, u, st); err != nil {
+			return ignoreConflict(err)
+		}
+		log.Info("VolumeCommit refused", "reason", loc.why)
+		w.event(vc, corev1.EventTypeWarning, ReasonCommitFailed, st.Message)
+		return nil
+	}
+
+	st := vc.Status
+	if act == actClaim {
+		st = claimed(vc.Status, w.cfg.NodeID, loc.what, w.now())
+		if err := w.writeStatus(ctx, client, u, st); err != nil {
+			// A conflict: another node took it, or the object changed; the
+			// informer brings the new version.
+			return ignoreConflict(err)
+		}
+	} else {
+		log.Info("Resuming a VolumeCommit this node left Running")
+	}
+	w.setRunning(key, true)
+	defer w.setRunning(key, false)
+	w.event(vc, corev1.EventTypeNormal, ReasonCommitting, fmt.Sprintf("Committing %s to %s on node %s", loc.what, vc.Spec.Image, w.cfg.NodeID))
+	log.Info("Committing", "volumeID", loc.src.VolumeID, "what", loc.what)
+
+	res, err := w.commit(ctx, vc, loc.src)
+	if ctx.Err() != nil {
+		// The plugin is stopping: leave it Running, to be done again at
+		// the next start.
+		return nil
+	}
+	var final Status
+	if err != nil {
+		final = failed(st, w.cfg.NodeID, err, w.now())
+		log.Error(err, "VolumeCommit failed", "volumeID", loc.src.VolumeID)
+		w.event(vc, corev1.EventTypeWarning, ReasonCommitFailed, final.Message)
+	} else {
+		final = succeeded(st, res, w.now())
+		log.Info("VolumeCommit done", "volumeID", loc.src.VolumeID, "imageRef", final.ImageRef, "uploadedBytes", res.Uploaded)
+		w.event(vc, corev1.EventTypeNormal, ReasonCommitted, final.Message)
+	}
+	return w.writeFinal(ctx, client, u, final)
+}
+
+// writeFinal writes the final status of a commit this node did. This node
+// owns the object: a conflict is someone's edit of it, so it reads the
+// object again and writes over the status. A status it could not write is
+// kept for the retry.
+func (w *Watcher) writeFinal(ctx context.Context, client dynamic.ResourceInterface, u *unstructured.Unstructured, final Status) error {
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		cur, err := client.Get(ctx, u.GetName(), metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if cur.GetUID() != u.GetUID() {
+			return nil // deleted and created anew meanwhile
+		}
+		return w.writeStatus(ctx, client, cur, final)
+	})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		w.mu.Lock()
+		w.unwritten[u.GetUID()] = final
+		w.mu.Unlock()
+		return fmt.Errorf("write the status of VolumeCommit %s/%s: %w", u.GetNamespace(), u.GetName(), err)
+	}
+	return nil
+}
+
+// commit does vc with src, with the push secret's and the driver's
+// credentials.
+func (w *Watcher) commit(ctx context.Context, vc *VolumeCommit, src commit.Source) (commit.Result, error) {
+	target, err := commit.ParseTarget(w.cfg.Store, vc.Spec.Image)
+	if err != nil {
+		return commit.Result{}, fmt.Errorf("spec.image: %w", err)
+	}
+	base, err := commit.Base(w.cfg.Store, src)
+	if err != nil {
+		return commit.Result{}, err
+	}
+	creds, err := w.credentials(ctx, vc, target.String(), base.String())
+	if err != nil {
+		return commit.Result{}, err
+	}
+	src.CreatedBy += fmt.Sprintf(" for VolumeCommit %s", vc.key())
+	return commit.Volume(ctx, w.cfg.Store, src, target, creds, nil)
+}
+
+// credentials returns the credentials for the push to target and the read
+// of base: for each, the first that matches its registry of the push
+// secret (read in the VolumeCommit's namespace only) and the driver's own
+// sources (its ServiceAccount's pull secrets, credential providers).
+func (w *Watcher) credentials(ctx context.Context, vc *VolumeCommit, target, base string) (*layercache.Credentials, error) {
+	secrets, err := w.pushSecret(ctx, vc)
+	if err != nil {
+		return nil, err
+	}
+	auths := map[string]json.RawMessage{}
+	for _, ref := range []string{base, target} { // the target's entry wins
+		p, err := w.cfg.Credentials.For(ctx, ref, secrets, credentials.Pod{})
+		if err != nil {
+			return nil, fmt.Errorf("credentials for %s: %s", ref, strings.ReplaceAll(err.Error(),
+				"the volume's node-publish secret", "spec.pushSecretName "+vc.Spec.PushSecretName))
+		}
+		if p.Credentials == nil {
+			continue
+		}
+		var doc struct {
+			Auths map[string]json.RawMessage `json:"auths"`
+		}
+		if err := json.Unmarshal(p.Credentials.DockerConfigJSON, &doc); err != nil {
+			return nil, fmt.Errorf("credentials for %s: %w", ref, err)
+		}
+		for k, v := range doc.Auths {
+			auths[k] = v
+		}
+	}
+	if len(auths) == 0 {
+		return nil, nil
+	}
+	data, err := json.Marshal(map[string]any{"auths": auths})
+	if err != nil {
+		return nil, err
+	}
+	return &layercache.Credentials{DockerConfigJSON: data}, nil
+}
+
+// pushSecret reads vc's push secret, as the request secrets that the
+// credential chain takes first; nil without one.
+func (w *Watcher) pushSecret(ctx context.Context, vc *VolumeCommit) (map[string]string, error) {
+	if vc.Spec.PushSecretName == "" {
+		return nil, nil
+	}
+	s, err := w.cfg.Kube.CoreV1().Secrets(vc.Namespace).Get(ctx, vc.Spec.PushSecretName, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("spec.pushSecretName: read secret %s/%s: %w", vc.Namespace, vc.Spec.PushSecretName, err)
+	}
+	if s.Type != corev1.SecretTypeDockerConfigJson && s.Type != corev1.SecretTypeDockercfg {
+		return nil, fmt.Errorf("spec.pushSecretName: secret %s/%s is of type %s: it must be a %s secret",
+			vc.Namespace, s.Name, s.Type, corev1.SecretTypeDockerConfigJson)
+	}
+	out := make(map[string]string, len(s.Data))
+	for k, v := range s.Data {
+		out[k] = string(v)
+	}
+	return out, nil
+}
+
+// writeStatus updates u's status to st through the status subresource,
+// with u's resourceVersion.
+func (w *Watcher) writeStatus(ctx context.Context, client dynamic.ResourceInterface, u *unstructured.Unstructured, st Status) error {
+	out, err := withStatus(u, st)
+	if err != nil {
+		return err
+	}
+	_, err = client.UpdateStatus(ctx, out, metav1.UpdateOptions{FieldManager: w.cfg.DriverName})
+	return err
+}
+
+// ignoreConflict is nil for a conflict: the object changed since it was
+// read, and the informer brings the new version.
+func ignoreConflict(err error) error {
+	if apierrors.IsConflict(err) {
+		return nil
+	}
+	return err
+}
+
+// event records an event on vc; it never blocks.
+func (w *Watcher) event(vc *VolumeCommit, typ, reason, msg string) {
+	if w.events == nil {
+		return
+	}
+	ref := &corev1.ObjectReference{APIVersion: Group + "/" + Version, Kind: Kind,
+		Namespace: vc.Namespace, Name: vc.Name, UID: vc.UID, ResourceVersion: vc.ResourceVersion}
+	w.events.Event(ref, typ, reason, msg)
+}
+
+func (w *Watcher) takeUnwritten(uid types.UID) (Status, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	st, ok := w.unwritten[uid]
+	delete(w.unwritten, uid)
+	return st, ok
+}
+
+func (w *Watcher) isRunning(key string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.running[key]
+}
+
+func (w *Watcher) setRunning(key string, on bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if on {
+		w.running[key] = true
+	} else {
+		delete(w.running, key)
+	}
+}

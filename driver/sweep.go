@@ -1,0 +1,170 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/driver/volumes"
+)
+
+// DeleteVolume is answered by the controller, which cannot reach a node's
+// disk: each node removes its clones whose PersistentVolume is gone. The
+// node plugin watches PersistentVolumes (an informer) and sweeps its
+// clones once the informer has synced, at each PV deletion, and every
+// cloneSweepInterval.
+const (
+	// cloneSweepInterval is how often the sweep runs without a deletion
+	// event: it catches deletions while the plugin was down, and events
+	// the watch missed.
+	cloneSweepInterval = time.Minute
+	// cloneSweepGrace spares clones younger than this, whatever the
+	// informer says: a PersistentVolume created a moment ago may not have
+	// reached this node's watch yet when its first stage makes the clone.
+	cloneSweepGrace = 2 * time.Minute
+	// pvHandleIndex indexes PersistentVolumes by the volume handle of this
+	// driver's CSI source.
+	pvHandleIndex = "strataVolumeHandle"
+)
+
+// sweepClones removes the clones on this node that pvExists says have no
+// PersistentVolume, are not staged, and are older than grace. A clone that
+// is staged, or busy with another call, waits for a later sweep. It
+// returns how many it removed.
+func (d *Driver) sweepClones(ctx context.Context, pvExists func(volumeHandle string) bool, grace time.Duration) int {
+	logger := klog.FromContext(ctx)
+	entries, err := os.ReadDir(filepath.Join(d.root, volumes.ClonesDir))
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			logger.Error(err, "Cannot list the clones on this node")
+		}
+		return 0
+	}
+	removed := 0
+	for _, e := range entries {
+		id := e.Name()
+		if !e.IsDir() || volumes.CheckCloneID(id) != nil || pvExists(id) {
+			continue
+		}
+		l := logger.WithValues("volumeID", id)
+		if young(d.root, id, grace) {
+			l.V(4).Info("Clone without a PersistentVolume is too recent to remove yet", "grace", grace)
+			continue
+		}
+		err := d.deleteLocalClone(l, id, "its PersistentVolume no longer exists")
+		var se *statusError
+		switch {
+		case err == nil:
+			removed++
+		case errors.As(err, &se) && (se.code == codes.FailedPrecondition || se.code == codes.Aborted):
+			l.V(2).Info("Clone without a PersistentVolume is still in use; removing it later", "reason", err.Error())
+		default:
+			l.Error(err, "Could not remove a clone whose PersistentVolume is gone")
+		}
+	}
+	return removed
+}
+
+// young reports whether clone id was created less than grace ago (by its
+// record, or its directory when it has none).
+func young(root, id string, grace time.Duration) bool {
+	if grace <= 0 {
+		return false
+	}
+	created := time.Time{}
+	if c, err := volumes.ReadClone(root, id); err == nil && c != nil {
+		created = c.Created
+	} else if info, err := os.Stat(volumes.CloneDir(root, id)); err == nil {
+		created = info.ModTime()
+	}
+	return time.Since(created) < grace
+}
+
+// runCloneSweeper watches PersistentVolumes and sweeps this node's clones
+// until ctx ends. Nothing is removed before the informer's first list has
+// completed: an empty cache is not an empty cluster.
+func (d *Driver) runCloneSweeper(ctx context.Context) {
+	logger := klog.FromContext(ctx).WithValues("component", "clone-sweeper")
+	ctx = klog.NewContext(ctx, logger)
+	factory := informers.NewSharedInformerFactory(d.kube, 0)
+	inf := factory.Core().V1().PersistentVolumes().Informer()
+	// Only the CSI source matters: keep that of each PV in memory, not
+	// the whole object.
+	if err := inf.SetTransform(trimPV); err != nil {
+		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
+		return
+	}
+	if err := inf.AddIndexers(cache.Indexers{pvHandleIndex: d.pvHandles}); err != nil {
+		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
+		return
+	}
+	trigger := make(chan struct{}, 1)
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{DeleteFunc: func(any) {
+		select {
+		case trigger <- struct{}{}:
+		default:
+		}
+	}}); err != nil {
+		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
+		return
+	}
+	factory.Start(ctx.Done())
+	defer factory.Shutdown()
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return
+	}
+	exists := func(handle string) bool {
+		objs, err := inf.GetIndexer().ByIndex(pvHandleIndex, handle)
+		return err != nil || len(objs) > 0 // when in doubt, keep
+	}
+	logger.V(2).Info("Watching PersistentVolumes to remove the clones of deleted volumes", "interval", cloneSweepInterval)
+	tick := time.NewTicker(cloneSweepInterval)
+	defer tick.Stop()
+	for {
+		if n := d.sweepClones(ctx, exists, cloneSweepGrace); n > 0 {
+			logger.Info("Removed the clones of deleted PersistentVolumes", "clones", n)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-trigger:
+		case <-tick.C:
+		}
+	}
+}
+
+// pvHandles is the index function of pvHandleIndex: the volume handle of a
+// PersistentVolume of this driver.
+func (d *Driver) pvHandles(obj any) ([]string, error) {
+	pv, ok := obj.(*corev1.PersistentVolume)
+	if !ok || pv.Spec.CSI == nil || pv.Spec.CSI.Driver != d.name {
+		return nil, nil
+	}
+	return []string{pv.Spec.CSI.VolumeHandle}, nil
+}
+
+// trimPV keeps of a PersistentVolume its name and its CSI driver and
+// handle.
+func trimPV(obj any) (any, error) {
+	pv, ok := obj.(*corev1.PersistentVolume)
+	if !ok {
+		return obj, nil // a tombstone
+	}
+	out := &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{
+		Name: pv.Name, UID: pv.UID, ResourceVersion: pv.ResourceVersion,
+	}}
+	if pv.Spec.CSI != nil {
+		out.Spec.CSI = &corev1.CSIPersistentVolumeSource{Driver: pv.Spec.CSI.Driver, VolumeHandle: pv.Spec.CSI.VolumeHandle}
+	}
+	return out, nil
+}

@@ -1,0 +1,271 @@
+package volumes
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+)
+
+// A persistent clone is a volume provisioned through a StorageClass whose
+// writes outlive its mounts: its overlay upper lives in a filesystem image
+// of its own (package driver/clonefs), under clones/<volumeID>/, until its
+// PersistentVolume is deleted.
+//
+//	clones/<volumeID>/clone.json   the Clone: pinned stack, capacity (fsynced)
+//	clones/<volumeID>/stage.json   the CloneStage while it is staged
+//	clones/<volumeID>/disk.img     the clone's sparse ext4 filesystem
+//	clones/<volumeID>/fs/          its mount point, while staged
+//	clones/<volumeID>/fs/upper     the overlay upper: the clone's writes
+//	clones/<volumeID>/fs/work      overlayfs's work directory
+const (
+	ClonesDir      = "clones"
+	CloneFile      = "clone.json"
+	CloneStageFile = "stage.json"
+	// CloneFSDir is where the clone's filesystem is mounted in its
+	// directory (clonefs.MountDir); CloneUpperDir and CloneWorkDir are in
+	// that filesystem.
+	CloneFSDir    = "fs"
+	CloneUpperDir = "upper"
+	CloneWorkDir  = "work"
+	// CloneOwnerPrefix starts the layer-cache owner that holds a clone's
+	// layers for as long as the clone exists, staged or not.
+	CloneOwnerPrefix = "clone/"
+	// maxCloneID bounds a clone's volume id, a directory name.
+	maxCloneID = 128
+)
+
+// Clone is clones/<volumeID>/clone.json. It is written once, when the
+// clone is first staged, before anything it describes exists, and never
+// changes: the upper's base is the pinned stack, whatever its tags point to
+// later.
+type Clone struct {
+	VolumeID string `json:"volumeID"`
+	// CapacityBytes is the size the clone's writes may take (the PVC's
+	// request): the clone's filesystem has at least that much room.
+	CapacityBytes int64 `json:"capacityBytes"`
+	// Stack is every image of the clone's base, bottom first, with the
+	// digest each resolved to at the first stage.
+	Stack []StackImage `json:"stack"`
+	// Layers are the base's layers, bottom first, each once at its topmost
+	// place (as Record.Layers): the overlay's lowers under the upper.
+	Layers  []v1.Hash `json:"layers"`
+	Created time.Time `json:"created"`
+}
+
+// Refs returns the references of the clone's stack as the volume named
+// them (tags or digests), bottom first.
+func (c *Clone) Refs() []string {
+	out := make([]string, 0, len(c.Stack))
+	for _, im := range c.Stack {
+		out = append(out, im.Image)
+	}
+	return out
+}
+
+// Owner is the layer-cache owner of the clone's references.
+func (c *Clone) Owner() string { return CloneOwner(c.VolumeID) }
+
+// CloneOwner is the layer-cache owner of the references of clone id.
+func CloneOwner(id string) string { return CloneOwnerPrefix + id }
+
+// CloneStage is clones/<volumeID>/stage.json: where the clone is staged.
+// It says nothing once the staging path is no longer mounted (a reboot).
+type CloneStage struct {
+	StagingPath string    `json:"stagingPath"`
+	ReadOnly    bool      `json:"readOnly"`
+	Staged      time.Time `json:"staged"`
+}
+
+// CheckCloneID refuses a volume id that cannot name a clone's directory:
+// empty, longer than 128 bytes, "." or "..", or with a byte other than
+// ASCII letters, digits, '-', '_' and '.'. The controller's ids
+// (strata-<hex>) always pass.
+func CheckCloneID(id string) error {
+	if id == "" || len(id) > maxCloneID || id == "." || id == ".." {
+		return fmt.Errorf("volume id %q cannot name a clone: use 1 to %d letters, digits, '-', '_' or '.'", id, maxCloneID)
+	}
+	for _, c := range []byte(id) {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.'
+		if !ok {
+			return fmt.Errorf("volume id %q cannot name a clone: byte %q is not a letter, digit, '-', '_' or '.'", id, c)
+		}
+	}
+	return nil
+}
+
+// CloneDir is the directory of clone id under the state root. The id must
+// pass CheckCloneID (it is joined into a path).
+func CloneDir(root, id string) string { return filepath.Join(root, ClonesDir, id) }
+
+// CloneUpper is the overlay upper directory of clone id: the clone's
+// writes. It exists only while the clone's filesystem is mounted (staged).
+func CloneUpper(root, id string) string {
+	return filepath.Join(CloneDir(root, id), CloneFSDir, CloneUpperDir)
+}
+
+// CloneWork is overlayfs's work directory of clone id, beside its upper.
+func CloneWork(root, id string) string {
+	return filepath.Join(CloneDir(root, id), CloneFSDir, CloneWorkDir)
+}
+
+// ReadClone loads clone id's record; nil if there is none. A record that
+// does not decode is an error: it pins the base of a clone's writes, and is
+// fsynced, so it is never torn by a crash.
+func ReadClone(root, id string) (*Clone, error) {
+	if err := CheckCloneID(id); err != nil {
+		return nil, err
+	}
+	p := filepath.Join(CloneDir(root, id), CloneFile)
+	data, err := os.ReadFile(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var c Clone
+	if err := json.Unmarshal(data, &c); err != nil {
+		return nil, fmt.Errorf("clone record %s: %w", p, err)
+	}
+	return &c, nil
+}
+
+// WriteClone writes c to clones/<c.VolumeID>/clone.json, creating the
+// directory: temp file, fsync, rename, fsync the directory, so that the
+// record is on disk before anything it describes.
+func WriteClone(root string, c *Clone) error {
+	if err := CheckCloneID(c.VolumeID); err != nil {
+		return err
+	}
+	dir := CloneDir(root, c.VolumeID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeSynced(filepath.Join(dir, CloneFile), append(data, '\n')); err != nil {
+		return fmt.Errorf("write clone record: %w", err)
+	}
+	// The clones/ directory gained an entry.
+	return syncDir(filepath.Dir(dir))
+}
+
+// ReadCloneStage loads where clone id was last staged; nil if it is not
+// staged (or there is no such clone).
+func ReadCloneStage(root, id string) (*CloneStage, error) {
+	if err := CheckCloneID(id); err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(filepath.Join(CloneDir(root, id), CloneStageFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var s CloneStage
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, nil // torn by a power failure, which took the mount too
+	}
+	return &s, nil
+}
+
+// WriteCloneStage records where clone id is staged. Like Write it is not
+// fsynced: a power failure takes the mount it describes with it.
+func WriteCloneStage(root, id string, s *CloneStage) error {
+	if err := CheckCloneID(id); err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	p := filepath.Join(CloneDir(root, id), CloneStageFile)
+	if err := os.WriteFile(p+".tmp", append(data, '\n'), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(p+".tmp", p)
+}
+
+// RemoveCloneStage forgets that clone id is staged.
+func RemoveCloneStage(root, id string) error {
+	if err := CheckCloneID(id); err != nil {
+		return err
+	}
+	err := os.Remove(filepath.Join(CloneDir(root, id), CloneStageFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// ListClones reads every clone's record under the state root, sorted by
+// volume id. A directory without a record (a first stage that crashed
+// before writing it) is left out; a root without clones/ has none.
+func ListClones(root string) ([]Clone, error) {
+	entries, err := os.ReadDir(filepath.Join(root, ClonesDir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Clone
+	for _, e := range entries {
+		if !e.IsDir() || CheckCloneID(e.Name()) != nil {
+			continue
+		}
+		c, err := ReadClone(root, e.Name())
+		if err != nil {
+			return nil, err
+		}
+		if c != nil {
+			out = append(out, *c)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].VolumeID < out[j].VolumeID })
+	return out, nil
+}
+
+// writeSynced replaces path with data: temp file, fsync, rename.
+func writeSynced(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// syncDir fsyncs a directory, making a rename or a new entry in it durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
