@@ -255,7 +255,7 @@ func TestSweepClones(t *testing.T) {
 		t.Fatalf("%s takes no disk", img)
 	}
 
-	if n := d.sweepClones(context.Background(), exists, time.Minute); n != 1 {
+	if n := d.sweepClones(context.Background(), exists, nil, time.Minute); n != 1 {
 		t.Errorf("sweep removed %d clones, want 1", n)
 	}
 	for id, want := range map[string]bool{"strata-kept": true, "strata-gone": false, "strata-staged": true, "strata-young": true} {
@@ -271,13 +271,18 @@ func TestSweepClones(t *testing.T) {
 	if err := clonefs.Unmount(d.cloneDir("strata-staged")); err != nil {
 		t.Fatal(err)
 	}
-	if n := d.sweepClones(context.Background(), exists, time.Minute); n != 1 || cloneExists(t, d, "strata-staged") || !cloneExists(t, d, "strata-kept") {
+	if n := d.sweepClones(context.Background(), exists, nil, time.Minute); n != 1 || cloneExists(t, d, "strata-staged") || !cloneExists(t, d, "strata-kept") {
 		t.Errorf("second sweep removed %d; staged clone exists %v, kept clone exists %v", n, cloneExists(t, d, "strata-staged"), cloneExists(t, d, "strata-kept"))
 	}
 	// Once its PV is deleted, the kept one goes too.
 	delete(pvs, "strata-kept")
-	if n := d.sweepClones(context.Background(), exists, time.Minute); n != 1 || cloneExists(t, d, "strata-kept") {
+	if n := d.sweepClones(context.Background(), exists, nil, time.Minute); n != 1 || cloneExists(t, d, "strata-kept") {
 		t.Errorf("third sweep removed %d; want strata-kept gone", n)
+	}
+	// A young clone whose PV the watch saw deleted has no grace.
+	seen := func(h string) bool { return h == "strata-young" }
+	if n := d.sweepClones(context.Background(), exists, seen, time.Minute); n != 1 || cloneExists(t, d, "strata-young") {
+		t.Errorf("sweep after the young clone's PV was seen deleted removed %d; want strata-young gone", n)
 	}
 }
 
@@ -297,7 +302,9 @@ func TestCloneSweeperWatchesPersistentVolumes(t *testing.T) {
 	}
 	defer d.Close()
 	old := time.Now().Add(-time.Hour)
-	fakeClone(t, d, "strata-a", old, false)
+	// strata-a is young: the grace spares clones without a PV, not those
+	// whose PV the watch saw deleted.
+	fakeClone(t, d, "strata-a", time.Now(), false)
 	fakeClone(t, d, "strata-b", old, false) // the PV of that handle is another driver's
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

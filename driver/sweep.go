@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -28,9 +29,11 @@ const (
 	// event: it catches deletions while the plugin was down, and events
 	// the watch missed.
 	cloneSweepInterval = time.Minute
-	// cloneSweepGrace spares clones younger than this, whatever the
-	// informer says: a PersistentVolume created a moment ago may not have
-	// reached this node's watch yet when its first stage makes the clone.
+	// cloneSweepGrace spares clones younger than this when the informer
+	// has no PersistentVolume for them: one created a moment ago may not
+	// have reached this node's watch yet when its first stage makes the
+	// clone. A clone whose PersistentVolume the watch saw deleted has no
+	// grace: it goes at once.
 	cloneSweepGrace = 2 * time.Minute
 	// pvHandleIndex indexes PersistentVolumes by the volume handle of this
 	// driver's CSI source.
@@ -38,10 +41,11 @@ const (
 )
 
 // sweepClones removes the clones on this node that pvExists says have no
-// PersistentVolume, are not staged, and are older than grace. A clone that
-// is staged, or busy with another call, waits for a later sweep. It
+// PersistentVolume, are not staged, and are older than grace or whose
+// PersistentVolume pvDeleted (nil: none) says was seen deleted. A clone
+// that is staged, or busy with another call, waits for a later sweep. It
 // returns how many it removed.
-func (d *Driver) sweepClones(ctx context.Context, pvExists func(volumeHandle string) bool, grace time.Duration) int {
+func (d *Driver) sweepClones(ctx context.Context, pvExists, pvDeleted func(volumeHandle string) bool, grace time.Duration) int {
 	logger := klog.FromContext(ctx)
 	entries, err := os.ReadDir(filepath.Join(d.root, volumes.ClonesDir))
 	if err != nil {
@@ -57,7 +61,7 @@ func (d *Driver) sweepClones(ctx context.Context, pvExists func(volumeHandle str
 			continue
 		}
 		l := logger.WithValues("volumeID", id)
-		if young(d.root, id, grace) {
+		if (pvDeleted == nil || !pvDeleted(id)) && young(d.root, id, grace) {
 			l.V(4).Info("Clone without a PersistentVolume is too recent to remove yet", "grace", grace)
 			continue
 		}
@@ -109,7 +113,17 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 		return
 	}
 	trigger := make(chan struct{}, 1)
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{DeleteFunc: func(any) {
+	var mu sync.Mutex
+	deleted := map[string]bool{} // handles whose PV the watch saw deleted
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{DeleteFunc: func(obj any) {
+		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+			obj = t.Obj
+		}
+		if hs, _ := d.pvHandles(obj); len(hs) > 0 {
+			mu.Lock()
+			deleted[hs[0]] = true
+			mu.Unlock()
+		}
 		select {
 		case trigger <- struct{}{}:
 		default:
@@ -131,7 +145,12 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 	tick := time.NewTicker(cloneSweepInterval)
 	defer tick.Stop()
 	for {
-		if n := d.sweepClones(ctx, exists, cloneSweepGrace); n > 0 {
+		seenDeleted := func(handle string) bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return deleted[handle]
+		}
+		if n := d.sweepClones(ctx, exists, seenDeleted, cloneSweepGrace); n > 0 {
 			logger.Info("Removed the clones of deleted PersistentVolumes", "clones", n)
 		}
 		select {
