@@ -51,6 +51,9 @@ func TestStrata(t *testing.T) {
 		{"ReadOnlyVolume", testReadOnlyVolume},
 		{"SubPathVolume", testSubPathVolume},
 		{"StackedVolume", testStackedVolume},
+		{"CloneStatefulSet", testCloneStatefulSet},
+		{"GenericEphemeralClone", testGenericEphemeralClone},
+		{"VolumeCommit", testVolumeCommit},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
 		{"MissingImage", testMissingImage},
@@ -458,9 +461,18 @@ func testHelmUpgradeUninstall(t *testing.T) {
 		filepath.Join(c.kubeletDir, "plugins", driverName, "*.sock"),
 		filepath.Join(c.stateDir, "tmp", "*"),
 		filepath.Join(c.stateDir, "refs", "*"),
+		// The clone scenarios deleted their claims: no clone is left.
+		filepath.Join(c.stateDir, "clones", "*"),
 	} {
 		if m, _ := filepath.Glob(pat); len(m) > 0 {
 			t.Errorf("left after uninstall: %v", m)
+		}
+	}
+	// Nor a loop device of a clone's filesystem.
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, f := range files {
+		if b, err := os.ReadFile(f); err == nil && strings.HasPrefix(string(b), c.stateDir+"/") {
+			t.Errorf("loop device left after uninstall: %s backs %s", f, strings.TrimSpace(string(b)))
 		}
 	}
 	if _, err := kube.StorageV1().CSIDrivers().Get(ctx(t), driverName, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
