@@ -47,19 +47,7 @@ func (d *Driver) cloneDir(id string) string { return volumes.CloneDir(d.root, id
 // nothing to stage: its publishes mount it.
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	volID, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	if volID == "" {
-		return nil, invalid("NodeStageVolume: volume id is required")
-	}
-	if staging == "" {
-		return nil, invalid("NodeStageVolume %s: staging target path is required", volID)
-	}
-	if !filepath.IsAbs(staging) {
-		return nil, invalid("NodeStageVolume %s: staging target path %q is not absolute", volID, staging)
-	}
-	if err := checkCapability(req.GetVolumeCapability()); err != nil {
-		return nil, err
-	}
-	attrs, err := parseAttributes(req.GetVolumeContext())
+	attrs, err := checkNodeRequest("NodeStageVolume", volID, "staging target path", staging, req.GetVolumeCapability(), req.GetVolumeContext())
 	if err != nil {
 		return nil, err
 	}

@@ -47,23 +47,30 @@ func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 		AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKey: d.nodeID}}}, nil
 }
 
+// checkNodeRequest validates what NodeStageVolume and NodePublishVolume
+// share: the volume id, an absolute path (what names it), the capability
+// and the volume attributes, which it returns parsed.
+func checkNodeRequest(call, volID, what, path string, c *csi.VolumeCapability, vctx map[string]string) (volumeAttributes, error) {
+	if volID == "" {
+		return volumeAttributes{}, invalid("%s: volume id is required", call)
+	}
+	if path == "" {
+		return volumeAttributes{}, invalid("%s %s: %s is required", call, volID, what)
+	}
+	if !filepath.IsAbs(path) {
+		return volumeAttributes{}, invalid("%s %s: %s %q is not absolute", call, volID, what, path)
+	}
+	if err := checkCapability(c); err != nil {
+		return volumeAttributes{}, err
+	}
+	return parseAttributes(vctx)
+}
+
 // NodePublishVolume mounts the image's layer stack, with a private writable
 // upper unless the publish is read-only, at the target path.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	volID, target := req.GetVolumeId(), req.GetTargetPath()
-	if volID == "" {
-		return nil, invalid("NodePublishVolume: volume id is required")
-	}
-	if target == "" {
-		return nil, invalid("NodePublishVolume %s: target path is required", volID)
-	}
-	if !filepath.IsAbs(target) {
-		return nil, invalid("NodePublishVolume %s: target path %q is not absolute", volID, target)
-	}
-	if err := checkCapability(req.GetVolumeCapability()); err != nil {
-		return nil, err
-	}
-	attrs, err := parseAttributes(req.GetVolumeContext())
+	attrs, err := checkNodeRequest("NodePublishVolume", volID, "target path", target, req.GetVolumeCapability(), req.GetVolumeContext())
 	if err != nil {
 		return nil, err
 	}
