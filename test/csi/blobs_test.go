@@ -24,7 +24,7 @@ type blobRegistry struct {
 
 // newBlobRegistry starts a registry whose blob responses go out in 32 KiB
 // chunks, delay apart (0: at full speed).
-func newBlobRegistry(t *testing.T, delay time.Duration) *blobRegistry {
+func newBlobRegistry(t testing.TB, delay time.Duration) *blobRegistry {
 	t.Helper()
 	b := &blobRegistry{gets: map[string]int{}}
 	b.addr = testimage.Server(t, func(next http.Handler) http.Handler {

@@ -44,14 +44,14 @@ func run(m *testing.M) int {
 // env is one test's world: a temp dir whose mounts are cleaned up, a plugin
 // in node mode with its own state root, and a client.
 type env struct {
-	t    *testing.T
+	t    testing.TB
 	dir  string // the test's temp dir; every mount of the test is below it
 	root string // the plugin's --root
 	*Plugin
 }
 
 // newEnv starts a node plugin on a fresh root below a fresh temp dir.
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	RequireRoot(t)
 	dir := t.TempDir()
@@ -61,7 +61,7 @@ func newEnv(t *testing.T) *env {
 }
 
 // startPlugin starts `strata-csi --mode=node` on root.
-func startPlugin(t *testing.T, root string) *Plugin {
+func startPlugin(t testing.TB, root string) *Plugin {
 	t.Helper()
 	return Start(t, Options{Bin: pluginBin, Root: root, Mode: "node"})
 }
@@ -96,7 +96,7 @@ func pubReq(volID, target string, attrs map[string]string) *csi.NodePublishVolum
 	}
 }
 
-func ctx(t *testing.T) context.Context {
+func ctx(t testing.TB) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	return c
@@ -145,7 +145,7 @@ func wantCode(t *testing.T, err error, code codes.Code, words ...string) {
 }
 
 // mountCount is the number of mounts stacked exactly at path.
-func mountCount(t *testing.T, path string) int {
+func mountCount(t testing.TB, path string) int {
 	t.Helper()
 	return len(MountsAt(t, path))
 }
@@ -219,7 +219,7 @@ func (e *env) assertClean() {
 	}
 }
 
-func readString(t *testing.T, p string) string {
+func readString(t testing.TB, p string) string {
 	t.Helper()
 	data, err := os.ReadFile(p)
 	if err != nil {
