@@ -23,6 +23,12 @@ build:
 deps:
 	hack/install-deps
 
+# Builds and the unit tests run with GOGC=400: the compiler then collects
+# garbage less often, 13% less wall time on a cold build here, for ~40% more
+# memory per compile (see hack/cluster/build). Not for make bench, which
+# measures the plugin's memory.
+build lint unit: export GOGC := $(or $(GOGC),400)
+
 ## lint: formatting and vet (with -race, so that vet and the tests share one
 ## compilation of every dependency)
 lint: deps

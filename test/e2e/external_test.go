@@ -39,6 +39,36 @@ type junitCase struct {
 	} `xml:"error"`
 }
 
+// e2eTestBin returns the path of e2e-storage.test: STRATA_E2E_TEST_BIN, or
+// what the build that hack/e2e runs in the background (while the cluster
+// comes up and the scenarios before this one run) leaves in the directory
+// STRATA_E2E_TEST_BUILD: its bin directory in bindir, its exit status in rc,
+// its output in log.
+func e2eTestBin(t *testing.T) string {
+	t.Helper()
+	if c.e2eTest != "" {
+		return c.e2eTest
+	}
+	dir := c.e2eBuild
+	start := time.Now()
+	var rc []byte
+	eventually(t, 20*time.Minute, "the background build of e2e-storage.test ("+dir+")", func() (bool, error) {
+		var err error
+		rc, err = os.ReadFile(filepath.Join(dir, "rc"))
+		return err == nil, nil
+	})
+	if strings.TrimSpace(string(rc)) != "0" {
+		log, _ := os.ReadFile(filepath.Join(dir, "log"))
+		t.Fatalf("building e2e-storage.test failed (exit %s):\n%s", strings.TrimSpace(string(rc)), log)
+	}
+	bindir, err := os.ReadFile(filepath.Join(dir, "bindir"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("waited %.1f s for the background build of e2e-storage.test", time.Since(start).Seconds())
+	return filepath.Join(strings.TrimSpace(string(bindir)), "e2e-storage.test")
+}
+
 // testExternalStorageSuite runs Kubernetes' own external-storage e2e tests
 // (e2e-storage.test at the cluster's version) against Strata's inline ephemeral
 // volumes, and requires 0 failures, at least the four specs known to apply,
@@ -48,8 +78,9 @@ func testExternalStorageSuite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	bin := e2eTestBin(t)
 	report := t.TempDir()
-	args := []string{"netns", "exec", c.netns, c.e2eTest,
+	args := []string{"netns", "exec", c.netns, bin,
 		"-kubeconfig=" + c.kubeconfig, "-provider=skeleton",
 		"-storage.testdriver=" + driver, "-report-dir=" + report,
 		"-kubelet-root-dir=" + c.kubeletDir,
@@ -63,7 +94,7 @@ func testExternalStorageSuite(t *testing.T) {
 	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.kubeconfig)
 	start := time.Now()
 	out, runErr := cmd.CombinedOutput()
-	t.Logf("e2e-storage.test (%s) ran %.1f s", c.e2eTest, time.Since(start).Seconds())
+	t.Logf("e2e-storage.test (%s) ran %.1f s", bin, time.Since(start).Seconds())
 	if i := strings.LastIndex(string(out), "Ran "); i >= 0 {
 		t.Logf("%s", strings.TrimSpace(string(out[i:])))
 	}

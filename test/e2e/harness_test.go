@@ -49,7 +49,7 @@ const (
 type cluster struct {
 	dir, netns, kubeconfig, kubeletDir, stateDir, nodeName, k8sVersion string
 	kubectlBin, ctrBin                                                 string
-	pluginImage, e2eTest, helm, repo                                   string
+	pluginImage, e2eTest, e2eBuild, helm, repo                         string
 }
 
 var (
@@ -83,13 +83,13 @@ func setup() error {
 		kubeletDir: get("KUBELET_DIR"), stateDir: get("STATE_DIR"), nodeName: get("NODE_NAME"),
 		k8sVersion:  get("K8S_VERSION"),
 		pluginImage: os.Getenv("STRATA_E2E_IMAGE"), e2eTest: os.Getenv("STRATA_E2E_TEST_BIN"),
-		helm: os.Getenv("HELM"),
+		e2eBuild: os.Getenv("STRATA_E2E_TEST_BUILD"), helm: os.Getenv("HELM"),
 	}
 	c.kubectlBin = filepath.Join(c.dir, "bin", "kubectl")
 	c.ctrBin = filepath.Join(c.dir, "bin", "ctr")
 	for k, v := range map[string]string{"CLUSTER_DIR": c.dir, "CLUSTER_NETNS": c.netns, "KUBECONFIG": c.kubeconfig,
 		"KUBELET_DIR": c.kubeletDir, "STATE_DIR": c.stateDir, "NODE_NAME": c.nodeName,
-		"STRATA_E2E_IMAGE": c.pluginImage, "STRATA_E2E_TEST_BIN": c.e2eTest, "HELM": c.helm} {
+		"STRATA_E2E_IMAGE": c.pluginImage, "STRATA_E2E_TEST_BIN or STRATA_E2E_TEST_BUILD": c.e2eTest + c.e2eBuild, "HELM": c.helm} {
 		if v == "" {
 			return fmt.Errorf("%s is not set (cluster env %s, or hack/e2e)", k, envFile)
 		}
