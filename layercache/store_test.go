@@ -461,7 +461,12 @@ func TestPruneRacingAcquire(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
+	// The pruner must be done before the test returns: the cleanup closes
+	// the store, and a prune still running would fail on its work dir.
+	pruned := make(chan struct{})
+	defer func() { cancel(); <-pruned }()
 	go func() {
+		defer close(pruned)
 		for ctx.Err() == nil {
 			if _, err := s.Prune(context.Background()); err != nil {
 				t.Errorf("prune: %v", err)
@@ -492,7 +497,6 @@ func TestPruneRacingAcquire(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cancel()
 	if held == 0 {
 		t.Fatal("no acquire succeeded")
 	}
