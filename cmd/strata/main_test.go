@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,6 +21,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	csitest "github.com/strata-csi/strata/test/csi"
 	"github.com/strata-csi/strata/test/testimage"
 )
 
@@ -45,14 +45,10 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// goBuild builds this package into out, with extra go build flags.
+// goBuild builds this package into out, with extra go build flags (and
+// -race when the tests run with it).
 func goBuild(out string, flags ...string) error {
-	args := append([]string{"build", "-o", out}, flags...)
-	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), append(args, ".")...)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build: %v\n%s", err, b)
-	}
-	return nil
+	return csitest.BuildCommand("github.com/strata-csi/strata/cmd/strata", out, flags...)
 }
 
 func requireRoot(t *testing.T) {

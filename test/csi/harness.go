@@ -42,21 +42,26 @@ func goTool() string {
 }
 
 // BuildPlugin builds cmd/strata-csi into dir and returns the binary's path.
-// When the test binary runs with the race detector, so does the plugin, and
-// Plugin reports any race it logs as a test failure.
+// Plugin reports any race the plugin logs as a test failure.
 func BuildPlugin(dir string) (string, error) {
 	bin := filepath.Join(dir, "strata-csi")
-	args := []string{"build", "-o", bin}
+	return bin, BuildCommand(PluginPackage, bin)
+}
+
+// BuildCommand builds the main package pkg into the file out, with extra go
+// build flags. When the test binary runs with the race detector, so does the
+// command: it finds the command's races, and the build finds every
+// dependency already compiled for the test itself.
+func BuildCommand(pkg, out string, flags ...string) error {
+	args := append([]string{"build", "-o", out}, flags...)
 	if RaceEnabled {
 		args = append(args, "-race")
 	}
-	args = append(args, PluginPackage)
-	cmd := exec.Command(goTool(), args...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+	args = append(args, pkg)
+	if b, err := exec.Command(goTool(), args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, b)
 	}
-	return bin, nil
+	return nil
 }
 
 // RequireRoot fails the test at once unless it runs as root.

@@ -15,19 +15,8 @@ import (
 // state with it, beside the plugin (TestMain removes that directory).
 var cliBin = sync.OnceValues(func() (string, error) {
 	bin := filepath.Join(filepath.Dir(pluginBin), "strata")
-	out, err := exec.Command(goTool(), "build", "-o", bin, "github.com/strata-csi/strata/cmd/strata").CombinedOutput()
-	if err != nil {
-		return "", &buildError{err: err, out: string(out)}
-	}
-	return bin, nil
+	return bin, BuildCommand("github.com/strata-csi/strata/cmd/strata", bin)
 })
-
-type buildError struct {
-	err error
-	out string
-}
-
-func (e *buildError) Error() string { return "go build cmd/strata: " + e.err.Error() + "\n" + e.out }
 
 // TestLsNamesThePods publishes with the pod kubelet names in the volume
 // context (podInfoOnMount), and checks that volume.json records it and that
