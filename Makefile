@@ -27,25 +27,13 @@ deps:
 # garbage less often, 13% less wall time on a cold build here, for ~40% more
 # memory per compile (see hack/cluster/build). Not for make bench, which
 # measures the plugin's memory.
-build lint vet unit image e2e: export GOGC := $(or $(GOGC),400)
-# Nothing here is run under a debugger, so nothing is compiled with DWARF:
-# 13% less compile time (helm from cold: 95 -> 83 s), and make build strips it
-# at link time anyway (-w). The scripts the targets run inherit it (test
-# binaries, the e2e suite), so their compiles share the build cache;
-# hack/cluster/build sets the same for the cluster's binaries.
-NODWARF := -gcflags=all=-dwarf=false
-export GOFLAGS := $(strip $(filter-out $(NODWARF),$(GOFLAGS)) $(NODWARF))
+build lint unit: export GOGC := $(or $(GOGC),400)
 
-## lint: formatting and vet
+## lint: formatting and vet (with -race, so that vet and the tests share one
+## compilation of every dependency)
 lint: deps
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
-	$(MAKE) --no-print-directory vet
-
-# vet: go vet, with -race, so that vet and the tests share one compilation of
-# every dependency; needs nothing but Go (hack/test runs it while helm builds)
-.PHONY: vet
-vet:
 	$(GO) vet -race ./...
 	$(GO) vet -race -tags e2e,cluster ./test/...
 
