@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -110,16 +111,39 @@ func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name
 	if err != nil || ok {
 		return err
 	}
+	public, err := s.isPublic(d)
+	if err != nil {
+		return err
+	}
+	if public {
+		// Some registry gave this manifest to anyone: it is no secret, and
+		// its layers have rules of their own (checkLayers).
+		return nil
+	}
 	if policy == PullNever {
 		return fmt.Errorf("%w: %s is cached, but it was pulled with credentials this volume does not have, "+
 			"and the pull policy Never forbids asking the registry: give the volume the pull secret that pulled it", ErrUnauthorized, ref)
 	}
-	// Ask, with the caller's credentials, for the manifest.
+	// A repository that served the manifest before is asked whether it
+	// accepts the caller's credentials for it too. A repository that never
+	// served it must serve its bytes now: a HEAD answer is no proof, since
+	// anyone can run a registry that says yes to every HEAD.
+	served := len(rec.Accepted) > 0
 	ep, err := src.do(ctx, "verify access to "+ref, func(c *client, attempts int) error {
-		return s.retryN(ctx, "verify access to "+ref, attempts, func() error { return c.headManifest(ctx, d) })
+		return s.retryN(ctx, "verify access to "+ref, attempts, func() error {
+			if served {
+				return c.headManifest(ctx, d)
+			}
+			_, _, _, err := c.manifest(ctx, d.String()) // verified against d
+			return err
+		})
 	})
 	if err != nil {
 		if errors.Is(err, ErrUnauthorized) || errors.Is(err, ErrNotFound) {
+			if !served {
+				return fmt.Errorf("%w: %s is cached on this node for other repositories, but %s did not serve it to this "+
+					"volume's credentials (%v): give the volume a pull secret that the registry accepts for it", ErrUnauthorized, ref, repo.Name(), err)
+			}
 			return fmt.Errorf("%w: %s is cached, but the registry does not accept this volume's credentials for it (%v): "+
 				"give the volume a pull secret for %s", ErrUnauthorized, ref, err, repo.RegistryStr())
 		}
@@ -129,8 +153,37 @@ func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name
 	if err != nil {
 		return err
 	}
-	klog.V(2).InfoS("Registry confirmed access to a cached image", "image", ref, "host", ep.host(), "key", keyKind(key))
+	klog.V(2).InfoS("Registry confirmed access to a cached image", "image", ref, "host", ep.host(), "key", keyKind(key), "fetched", !served)
+	return s.noteAccess(repo, d, ep, key)
+}
+
+// noteAccess records that ep served repo@d to the credentials with key, and
+// that d is public if the registry served it to none.
+func (s *Store) noteAccess(repo name.Repository, d v1.Hash, ep *endpoint, key string) error {
+	if key == anonymous && !ep.mirror {
+		if err := s.writeAtomic(s.publicPath(d), nil); err != nil {
+			return err
+		}
+	}
 	return s.recordAccess(repo, d, key)
+}
+
+// publicPath marks a manifest that a registry served without credentials.
+func (s *Store) publicPath(d v1.Hash) string {
+	return filepath.Join(s.root, accessDir, "public-"+d.Algorithm+"-"+d.Hex)
+}
+
+// isPublic reports whether a registry served the manifest d to a caller
+// without credentials.
+func (s *Store) isPublic(d v1.Hash) (bool, error) {
+	if err := checkDigest(d); err != nil {
+		return false, err
+	}
+	_, err := os.Stat(s.publicPath(d))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // onRecord reports whether rec lets the caller of src use the image: it was

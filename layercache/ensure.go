@@ -63,6 +63,16 @@ type ProgressEvent struct {
 type flight struct {
 	done chan struct{}
 	err  error
+	repo string // the repository it fetches from
+}
+
+// pending is one caller's wait for a layer's flight.
+type pending struct {
+	f        *flight
+	src      *source
+	l        Layer
+	progress func(ProgressEvent)
+	again    bool // joined after a flight from another repository failed
 }
 
 // HasLayer reports whether the layer is committed in the store.
@@ -117,8 +127,22 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	if err := s.makeRoom(ctx, img.Ref, need); err != nil {
 		return err
 	}
+	h := s.reg.refresh()
+	r, err := parseReference(h, img.Ref)
+	if err != nil {
+		return err
+	}
 	var src *source
-	var waits []*flight
+	connected := func() (*source, error) {
+		if src == nil {
+			src = s.newSource(h, r.Context(), o.Credentials)
+			if err := src.connect(ctx); err != nil {
+				return nil, err
+			}
+		}
+		return src, nil
+	}
+	var waits []pending
 	for _, l := range img.Layers {
 		if s.HasLayer(l.DiffID) {
 			report(o.Progress, ProgressEvent{Layer: l, State: LayerCached})
@@ -127,31 +151,19 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 		// Reported before the fetch starts, so that a caller knows the pull
 		// downloads before the first bytes arrive.
 		report(o.Progress, ProgressEvent{Layer: l, State: LayerMissing})
-		if src == nil {
-			h := s.reg.refresh()
-			r, err := parseReference(h, img.Ref)
-			if err != nil {
-				return err
-			}
-			src = s.newSource(h, r.Context(), o.Credentials)
-			if err := src.connect(ctx); err != nil {
-				return err
-			}
+		src, err := connected()
+		if err != nil {
+			return err
 		}
-		waits = append(waits, s.join(src, img.Ref, l, o.Progress))
+		waits = append(waits, pending{f: s.join(src, img.Ref, l, o.Progress), src: src, l: l, progress: o.Progress})
 	}
-	var errs []error
-	for _, f := range waits {
-		select {
-		case <-f.done:
-			if f.err != nil {
-				errs = append(errs, f.err)
-			}
-		case <-ctx.Done():
-			return fmt.Errorf("pull %s: %w (the pull goes on in the background; retry to join it)", img.Ref, ctx.Err())
-		}
+	if err := s.wait(ctx, img.Ref, waits); err != nil {
+		return err
 	}
-	if err := errors.Join(errs...); err != nil {
+	// Whether cached before or fetched just now (perhaps by another
+	// repository's fetch that this one joined, or that committed first),
+	// each layer must be this repository's to hand out.
+	if err := s.checkLayers(ctx, img, o, r.Context(), connected); err != nil {
 		return err
 	}
 	if len(waits) > 0 {
@@ -165,6 +177,31 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	return nil
 }
 
+// wait waits for the fetches of ref's layers. A fetch that this caller
+// joined, of the same blob from another repository, may fail where its own
+// repository would serve the blob (the other one may even be a hostile
+// registry that lied about holding it): such a layer is fetched again from
+// the caller's repository.
+func (s *Store) wait(ctx context.Context, ref string, waits []pending) error {
+	var errs []error
+	for i := 0; i < len(waits); i++ {
+		w := waits[i]
+		select {
+		case <-w.f.done:
+		case <-ctx.Done():
+			return fmt.Errorf("pull %s: %w (the pull goes on in the background; retry to join it)", ref, ctx.Err())
+		}
+		switch own := w.src.registry().repo.Name(); {
+		case w.f.err == nil:
+		case w.f.repo != own && !w.again:
+			waits = append(waits, pending{s.join(w.src, ref, w.l, w.progress), w.src, w.l, w.progress, true})
+		default:
+			errs = append(errs, w.f.err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func report(p func(ProgressEvent), e ProgressEvent) {
 	if p != nil {
 		p(e)
@@ -175,9 +212,10 @@ func report(p func(ProgressEvent), e ProgressEvent) {
 // caller's progress function hears of the layer's completion as soon as it
 // is committed.
 func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEvent)) *flight {
+	key, repo := flightKey(l), src.registry().repo.Name()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if f, ok := s.flights[l.DiffID.Hex]; ok {
+	if f, ok := s.flights[key]; ok {
 		report(progress, ProgressEvent{Layer: l, State: LayerJoined})
 		if progress != nil {
 			go func() {
@@ -189,8 +227,8 @@ func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEve
 		}
 		return f
 	}
-	f := &flight{done: make(chan struct{})}
-	s.flights[l.DiffID.Hex] = f
+	f := &flight{done: make(chan struct{}), repo: repo}
+	s.flights[key] = f
 	if len(s.flights) == 1 {
 		s.wg.Add(1)
 		go s.flush()
@@ -208,7 +246,7 @@ func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEve
 				"bytes", meta.Size, "files", meta.Files, "duration", time.Since(start).Round(time.Millisecond))
 		}
 		s.mu.Lock()
-		delete(s.flights, l.DiffID.Hex)
+		delete(s.flights, key)
 		s.mu.Unlock()
 		f.err = err
 		if err == nil {
@@ -217,6 +255,15 @@ func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEve
 		close(f.done)
 	}()
 	return f
+}
+
+// flightKey identifies one fetch: of one blob of a layer. Callers that name
+// the same blob in other repositories join it, so that images sharing a
+// base download it once; a joined fetch proves nothing about the joiner's
+// repository, which checkLayers then asks for proof unless the layer
+// turned out public.
+func flightKey(l Layer) string {
+	return l.DiffID.Hex + " " + l.Digest.String()
 }
 
 // flushInterval is how often written layer data is pushed to the disk while
@@ -280,10 +327,11 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer
 	var tmp string
 	var meta *LayerMeta
 	// A mirror's wrong or broken blob is dropped, and the next place asked.
-	if _, err := src.do(ctx, what, func(c *client, attempts int) (err error) {
+	ep, err := src.do(ctx, what, func(c *client, attempts int) (err error) {
 		tmp, meta, err = s.downloadLayer(ctx, c, attempts, what, l, progress)
 		return err
-	}); err != nil {
+	})
+	if err != nil {
 		return nil, err
 	}
 	defer func() {
@@ -294,14 +342,29 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer
 		}
 	}()
 	release()
+	// The blob verified: its digest produces the diffID, and the
+	// repository holds it.
+	public, err := servedPublicly(ep, src.creds)
+	if err != nil {
+		return nil, err
+	}
+	repo := src.registry().repo.Name()
+	access, err := json.Marshal(layerAccess{Digests: []v1.Hash{l.Digest}, Public: public, Repositories: []string{repo}})
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, accessFile), access, 0o644); err != nil {
+		return nil, err
+	}
 	if err := syncFS(tmp); err != nil {
 		return nil, err
 	}
 	if err := os.Rename(tmp, dst); err != nil {
 		if errors.Is(err, unix.EEXIST) || errors.Is(err, unix.ENOTEMPTY) {
-			// Another process committed the same layer first.
+			// Another fetch committed the same layer first; what this one
+			// showed still goes on record.
 			_ = os.RemoveAll(tmp)
-			return nil, nil
+			return nil, s.noteLayerAccess(l.DiffID, l.Digest, repo, public)
 		}
 		return nil, fmt.Errorf("commit %s: %w", what, err)
 	}
@@ -366,24 +429,11 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 // diffID of the tar stream, and unpacks it into dir.
 func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string) (unpack.Stats, error) {
 	br := bufio.NewReaderSize(r, 256<<10)
-	magic, _ := br.Peek(4)
-	var tarStream io.Reader = br
-	switch {
-	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
-		zr, err := gzip.NewReader(br)
-		if err != nil {
-			return unpack.Stats{}, r.failure(err, what)
-		}
-		defer zr.Close()
-		tarStream = zr
-	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
-		if err != nil {
-			return unpack.Stats{}, r.failure(err, what)
-		}
-		defer zr.Close()
-		tarStream = zr
+	tarStream, closeStream, err := decompressed(br)
+	if err != nil {
+		return unpack.Stats{}, r.failure(err, what)
 	}
+	defer closeStream()
 	dh := sha256.New()
 	tee := io.TeeReader(tarStream, dh)
 	stats, err := unpack.Apply(ctx, dir, tee)
@@ -405,6 +455,28 @@ func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Ha
 		return stats, fmt.Errorf("%w: %s: uncompressed content has digest %s: nothing was stored", ErrDigestMismatch, what, got)
 	}
 	return stats, nil
+}
+
+// decompressed returns the tar stream of a layer blob read from br: gzip,
+// zstd or plain tar, told apart by their magic numbers rather than by a
+// media type that may lie. The caller calls the returned func when done.
+func decompressed(br *bufio.Reader) (io.Reader, func(), error) {
+	magic, _ := br.Peek(4)
+	switch {
+	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			return nil, nil, err
+		}
+		return zr, func() { _ = zr.Close() }, nil
+	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, nil, err
+		}
+		return zr, zr.Close, nil
+	}
+	return br, func() {}, nil
 }
 
 // verifyReader hashes and counts a blob as it is read, and reports progress.

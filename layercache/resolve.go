@@ -177,6 +177,7 @@ func (s *Store) resolveRemote(ctx context.Context, h *hosts, ref string, r name.
 	src := s.newSource(h, r.Context(), creds)
 	var data []byte
 	var top v1.Hash
+	fetchedPlatform := false
 	servedBy, err := src.do(ctx, "resolve "+ref, func(c *client, attempts int) error {
 		return s.retryN(ctx, "resolve "+ref, attempts, func() (err error) {
 			data, _, top, err = c.manifest(ctx, r.Identifier())
@@ -214,22 +215,31 @@ func (s *Store) resolveRemote(ctx context.Context, h *hosts, ref string, r name.
 		if kind == manifestBlob {
 			// The platform's manifest, picked from an index: the access
 			// record is about it.
-			servedBy = ep
+			servedBy, fetchedPlatform = ep, true
 		}
 		return data, s.writeBlob(d, data)
 	})
 	if err != nil {
 		return nil, err
 	}
+	if img.Digest != top && !fetchedPlatform {
+		// The index came from the registry, but the platform's manifest
+		// it names from the cache: the repository has shown nothing about
+		// that manifest yet.
+		if err := s.checkAccess(ctx, h, ref, r.Context(), img.Digest, creds, PullIfNotPresent); err != nil {
+			return nil, err
+		}
+	} else {
+		// The registry, or a mirror, served the manifest to these credentials.
+		key, err := servedBy.accessKey(creds)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.noteAccess(r.Context(), img.Digest, servedBy, key); err != nil {
+			return nil, err
+		}
+	}
 	if err := s.recordRef(r.Name(), top); err != nil {
-		return nil, err
-	}
-	// The registry, or a mirror, served the manifest to these credentials.
-	key, err := servedBy.accessKey(creds)
-	if err != nil {
-		return nil, err
-	}
-	if err := s.recordAccess(r.Context(), img.Digest, key); err != nil {
 		return nil, err
 	}
 	klog.V(2).InfoS("Resolved image", "image", ref, "digest", img.Digest, "layers", len(img.Layers), "from", servedBy.host())

@@ -48,7 +48,9 @@ type Store struct {
 	reg *registryConfig
 
 	mu      sync.Mutex
-	flights map[string]*flight // in-progress layer fetches by diffID hex
+	flights map[string]*flight // in-progress layer fetches by flightKey
+	// accessMu orders this process's updates of layer access records.
+	accessMu sync.Mutex
 
 	// lockMu orders this process's takers of the store lock before they
 	// queue on the flock. flock is not fair: a prune that releases and at
