@@ -59,6 +59,7 @@ func TestStrata(t *testing.T) {
 		{"MissingImage", testMissingImage},
 		{"PrivateRegistry", testPrivateRegistry},
 		{"PodIdentity", testPodIdentity},
+		{"TenantIsolation", testTenantIsolation},
 		{"ExternalStorageSuite", testExternalStorageSuite},
 		{"HelmUpgradeUninstall", testHelmUpgradeUninstall},
 	}
