@@ -162,7 +162,7 @@ func TestWatcher(t *testing.T) {
 		testPod("reader", "uid-reader", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
 		testPod("crashed", "uid-crashed", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
 		testPod("far", "uid-far", "node-3", corev1.PodRunning, inlineVol("data", testDriver)),
-		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1"),
+		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1", "shared-claim"),
 		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "regcred"}, Type: corev1.SecretTypeDockerConfigJson,
 			Data: map[string][]byte{corev1.DockerConfigJsonKey: dockerCfg}},
 		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "opaque"}, Type: corev1.SecretTypeOpaque},
