@@ -324,6 +324,14 @@ func (w *Watcher) sync(ctx context.Context, key string) error {
 	return w.writeFinal(ctx, client, u, final)
 }
 
+// CheckAllowedRegistries checks the registries of
+// --commit-allowed-registries (Config.AllowedRegistries): each must be a
+// host or host:port.
+func CheckAllowedRegistries(regs []string) error {
+	_, err := allowList(regs)
+	return err
+}
+
 // allowList checks and normalizes the registries of
 // --commit-allowed-registries.
 func allowList(regs []string) (map[string]bool, error) {
