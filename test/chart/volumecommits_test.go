@@ -227,18 +227,24 @@ type labeledRole struct {
 	clusterRole `yaml:",inline"`
 }
 
-// TestVolumeCommitRBAC: the node plugin gets exactly what driver/commits
-// calls, bound to its ServiceAccount; namespace admins and editors may
-// create VolumeCommits and viewers see them, through aggregation.
+// TestVolumeCommitRBAC: with volumeCommits.enabled, the node plugin gets
+// exactly what driver/commits calls beyond the node role's grants (events,
+// PersistentVolumes), bound to its ServiceAccount; namespace admins and
+// editors may create VolumeCommits and viewers see them, through
+// aggregation. Off (the default), none of it is rendered.
 func TestVolumeCommitRBAC(t *testing.T) {
 	t.Parallel()
-	objs := render(t, "")
+	for _, o := range render(t, "") {
+		if strings.Contains(o.Name, "volumecommits") {
+			t.Errorf("%s %s rendered with VolumeCommits off", o.Kind, o.Name)
+		}
+	}
+	objs := render(t, "volumeCommits: {enabled: true}")
 	var node clusterRole
 	objs.byName(t, "ClusterRole", "strata-node-volumecommits", &node)
 	want := []string{
-		"/events:create", "/events:patch",
-		"/persistentvolumeclaims:get", "/persistentvolumes:get", "/pods:get", "/secrets:get",
-		"strata.csi.dev/volumecommits/status:patch", "strata.csi.dev/volumecommits/status:update",
+		"/persistentvolumeclaims:get", "/pods:get", "/secrets:get",
+		"strata.csi.dev/volumecommits/status:update",
 		"strata.csi.dev/volumecommits:get", "strata.csi.dev/volumecommits:list", "strata.csi.dev/volumecommits:watch",
 	}
 	if got := ruleSet(node.Rules); !slices.Equal(got, want) {
