@@ -70,6 +70,10 @@ type Config struct {
 	// VolumeCommits may push to (--commit-allowed-registries); empty
 	// allows any.
 	CommitAllowedRegistries []string
+	// CommitNamespaces limits VolumeCommits to those of these namespaces
+	// (--commit-namespaces), whose RBAC can then be Roles there; empty:
+	// every namespace.
+	CommitNamespaces []string
 	// PullCredentials configures the sources of pull credentials after the
 	// volume's node-publish secret: a service account's imagePullSecrets
 	// (read through Kube, which New fills in) and kubelet credential
@@ -101,9 +105,11 @@ type Driver struct {
 	events  *podEvents           // nil: no API access, or no node service
 
 	// volumeCommits turns the VolumeCommit watcher on; commitAllowed is
-	// its allow-list of target registries (empty: any).
-	volumeCommits bool
-	commitAllowed []string
+	// its allow-list of target registries (empty: any), commitNamespaces
+	// the namespaces it watches (empty: all).
+	volumeCommits    bool
+	commitAllowed    []string
+	commitNamespaces []string
 }
 
 // New validates cfg and opens (in node mode) the layer cache. Call Recover
@@ -120,11 +126,17 @@ func New(cfg Config) (*Driver, error) {
 	if len(cfg.CommitAllowedRegistries) > 0 && !cfg.VolumeCommits {
 		return nil, errors.New("--commit-allowed-registries without --volume-commits: VolumeCommits are off, turn them on or drop the allow-list")
 	}
+	if len(cfg.CommitNamespaces) > 0 && !cfg.VolumeCommits {
+		return nil, errors.New("--commit-namespaces without --volume-commits: VolumeCommits are off, turn them on or drop the namespaces")
+	}
 	if err := commits.CheckAllowedRegistries(cfg.CommitAllowedRegistries); err != nil {
 		return nil, err
 	}
+	if err := commits.CheckNamespaces(cfg.CommitNamespaces); err != nil {
+		return nil, err
+	}
 	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode, kube: cfg.Kube, dynamic: cfg.Dynamic,
-		volumeCommits: cfg.VolumeCommits, commitAllowed: cfg.CommitAllowedRegistries}
+		volumeCommits: cfg.VolumeCommits, commitAllowed: cfg.CommitAllowedRegistries, commitNamespaces: cfg.CommitNamespaces}
 	if !d.serves(ModeNode) {
 		d.metrics = metrics.New(metrics.Sources{})
 		return d, nil
@@ -182,7 +194,8 @@ func (d *Driver) WatchCommits(ctx context.Context) error {
 		return nil
 	}
 	w, err := commits.New(commits.Config{Kube: d.kube, Dynamic: d.dynamic, NodeID: d.nodeID, DriverName: d.name,
-		Root: d.root, Store: d.store, Credentials: d.creds, AllowedRegistries: d.commitAllowed})
+		Root: d.root, Store: d.store, Credentials: d.creds, AllowedRegistries: d.commitAllowed,
+		Namespaces: d.commitNamespaces})
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -62,10 +63,42 @@ func (a *apiLog) asked(s string) []string {
 
 // TestVolumeCommitsOptIn: a node plugin with API access does not watch
 // VolumeCommits (so needs no RBAC for them, nor for the secrets they name)
-// unless --volume-commits is given; with it, it asks the API for them.
+// unless --volume-commits is given; with it, it asks the API for them, and
+// with --commit-namespaces only in those namespaces.
 func TestVolumeCommitsOptIn(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("TestVolumeCommitsOptIn needs root: the node plugin opens a layer cache")
+	}
+	for _, namespaces := range []string{"", "team-a,team-b"} {
+		t.Run("commit-namespaces="+namespaces, func(t *testing.T) {
+			var api apiLog
+			kubeconfig := api.serve(t)
+			tmp := t.TempDir()
+			args := []string{"--mode=node", "--node-id=node-1", "--root", filepath.Join(tmp, "root"),
+				"--endpoint", "unix://" + filepath.Join(tmp, "csi.sock"), "--kubeconfig", kubeconfig, "--volume-commits"}
+			if namespaces != "" {
+				args = append(args, "--commit-namespaces="+namespaces)
+			}
+			p := startPlugin(t, args...)
+			want := []string{"GET /apis/strata.csi.dev/v1alpha1/volumecommits"}
+			if namespaces != "" {
+				want = []string{"GET /apis/strata.csi.dev/v1alpha1/namespaces/team-a/volumecommits"}
+			}
+			for deadline := time.Now().Add(30 * time.Second); len(api.asked("/volumecommits")) == 0; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("after 30s the API was asked for no VolumeCommits: %q", api.asked("/"))
+				}
+			}
+			// The API answers 404 (no CRD): the plugin asks again only
+			// after a minute, so its first question is all there is.
+			time.Sleep(time.Second)
+			if got := api.asked("/volumecommits"); !slices.Equal(got, want) {
+				t.Errorf("the plugin asked for %q, want %q", got, want)
+			}
+			if err := p.stop(t); err != nil {
+				t.Fatalf("strata-csi after SIGTERM: %v, want exit 0", err)
+			}
+		})
 	}
 	for _, on := range []bool{false, true} {
 		t.Run(fmt.Sprintf("volume-commits=%t", on), func(t *testing.T) {
@@ -108,9 +141,9 @@ func TestVolumeCommitsOptIn(t *testing.T) {
 	}
 }
 
-// TestCommitFlagsRefused: an allow-list entry that is no registry, or an
-// allow-list without --volume-commits, stops the plugin with a message
-// naming the flag.
+// TestCommitFlagsRefused: an allow-list entry that is no registry, a
+// namespace that is no namespace name, or either without --volume-commits,
+// stops the plugin with a message naming the flag.
 func TestCommitFlagsRefused(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -119,6 +152,8 @@ func TestCommitFlagsRefused(t *testing.T) {
 		{"a URL", []string{"--volume-commits", "--commit-allowed-registries=https://registry.example.com"}},
 		{"a path", []string{"--volume-commits", "--commit-allowed-registries=registry.example.com/team-a"}},
 		{"without --volume-commits", []string{"--commit-allowed-registries=registry.example.com"}},
+		{"a bad namespace", []string{"--volume-commits", "--commit-namespaces=Team_A"}},
+		{"namespaces without --volume-commits", []string{"--commit-namespaces=team-a"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tmp := t.TempDir()
@@ -130,8 +165,9 @@ func TestCommitFlagsRefused(t *testing.T) {
 				if !errors.As(p.err, &exit) || exit.ExitCode() == 0 {
 					t.Errorf("strata-csi %q: %v, want a failure", tc.args, p.err)
 				}
-				if logs := p.logs.String(); !strings.Contains(logs, "--commit-allowed-registries") {
-					t.Errorf("the message does not name --commit-allowed-registries:\n%s", logs)
+				flag, _, _ := strings.Cut(tc.args[len(tc.args)-1], "=")
+				if logs := p.logs.String(); !strings.Contains(logs, flag) {
+					t.Errorf("the message does not name %s:\n%s", flag, logs)
 				}
 			case <-time.After(30 * time.Second):
 				t.Fatalf("strata-csi %q still runs after 30s", tc.args)

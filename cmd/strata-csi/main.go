@@ -89,7 +89,9 @@ func main() {
 		insecure    stringList
 		prepull     stringList
 		allowedRegs commaList
+		commitNS    commaList
 	)
+	flag.Var(&commitNS, "commit-namespaces", "namespaces (comma-separated or repeated) whose VolumeCommits are carried out, so that their RBAC can be Roles in those namespaces; VolumeCommits elsewhere are not watched (empty = every namespace)")
 	flag.Var(&allowedRegs, "commit-allowed-registries", "registries (host or host:port, comma-separated or repeated) that VolumeCommits may push to, matched exactly; a commit to another is refused (empty = any)")
 	flag.Var(&prepull, "prepull", "image to pull at start and keep cached while it is listed; repeatable")
 	flag.Var(&insecure, "insecure-registry", "registry (host[:port]) reached over plain HTTP; repeatable (loopback registries always are)")
@@ -137,7 +139,7 @@ func main() {
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
 		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn,
-		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs,
+		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
 			PodIdentity: *podIdentity,

@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/kubernetes"
@@ -82,6 +83,10 @@ type Config struct {
 	// registry as go-containerregistry names it (docker.io is
 	// index.docker.io), never by prefix.
 	AllowedRegistries []string
+	// Namespaces limits the watch to the VolumeCommits of these namespaces
+	// (--commit-namespaces), so that the plugin's RBAC for them can be
+	// Roles in those namespaces instead of ClusterRoles; empty: all.
+	Namespaces []string
 }
 
 // Watcher carries out the VolumeCommits of this node's volumes.
@@ -127,6 +132,9 @@ func New(cfg Config) (*Watcher, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := CheckNamespaces(cfg.Namespaces); err != nil {
+		return nil, err
+	}
 	secretOnly, err := credentials.New(credentials.Config{})
 	if err != nil {
 		return nil, err
@@ -158,26 +166,30 @@ func (w *Watcher) Run(ctx context.Context) {
 	defer b.Shutdown()
 	w.events = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: w.cfg.DriverName, Host: w.cfg.NodeID})
 
-	factory := dynamicinformer.NewDynamicSharedInformerFactory(w.cfg.Dynamic, w.cfg.Resync)
-	inf := factory.ForResource(GVR).Informer()
 	enqueue := func(obj any) {
 		if key, err := cache.MetaNamespaceKeyFunc(obj); err == nil {
 			w.queue.Add(key)
 		}
 	}
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    enqueue,
-		UpdateFunc: func(_, obj any) { enqueue(obj) },
-	}); err != nil {
-		log.Error(err, "Cannot watch VolumeCommits")
+	var synced []cache.InformerSynced
+	for _, ns := range w.namespaces() {
+		factory := dynamicinformer.NewFilteredDynamicSharedInformerFactory(w.cfg.Dynamic, w.cfg.Resync, ns, nil)
+		inf := factory.ForResource(GVR).Informer()
+		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    enqueue,
+			UpdateFunc: func(_, obj any) { enqueue(obj) },
+		}); err != nil {
+			log.Error(err, "Cannot watch VolumeCommits")
+			return
+		}
+		factory.Start(ctx.Done())
+		defer factory.Shutdown()
+		synced = append(synced, inf.HasSynced)
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return
 	}
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
-		return
-	}
-	log.Info("Watching VolumeCommits", "node", w.cfg.NodeID)
+	log.Info("Watching VolumeCommits", "node", w.cfg.NodeID, "namespaces", w.cfg.Namespaces)
 	go func() {
 		<-ctx.Done()
 		w.queue.ShutDown()
@@ -186,13 +198,28 @@ func (w *Watcher) Run(ctx context.Context) {
 	}
 }
 
-// waitForAPI returns once VolumeCommits can be listed, checking every
-// APIWait and saying once why not; false if ctx ended first.
+// namespaces are those whose VolumeCommits are watched; metav1.NamespaceAll
+// alone for all.
+func (w *Watcher) namespaces() []string {
+	if len(w.cfg.Namespaces) == 0 {
+		return []string{metav1.NamespaceAll}
+	}
+	return w.cfg.Namespaces
+}
+
+// waitForAPI returns once VolumeCommits can be listed (in each watched
+// namespace), checking every APIWait and saying once why not; false if ctx
+// ended first.
 func (w *Watcher) waitForAPI(ctx context.Context) bool {
 	log := klog.FromContext(ctx)
 	said := ""
 	for {
-		_, err := w.cfg.Dynamic.Resource(GVR).List(ctx, metav1.ListOptions{Limit: 1})
+		var err error
+		for _, ns := range w.namespaces() {
+			if _, err = w.cfg.Dynamic.Resource(GVR).Namespace(ns).List(ctx, metav1.ListOptions{Limit: 1}); err != nil {
+				break
+			}
+		}
 		if err == nil {
 			return true
 		}
@@ -330,6 +357,17 @@ func (w *Watcher) sync(ctx context.Context, key string) error {
 func CheckAllowedRegistries(regs []string) error {
 	_, err := allowList(regs)
 	return err
+}
+
+// CheckNamespaces checks the namespaces of --commit-namespaces
+// (Config.Namespaces): each must be a namespace name.
+func CheckNamespaces(namespaces []string) error {
+	for _, ns := range namespaces {
+		if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {
+			return fmt.Errorf("--commit-namespaces: %q is not a namespace name: %s", ns, strings.Join(errs, "; "))
+		}
+	}
+	return nil
 }
 
 // allowList checks and normalizes the registries of

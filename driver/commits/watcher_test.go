@@ -30,6 +30,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
@@ -622,6 +623,76 @@ func TestAllowedRegistries(t *testing.T) {
 	for _, bad := range []string{"https://registry.example.com", "registry.example.com/team", "", "registry.example.com:port"} {
 		if _, err := New(cfg(bad)); err == nil || !strings.Contains(err.Error(), "--commit-allowed-registries") {
 			t.Errorf("allow-list entry %q: New gave %v, want an error naming --commit-allowed-registries", bad, err)
+		}
+	}
+}
+
+// TestWatcherNamespaces: with Namespaces, the watcher sees VolumeCommits of
+// those namespaces only (so that its RBAC can be Roles in them): one in
+// another namespace is never looked at, let alone refused or done.
+func TestWatcherNamespaces(t *testing.T) {
+	n := newNode(t)
+	inB := vcObject(t, "nosource", Spec{Image: "127.0.0.1:1/x:v2"}, Status{})
+	inB.SetNamespace("team-b")
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{GVR: Kind + "List"},
+		vcObject(t, "nosource", Spec{Image: "127.0.0.1:1/x:v2"}, Status{}), inB)
+	optimisticStatus(dyn)
+	var mu sync.Mutex
+	var seen []string // namespaces of VolumeCommit requests; "" is cluster-wide
+	dyn.PrependReactor("*", Resource, func(a k8stesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		seen = append(seen, a.GetNamespace())
+		mu.Unlock()
+		return false, nil, nil
+	})
+	dyn.PrependWatchReactor(Resource, func(a k8stesting.Action) (bool, watch.Interface, error) {
+		mu.Lock()
+		seen = append(seen, a.GetNamespace())
+		mu.Unlock()
+		return false, nil, nil
+	})
+	w, err := New(Config{Kube: fake.NewClientset(), Dynamic: dyn, NodeID: thisNode, DriverName: testDriver, Root: n.root, Store: n.store,
+		Credentials: &credentials.Chain{}, APIWait: 50 * time.Millisecond, Resync: time.Second, Namespaces: []string{"team-a"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); w.Run(ctx) }()
+	get := func(ns string) Status {
+		u, err := dyn.Resource(GVR).Namespace(ns).Get(context.Background(), "nosource", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vc, err := fromUnstructured(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return vc.Status
+	}
+	for deadline := time.Now().Add(30 * time.Second); get("team-a").Phase != PhaseFailed; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the VolumeCommit of team-a was not refused: %+v", get("team-a"))
+		}
+	}
+	time.Sleep(2 * time.Second) // a resync
+	cancel()
+	<-done
+	if st := get("team-b"); st.Phase != "" {
+		t.Errorf("the VolumeCommit of team-b, outside Namespaces, was touched: %+v", st)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, ns := range seen[:len(seen)-2] { // the test's own two gets are last
+		if ns != "team-a" {
+			t.Errorf("the watcher asked for VolumeCommits in namespace %q (\"\": all); want team-a only: %q", ns, seen)
+			break
+		}
+	}
+	for _, bad := range [][]string{{"Team-A"}, {""}, {"a/b"}} {
+		if _, err := New(Config{Kube: fake.NewClientset(), Dynamic: dyn, NodeID: thisNode, DriverName: testDriver, Root: n.root,
+			Store: n.store, Credentials: &credentials.Chain{}, Namespaces: bad}); err == nil || !strings.Contains(err.Error(), "--commit-namespaces") {
+			t.Errorf("Namespaces %q: New gave %v, want an error naming --commit-namespaces", bad, err)
 		}
 	}
 }
