@@ -444,7 +444,7 @@ func checkMetrics(t *testing.T, c container, f map[string][]string, port int) {
 func TestFlagsExist(t *testing.T) {
 	t.Parallel()
 	defined := strataCSIFlags(t)
-	_, c := nodePlugin(t, render(t, "metrics: {enabled: true}\nvolumeCommits: {enabled: true, allowedRegistries: [r.io]}\n"+withProviders))
+	_, c := nodePlugin(t, render(t, "metrics: {enabled: true}\nvolumeCommits: {enabled: true, allowedRegistries: [r.io], namespaces: [team-a]}\n"+withProviders))
 	for name := range flags(t, c.Args) {
 		if !defined[name] {
 			t.Errorf("the chart passes --%s, which cmd/strata-csi does not define", name)

@@ -124,8 +124,9 @@ func documentedGrants(t *testing.T) map[string][]string {
 	return out
 }
 
-// optIn is a heading "With `key.path: value`": the values it renders.
-var optIn = regexp.MustCompile("^With `([a-zA-Z.]+): ([a-z0-9]+)`$")
+// optIn is a heading "With `key.path: value`": the values it renders; value
+// is a scalar or a YAML flow mapping or list.
+var optIn = regexp.MustCompile("^With `([a-zA-Z.]+): ([a-z0-9]+|\\{.+\\}|\\[.+\\])`$")
 
 // valuesOf turns "a.b.c", "v" into the YAML "a: {b: {c: v}}".
 func valuesOf(path, value string) string {
@@ -237,15 +238,34 @@ func TestNoClusterWideSecrets(t *testing.T) {
 	if !slices.Equal(secretGrants, want) {
 		t.Errorf("with VolumeCommits, grants on secrets:\n %q\nwant\n %q", secretGrants, want)
 	}
+	// With volumeCommits.namespaces, a get in each of them, and no
+	// cluster-wide grant.
+	secretGrants = nil
+	for _, g := range grants(t, render(t, "volumeCommits: {enabled: true, namespaces: [team-a, team-b]}")) {
+		if onSecrets(g) {
+			secretGrants = append(secretGrants, g)
+		}
+	}
+	want = []string{"Role strata-node-pull-secrets | list, watch | secrets | namespace " + pullSecretsNS,
+		"Role strata-node-volumecommits | get | secrets | namespace team-a",
+		"Role strata-node-volumecommits | get | secrets | namespace team-b"}
+	slices.Sort(want)
+	if !slices.Equal(secretGrants, want) {
+		t.Errorf("with VolumeCommits in team-a and team-b, grants on secrets:\n %q\nwant\n %q", secretGrants, want)
+	}
 	// No RoleBinding lends a ClusterRole's rights in a namespace.
-	for _, o := range render(t, "volumeCommits: {enabled: true}\npodIdentity: {enabled: true}") {
+	for _, o := range render(t, "volumeCommits: {enabled: true, namespaces: [team-a]}\npodIdentity: {enabled: true}") {
 		if o.Kind != "RoleBinding" {
 			continue
 		}
 		var b clusterRoleBinding
 		o.decode(t, &b)
-		if b.RoleRef.Kind != "Role" {
+		if b.RoleRef.Kind != "Role" || b.RoleRef.Name != o.Name {
 			t.Errorf("RoleBinding %s/%s binds %s %s", o.Namespace, o.Name, b.RoleRef.Kind, b.RoleRef.Name)
+		}
+		if len(b.Subjects) != 1 || b.Subjects[0].Kind != "ServiceAccount" || b.Subjects[0].Namespace != releaseNS ||
+			b.Subjects[0].Name != "strata-node" && b.Subjects[0].Name != controllerName {
+			t.Errorf("RoleBinding %s/%s binds %+v, want only the plugin's or the controller's ServiceAccount", o.Namespace, o.Name, b.Subjects)
 		}
 	}
 }
