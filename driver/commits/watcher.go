@@ -91,8 +91,12 @@ type Config struct {
 
 // Watcher carries out the VolumeCommits of this node's volumes.
 type Watcher struct {
-	cfg Config
-	loc *locator
+	cfg    Config
+	loc    *locator
+	queue  workqueue.TypedRateLimitingInterface[string]
+	events record.EventRecorder
+	now    func() time.Time
+
 	// secretOnly is a credential chain of no sources but the request's
 	// secrets: it finds the push secret's entry for the target, and nothing
 	// of the driver's.
@@ -100,9 +104,6 @@ type Watcher struct {
 	// allowed holds the registries of AllowedRegistries as
 	// go-containerregistry names them, lower case; nil allows any.
 	allowed map[string]bool
-	queue   workqueue.TypedRateLimitingInterface[string]
-	events  record.EventRecorder
-	now     func() time.Time
 
 	mu      sync.Mutex
 	running map[string]bool // keys being committed by this process
@@ -139,16 +140,16 @@ func New(cfg Config) (*Watcher, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Watcher{
-		cfg:        cfg,
-		secretOnly: secretOnly,
-		allowed:    allowed,
-		loc:        &locator{kube: cfg.Kube, root: cfg.Root, node: cfg.NodeID, driver: cfg.DriverName},
-		queue:      workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
-		now:        time.Now,
-		running:    map[string]bool{},
-		unwritten:  map[types.UID]Status{},
-	}, nil
+	w := &Watcher{
+		cfg:       cfg,
+		loc:       &locator{kube: cfg.Kube, root: cfg.Root, node: cfg.NodeID, driver: cfg.DriverName},
+		queue:     workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
+		now:       time.Now,
+		running:   map[string]bool{},
+		unwritten: map[types.UID]Status{},
+	}
+	w.secretOnly, w.allowed = secretOnly, allowed
+	return w, nil
 }
 
 // Run watches VolumeCommits and carries out this node's, one at a time,
