@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -439,14 +440,23 @@ func TestWatcherPushCredentials(t *testing.T) {
 		return targetLog.wrap(testimage.BasicAuthUsers(map[string]string{"node": "node-pw", "team": "team-pw"})(h))
 	})
 	nodeAuth := remote.WithAuth(&authn.Basic{Username: "node", Password: "node-pw"})
-	layer := testimage.Layer(t, testimage.Tar(t, testimage.Dir("data"), testimage.File("data/a.txt", "alpha\n"),
-		testimage.File("data/b.txt", "beta\n")), testimage.Gzip)
+	// Each base holds 256 KiB that do not compress: a copied base shows in
+	// the bytes uploaded, a mounted one does not.
+	const bigSize = 256 << 10
+	baseLayer := func(seed byte) v1.Layer {
+		big := make([]byte, bigSize)
+		if _, err := rand.NewChaCha8([32]byte{seed}).Read(big); err != nil {
+			t.Fatal(err)
+		}
+		return testimage.Layer(t, testimage.Tar(t, testimage.Dir("data"), testimage.File("data/a.txt", "alpha\n"),
+			testimage.File("data/b.txt", "beta\n"), testimage.File("data/big.bin", string(big))), testimage.Gzip)
+	}
 	base := baseReg + "/library/base:v1"
-	baseDigest := testimage.Push(t, base, testimage.Image(t, layer), nodeAuth)
-	// The same image on the target's registry: a commit there mounts its
+	baseDigest := testimage.Push(t, base, testimage.Image(t, baseLayer(1)), nodeAuth)
+	// Another image on the target's registry: a commit there mounts its
 	// layers instead of uploading them.
 	sameBase := targetReg + "/library/base:v1"
-	testimage.Push(t, sameBase, testimage.Image(t, layer), nodeAuth)
+	sameDigest := testimage.Push(t, sameBase, testimage.Image(t, baseLayer(2)), nodeAuth)
 	baseLog.mu.Lock()
 	baseLog.reqs = nil
 	baseLog.mu.Unlock()
@@ -458,7 +468,7 @@ func TestWatcherPushCredentials(t *testing.T) {
 	publishUpper(t, n.root, "k-trainer", volumes.Record{VolumeID: "csi-trainer", TargetPath: kubeletTarget("uid-trainer", "data"),
 		Image: base, Digest: baseDigest, PodUID: "uid-trainer"})
 	publishUpper(t, n.root, "k-local", volumes.Record{VolumeID: "csi-local", TargetPath: kubeletTarget("uid-local", "data"),
-		Image: sameBase, Digest: baseDigest, PodUID: "uid-local"})
+		Image: sameBase, Digest: sameDigest, PodUID: "uid-local"})
 
 	// The driver's ServiceAccount holds the node's credentials, for both
 	// registries; the team's secret has the team's, for the target's only.
@@ -539,9 +549,16 @@ func TestWatcherPushCredentials(t *testing.T) {
 			t.Errorf("%s: status %+v, want Succeeded", nm, st)
 		}
 	}
+	// The base's layer is mounted from library/base on the target's
+	// registry (with the team's credentials), and copied from the other
+	// registry (read with the node's).
 	if st := get("mounted"); st.UploadedBytes <= 0 || st.UploadedBytes > st.LayerBytes+16<<10 {
 		t.Errorf("mounted: %d bytes uploaded for a layer of %d: the base's layers were not mounted", st.UploadedBytes, st.LayerBytes)
 	}
+	if st := get("team"); st.UploadedBytes < bigSize {
+		t.Errorf("team: %d bytes uploaded: the base's %d byte layer was not copied from the other registry", st.UploadedBytes, bigSize)
+	}
+	t.Logf("uploaded: %d bytes with the base mounted, %d with it copied from another registry", get("mounted").UploadedBytes, get("team").UploadedBytes)
 	if st := get("disallowed"); st.Phase != PhaseFailed || !strings.Contains(st.Message, "--commit-allowed-registries") ||
 		!strings.Contains(st.Message, targetReg) || !strings.Contains(st.Message, baseReg) {
 		t.Errorf("disallowed: status %+v; want Failed, naming the registry and the allow-list", st)
