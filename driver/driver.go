@@ -61,6 +61,19 @@ type Config struct {
 	// Dynamic reaches the VolumeCommit custom resources (WatchCommits); nil
 	// turns them off.
 	Dynamic dynamic.Interface
+	// VolumeCommits turns on the VolumeCommit watcher of a node plugin
+	// (--volume-commits). Off by default: the watcher reads pods, claims,
+	// PersistentVolumes and push secrets of every namespace, which needs
+	// RBAC that a cluster without VolumeCommits should not grant.
+	VolumeCommits bool
+	// CommitAllowedRegistries are the registries (host[:port]) that
+	// VolumeCommits may push to (--commit-allowed-registries); empty
+	// allows any.
+	CommitAllowedRegistries []string
+	// CommitNamespaces limits VolumeCommits to those of these namespaces
+	// (--commit-namespaces), whose RBAC can then be Roles there; empty:
+	// every namespace.
+	CommitNamespaces []string
 	// PullCredentials configures the sources of pull credentials after the
 	// volume's node-publish secret: a service account's imagePullSecrets
 	// (read through Kube, which New fills in) and kubelet credential
@@ -90,6 +103,13 @@ type Driver struct {
 	kube    kubernetes.Interface // nil: no API access
 	dynamic dynamic.Interface    // nil: no VolumeCommits
 	events  *podEvents           // nil: no API access, or no node service
+
+	// volumeCommits turns the VolumeCommit watcher on; commitAllowed is
+	// its allow-list of target registries (empty: any), commitNamespaces
+	// the namespaces it watches (empty: all).
+	volumeCommits    bool
+	commitAllowed    []string
+	commitNamespaces []string
 }
 
 // New validates cfg and opens (in node mode) the layer cache. Call Recover
@@ -103,7 +123,20 @@ func New(cfg Config) (*Driver, error) {
 	default:
 		return nil, fmt.Errorf("unknown mode %q: use node, controller or all", cfg.Mode)
 	}
-	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode, kube: cfg.Kube, dynamic: cfg.Dynamic}
+	if len(cfg.CommitAllowedRegistries) > 0 && !cfg.VolumeCommits {
+		return nil, errors.New("--commit-allowed-registries without --volume-commits: VolumeCommits are off, turn them on or drop the allow-list")
+	}
+	if len(cfg.CommitNamespaces) > 0 && !cfg.VolumeCommits {
+		return nil, errors.New("--commit-namespaces without --volume-commits: VolumeCommits are off, turn them on or drop the namespaces")
+	}
+	if err := commits.CheckAllowedRegistries(cfg.CommitAllowedRegistries); err != nil {
+		return nil, err
+	}
+	if err := commits.CheckNamespaces(cfg.CommitNamespaces); err != nil {
+		return nil, err
+	}
+	d := &Driver{name: cfg.Name, version: cfg.Version, nodeID: cfg.NodeID, mode: cfg.Mode, kube: cfg.Kube, dynamic: cfg.Dynamic,
+		volumeCommits: cfg.VolumeCommits, commitAllowed: cfg.CommitAllowedRegistries, commitNamespaces: cfg.CommitNamespaces}
 	if !d.serves(ModeNode) {
 		d.metrics = metrics.New(metrics.Sources{})
 		return d, nil
@@ -150,13 +183,19 @@ func New(cfg Config) (*Driver, error) {
 
 // WatchCommits carries out, in the background until ctx ends, the
 // VolumeCommits that name volumes of this node (package driver/commits).
-// It does nothing without API access or outside node mode.
+// It does nothing unless VolumeCommits are on, nor without API access or
+// outside node mode.
 func (d *Driver) WatchCommits(ctx context.Context) error {
-	if !d.serves(ModeNode) || d.kube == nil || d.dynamic == nil {
+	if !d.volumeCommits || !d.serves(ModeNode) {
+		return nil
+	}
+	if d.kube == nil || d.dynamic == nil {
+		klog.InfoS("No Kubernetes API access: VolumeCommits are not watched")
 		return nil
 	}
 	w, err := commits.New(commits.Config{Kube: d.kube, Dynamic: d.dynamic, NodeID: d.nodeID, DriverName: d.name,
-		Root: d.root, Store: d.store, Credentials: d.creds})
+		Root: d.root, Store: d.store, Credentials: d.creds, AllowedRegistries: d.commitAllowed,
+		Namespaces: d.commitNamespaces})
 	if err != nil {
 		return err
 	}

@@ -42,6 +42,19 @@ type stringList []string
 func (l *stringList) String() string     { return strings.Join(*l, ",") }
 func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
 
+// commaList is a string list flag given comma-separated, repeatable.
+type commaList []string
+
+func (l *commaList) String() string { return strings.Join(*l, ",") }
+func (l *commaList) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
 func main() {
 	klog.InitFlags(nil)
 	var (
@@ -72,9 +85,14 @@ func main() {
 		provision   = flag.Bool("provisioner", true, "in --mode=controller (and --mode=all with API access): provision the PersistentVolumeClaims of StorageClasses whose provisioner is --driver-name, in-process (sig-storage-lib-external-provisioner); false: serve only the CSI controller service, e.g. to the upstream csi-provisioner sidecar")
 		leaderElect = flag.Bool("leader-election", false, "provision only while holding the Lease <driver name with dots as dashes> (e.g. strata-csi-dev), so that one of several controller replicas provisions at a time")
 		leaderNS    = flag.String("leader-election-namespace", "", "namespace of the leader election Lease (empty: the pod's own namespace, from $POD_NAMESPACE or its service account)")
+		commits     = flag.Bool("volume-commits", false, "in node mode with API access: carry out the VolumeCommits (strata.csi.dev/v1alpha1) of this node's volumes, reading the pods, claims, PersistentVolumes and push secrets they name in any namespace (needs the chart's volumeCommits RBAC); off: VolumeCommits are not watched")
 		insecure    stringList
 		prepull     stringList
+		allowedRegs commaList
+		commitNS    commaList
 	)
+	flag.Var(&commitNS, "commit-namespaces", "namespaces (comma-separated or repeated) whose VolumeCommits are carried out, so that their RBAC can be Roles in those namespaces; VolumeCommits elsewhere are not watched (empty = every namespace)")
+	flag.Var(&allowedRegs, "commit-allowed-registries", "registries (host or host:port, comma-separated or repeated) that VolumeCommits may push to, matched exactly; a commit to another is refused (empty = any)")
 	flag.Var(&prepull, "prepull", "image to pull at start and keep cached while it is listed; repeatable")
 	flag.Var(&insecure, "insecure-registry", "registry (host[:port]) reached over plain HTTP; repeatable (loopback registries always are)")
 	flag.Parse()
@@ -121,6 +139,7 @@ func main() {
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
 		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn,
+		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
 			PodIdentity: *podIdentity,

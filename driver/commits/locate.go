@@ -114,10 +114,10 @@ func (l *locator) podVolume(ctx context.Context, ns, name, volume string) (locat
 			claim = vol.PersistentVolumeClaim.ClaimName
 		}
 		pv, why, err := l.boundVolume(ctx, ns, claim)
-		if err != nil || why != "" {
+		if err != nil || pv == nil {
 			// The pod runs here with this claim: it is bound, or the pod
-			// has not started.
-			return notHereBecause("%s", why), err
+			// has not started; or the claim names a PV that is not its.
+			return why, err
 		}
 		if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != l.driver {
 			return refuse("volume %q of pod %s/%s is PersistentVolume %s, which is not a %s volume", volume, ns, name, pv.Name, l.driver), nil
@@ -164,35 +164,56 @@ func publishedFor(v *volumes.Volume, uid types.UID, dir string) bool {
 	return strings.HasSuffix(filepath.Clean(v.TargetPath), suffix)
 }
 
-// boundVolume returns the PersistentVolume that claim ns/name is bound to;
-// why says why there is none yet.
-func (l *locator) boundVolume(ctx context.Context, ns, name string) (*corev1.PersistentVolume, string, error) {
+// boundVolume returns the PersistentVolume that claim ns/name is bound to,
+// or nil and why there is none: not yet (notHere), or never (refused).
+//
+// A claim's spec.volumeName is the user's to write: a claim of one
+// namespace may name the PV of another's, and the API server accepts it
+// (the claim stays Pending). So the claim counts as bound only when the
+// PersistentVolume controller has bound both ways: the claim's phase is
+// Bound and the PV's claimRef names this claim's namespace, name and UID.
+// A PV whose claimRef names another claim (or an earlier claim of the same
+// name) is refused: the VolumeCommit would publish another claim's data.
+// Every node can tell, and the message does not name the other claim.
+func (l *locator) boundVolume(ctx context.Context, ns, name string) (*corev1.PersistentVolume, located, error) {
 	pvc, err := l.kube.CoreV1().PersistentVolumeClaims(ns).Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		return nil, fmt.Sprintf("claim %s/%s does not exist (yet)", ns, name), nil
+		return nil, notHereBecause("claim %s/%s does not exist (yet)", ns, name), nil
 	}
 	if err != nil {
-		return nil, "", fmt.Errorf("get claim %s/%s: %w", ns, name, err)
+		return nil, located{}, fmt.Errorf("get claim %s/%s: %w", ns, name, err)
 	}
 	if pvc.Spec.VolumeName == "" {
-		return nil, fmt.Sprintf("claim %s/%s is not bound (yet)", ns, name), nil
+		return nil, notHereBecause("claim %s/%s is not bound (yet)", ns, name), nil
 	}
 	pv, err := l.kube.CoreV1().PersistentVolumes().Get(ctx, pvc.Spec.VolumeName, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		return nil, fmt.Sprintf("PersistentVolume %s of claim %s/%s does not exist", pvc.Spec.VolumeName, ns, name), nil
+		return nil, notHereBecause("PersistentVolume %s of claim %s/%s does not exist", pvc.Spec.VolumeName, ns, name), nil
 	}
 	if err != nil {
-		return nil, "", fmt.Errorf("get PersistentVolume %s: %w", pvc.Spec.VolumeName, err)
+		return nil, located{}, fmt.Errorf("get PersistentVolume %s: %w", pvc.Spec.VolumeName, err)
 	}
-	return pv, "", nil
+	ref := pv.Spec.ClaimRef
+	switch {
+	case ref == nil || ref.UID == "" && ref.Namespace == ns && ref.Name == name:
+		// An available PV, or one pre-bound to this claim by name: the
+		// controller has yet to bind them.
+		return nil, notHereBecause("claim %s/%s is not bound (yet) to PersistentVolume %s", ns, name, pv.Name), nil
+	case ref.Namespace != ns || ref.Name != name || ref.UID != pvc.UID:
+		return nil, refuse("claim %s/%s names PersistentVolume %s, which is bound to another claim: "+
+			"a VolumeCommit commits only a volume bound to a claim of its own namespace", ns, name, pv.Name), nil
+	case pvc.Status.Phase != corev1.ClaimBound:
+		return nil, notHereBecause("claim %s/%s is not bound (yet): its phase is %q", ns, name, pvc.Status.Phase), nil
+	}
+	return pv, located{}, nil
 }
 
 // claim locates the volume bound to claim ns/name: a persistent clone of
 // this node, else the one read-write publish of the volume on this node.
 func (l *locator) claim(ctx context.Context, ns, name string) (located, error) {
 	pv, why, err := l.boundVolume(ctx, ns, name)
-	if err != nil || why != "" {
-		return notHereBecause("%s", why), err
+	if err != nil || pv == nil {
+		return why, err
 	}
 	if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != l.driver {
 		// Every node can tell; the first to write wins.

@@ -62,15 +62,39 @@ func claimVol(name, claim string) corev1.Volume {
 		PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim}}}
 }
 
+// claimUID is the UID of the test claim team-a/name.
+func claimUID(name string) types.UID { return types.UID("uid-claim-" + name) }
+
+// boundClaim is claim team-a/name bound to PersistentVolume pv, as the
+// PersistentVolume controller leaves it (phase Bound); unbound if pv is
+// empty.
 func boundClaim(name, pv string) *corev1.PersistentVolumeClaim {
-	return &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name},
-		Spec: corev1.PersistentVolumeClaimSpec{VolumeName: pv}}
+	c := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name, UID: claimUID(name)},
+		Spec: corev1.PersistentVolumeClaimSpec{VolumeName: pv}, Status: corev1.PersistentVolumeClaimStatus{Phase: corev1.ClaimPending}}
+	if pv != "" {
+		c.Status.Phase = corev1.ClaimBound
+	}
+	return c
 }
 
-func csiPV(name, driver, handle string) *corev1.PersistentVolume {
-	return &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: name},
+// csiPV is a PersistentVolume of driver bound to claim team-a/claim (its
+// claimRef names the claim's namespace, name and UID).
+// pendingClaim is claim team-a/name that names PersistentVolume pv in its
+// spec, as a user may write it, and that the controller has not bound.
+func pendingClaim(name, pv string) *corev1.PersistentVolumeClaim {
+	c := boundClaim(name, pv)
+	c.Status.Phase = corev1.ClaimPending
+	return c
+}
+
+func csiPV(name, driver, handle, claim string) *corev1.PersistentVolume {
+	pv := &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: name},
 		Spec: corev1.PersistentVolumeSpec{PersistentVolumeSource: corev1.PersistentVolumeSource{
 			CSI: &corev1.CSIPersistentVolumeSource{Driver: driver, VolumeHandle: handle}}}}
+	if claim != "" {
+		pv.Spec.ClaimRef = &corev1.ObjectReference{Kind: "PersistentVolumeClaim", Namespace: "team-a", Name: claim, UID: claimUID(claim)}
+	}
+	return pv
 }
 
 func podSource(pod, volume string) *VolumeCommit {
@@ -125,12 +149,43 @@ func TestLocate(t *testing.T) {
 		testPod("static-user", "uid-static", thisNode, corev1.PodRunning, claimVol("data", "static-claim")),
 		testPod("cloneuser", "uid-cloneuser", thisNode, corev1.PodRunning, claimVol("data", "clone-claim")),
 		testPod("nfs-user", "uid-nfs", thisNode, corev1.PodRunning, claimVol("data", "nfs-claim")),
-		boundClaim("static-claim", "pv-static"), csiPV("pv-static", testDriver, "static-1"),
-		boundClaim("clone-claim", "pv-clone"), csiPV("pv-clone", testDriver, "strata-clone1"),
-		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1"),
-		boundClaim("nfs-claim", "pv-nfs"), csiPV("pv-nfs", "nfs.csi.k8s.io", "nfs-1"),
-		boundClaim("remote-claim", "pv-remote"), csiPV("pv-remote", testDriver, "remote-1"),
+		boundClaim("static-claim", "pv-static"), csiPV("pv-static", testDriver, "static-1", "static-claim"),
+		boundClaim("clone-claim", "pv-clone"), csiPV("pv-clone", testDriver, "strata-clone1", "clone-claim"),
+		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1", "shared-claim"),
+		boundClaim("nfs-claim", "pv-nfs"), csiPV("pv-nfs", "nfs.csi.k8s.io", "nfs-1", "nfs-claim"),
+		boundClaim("remote-claim", "pv-remote"), csiPV("pv-remote", testDriver, "remote-1", "remote-claim"),
 		boundClaim("unbound", ""),
+	}
+	// Team B's static PV, published read-write on this node for team B's
+	// pod. Team A names it in claims of its own, which the API server
+	// accepts (spec.volumeName is the user's to set) but never binds.
+	writeRecord(t, root, "k-team-b", volumes.Record{VolumeID: "static-b", TargetPath: kubeletTarget("uid-bpod", "pv-b"),
+		Image: img, Digest: digestA, PodNamespace: "team-b", PodName: "b-user", PodUID: "uid-bpod"})
+	pvB := csiPV("pv-b", testDriver, "static-b", "")
+	pvB.Spec.ClaimRef = &corev1.ObjectReference{Kind: "PersistentVolumeClaim", Namespace: "team-b", Name: "data", UID: "uid-b-data"}
+	// A claim deleted and made again under the same name: the PV still
+	// names the old one's UID.
+	recreated := csiPV("pv-recreated", testDriver, "static-1", "recreated")
+	recreated.Spec.ClaimRef.UID = "uid-claim-recreated-before"
+	// Binding in progress: the claim names the PV, which names the claim,
+	// and the claim's phase is not Bound yet; or the PV names no claim yet.
+	binding := boundClaim("binding", "pv-binding")
+	binding.Status.Phase = corev1.ClaimPending
+	objs = append(objs,
+		pvB, pendingClaim("steal", "pv-b"), pendingClaim("steal-bound", "pv-b"),
+		recreated, boundClaim("recreated", "pv-recreated"),
+		binding, csiPV("pv-binding", testDriver, "static-1", "binding"),
+		pendingClaim("prebound", "pv-free"), csiPV("pv-free", testDriver, "static-1", ""),
+		testPod("thief", "uid-thief", thisNode, corev1.PodPending, claimVol("data", "steal")),
+		testPod("ephemeral-thief", "uid-ethief", thisNode, corev1.PodRunning,
+			corev1.Volume{Name: "data", VolumeSource: corev1.VolumeSource{Ephemeral: &corev1.EphemeralVolumeSource{}}}),
+		pendingClaim("ephemeral-thief-data", "pv-b"),
+	)
+	// A claim that even says Bound is no claim on a PV that names another.
+	for _, o := range objs {
+		if c, ok := o.(*corev1.PersistentVolumeClaim); ok && c.Name == "steal-bound" {
+			c.Status.Phase = corev1.ClaimBound
+		}
 	}
 	l := &locator{kube: fake.NewClientset(objs...), root: root, node: thisNode, driver: testDriver}
 
@@ -163,6 +218,14 @@ func TestLocate(t *testing.T) {
 		{"claim not bound", claimSource("unbound"), notHere, "", v1.Hash{}, []string{"not bound"}},
 		{"claim not created yet", claimSource("later"), notHere, "", v1.Hash{}, []string{"does not exist"}},
 		{"no source", &VolumeCommit{}, refused, "", v1.Hash{}, []string{"exactly one"}},
+		{"claim naming another namespace's PV", claimSource("steal"), refused, "", v1.Hash{}, []string{"team-a/steal", "pv-b", "bound to another claim"}},
+		{"claim naming another namespace's PV, phase Bound", claimSource("steal-bound"), refused, "", v1.Hash{}, []string{"bound to another claim"}},
+		{"claim made again under an old claim's name", claimSource("recreated"), refused, "", v1.Hash{}, []string{"pv-recreated", "bound to another claim"}},
+		{"claim and PV binding, claim not Bound yet", claimSource("binding"), notHere, "", v1.Hash{}, []string{"not bound"}},
+		{"claim naming a PV that names no claim yet", claimSource("prebound"), notHere, "", v1.Hash{}, []string{"not bound"}},
+		{"pod's claim naming another namespace's PV", podSource("thief", "data"), refused, "", v1.Hash{}, []string{"team-a/steal", "bound to another claim"}},
+		{"pod's ephemeral claim naming another namespace's PV", podSource("ephemeral-thief", "data"), refused, "", v1.Hash{},
+			[]string{"team-a/ephemeral-thief-data", "bound to another claim"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := l.locate(context.Background(), tc.vc)
@@ -195,6 +258,10 @@ func TestLocate(t *testing.T) {
 		{podSource("trainer", "cfg"), notHere},
 		{claimSource("clone-claim"), notHere},
 		{claimSource("nfs-claim"), refused},
+		// Every node can tell that a claim is not the PV's: the first to
+		// write the refusal wins.
+		{claimSource("steal"), refused},
+		{claimSource("binding"), notHere},
 	} {
 		got, err := other.locate(context.Background(), tc.vc)
 		if err != nil || got.verdict != tc.want {

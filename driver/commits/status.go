@@ -79,7 +79,7 @@ func failureMessage(err error) string {
 	var hint string
 	switch {
 	case errors.Is(err, layercache.ErrUnauthorized):
-		hint = "give credentials with push access in spec.pushSecretName"
+		hint = "give credentials with push access to the target in spec.pushSecretName (the node's own credentials are never used to push)"
 	case errors.Is(err, layercache.ErrUnavailable):
 		hint = "check that the registry is reachable from the node"
 	}

@@ -4,8 +4,9 @@
 // holds the volume turns into a pushed image, and whose status tells the
 // digest or the error.
 //
-// Every node plugin watches VolumeCommits in all namespaces (a dynamic
-// informer: no generated clients). A node takes an object only when the
+// With --volume-commits, every node plugin watches VolumeCommits in all
+// namespaces, or in those of --commit-namespaces (dynamic informers: no
+// generated clients). A node takes an object only when the
 // volume it names is on that node, and claims it through the status
 // subresource with the object's resourceVersion, so that of two nodes that
 // both think so, one gets a conflict and leaves it. Objects that Succeeded
@@ -53,8 +54,9 @@ type Spec struct {
 	// digest, in the status.
 	Image string `json:"image"`
 	// PushSecretName names a kubernetes.io/dockerconfigjson secret of the
-	// VolumeCommit's namespace with push access to Image. Optional: the
-	// driver's own credentials are tried after it.
+	// VolumeCommit's namespace with push access to Image. Optional: without
+	// it the push is anonymous; the driver's own credentials are never used
+	// to push (they may read the base image).
 	PushSecretName string `json:"pushSecretName,omitempty"`
 }
 

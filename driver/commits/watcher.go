@@ -2,18 +2,21 @@ package commits
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/kubernetes"
@@ -69,10 +72,21 @@ type Config struct {
 	// being built, and it reaches registries as pulls do.
 	Store *layercache.Store
 	// Credentials are the driver's own credential sources, asked after the
-	// VolumeCommit's push secret.
+	// VolumeCommit's push secret to read the base image, never for the
+	// push.
 	Credentials Credentials
 	// Resync and APIWait: DefaultResync and DefaultAPIWait if zero.
 	Resync, APIWait time.Duration
+	// AllowedRegistries are the registries (host[:port]) that commits may
+	// push to (--commit-allowed-registries); empty allows any. A commit to
+	// another registry is refused. Matched exactly against the target's
+	// registry as go-containerregistry names it (docker.io is
+	// index.docker.io), never by prefix.
+	AllowedRegistries []string
+	// Namespaces limits the watch to the VolumeCommits of these namespaces
+	// (--commit-namespaces), so that the plugin's RBAC for them can be
+	// Roles in those namespaces instead of ClusterRoles; empty: all.
+	Namespaces []string
 }
 
 // Watcher carries out the VolumeCommits of this node's volumes.
@@ -82,6 +96,14 @@ type Watcher struct {
 	queue  workqueue.TypedRateLimitingInterface[string]
 	events record.EventRecorder
 	now    func() time.Time
+
+	// secretOnly is a credential chain of no sources but the request's
+	// secrets: it finds the push secret's entry for the target, and nothing
+	// of the driver's.
+	secretOnly Credentials
+	// allowed holds the registries of AllowedRegistries as
+	// go-containerregistry names them, lower case; nil allows any.
+	allowed map[string]bool
 
 	mu      sync.Mutex
 	running map[string]bool // keys being committed by this process
@@ -107,14 +129,27 @@ func New(cfg Config) (*Watcher, error) {
 	if cfg.APIWait == 0 {
 		cfg.APIWait = DefaultAPIWait
 	}
-	return &Watcher{
+	allowed, err := allowList(cfg.AllowedRegistries)
+	if err != nil {
+		return nil, err
+	}
+	if err := CheckNamespaces(cfg.Namespaces); err != nil {
+		return nil, err
+	}
+	secretOnly, err := credentials.New(credentials.Config{})
+	if err != nil {
+		return nil, err
+	}
+	w := &Watcher{
 		cfg:       cfg,
 		loc:       &locator{kube: cfg.Kube, root: cfg.Root, node: cfg.NodeID, driver: cfg.DriverName},
 		queue:     workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
 		now:       time.Now,
 		running:   map[string]bool{},
 		unwritten: map[types.UID]Status{},
-	}, nil
+	}
+	w.secretOnly, w.allowed = secretOnly, allowed
+	return w, nil
 }
 
 // Run watches VolumeCommits and carries out this node's, one at a time,
@@ -132,26 +167,30 @@ func (w *Watcher) Run(ctx context.Context) {
 	defer b.Shutdown()
 	w.events = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: w.cfg.DriverName, Host: w.cfg.NodeID})
 
-	factory := dynamicinformer.NewDynamicSharedInformerFactory(w.cfg.Dynamic, w.cfg.Resync)
-	inf := factory.ForResource(GVR).Informer()
 	enqueue := func(obj any) {
 		if key, err := cache.MetaNamespaceKeyFunc(obj); err == nil {
 			w.queue.Add(key)
 		}
 	}
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    enqueue,
-		UpdateFunc: func(_, obj any) { enqueue(obj) },
-	}); err != nil {
-		log.Error(err, "Cannot watch VolumeCommits")
+	var synced []cache.InformerSynced
+	for _, ns := range w.namespaces() {
+		factory := dynamicinformer.NewFilteredDynamicSharedInformerFactory(w.cfg.Dynamic, w.cfg.Resync, ns, nil)
+		inf := factory.ForResource(GVR).Informer()
+		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    enqueue,
+			UpdateFunc: func(_, obj any) { enqueue(obj) },
+		}); err != nil {
+			log.Error(err, "Cannot watch VolumeCommits")
+			return
+		}
+		factory.Start(ctx.Done())
+		defer factory.Shutdown()
+		synced = append(synced, inf.HasSynced)
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return
 	}
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
-		return
-	}
-	log.Info("Watching VolumeCommits", "node", w.cfg.NodeID)
+	log.Info("Watching VolumeCommits", "node", w.cfg.NodeID, "namespaces", w.cfg.Namespaces)
 	go func() {
 		<-ctx.Done()
 		w.queue.ShutDown()
@@ -160,13 +199,28 @@ func (w *Watcher) Run(ctx context.Context) {
 	}
 }
 
-// waitForAPI returns once VolumeCommits can be listed, checking every
-// APIWait and saying once why not; false if ctx ended first.
+// namespaces are those whose VolumeCommits are watched; metav1.NamespaceAll
+// alone for all.
+func (w *Watcher) namespaces() []string {
+	if len(w.cfg.Namespaces) == 0 {
+		return []string{metav1.NamespaceAll}
+	}
+	return w.cfg.Namespaces
+}
+
+// waitForAPI returns once VolumeCommits can be listed (in each watched
+// namespace), checking every APIWait and saying once why not; false if ctx
+// ended first.
 func (w *Watcher) waitForAPI(ctx context.Context) bool {
 	log := klog.FromContext(ctx)
 	said := ""
 	for {
-		_, err := w.cfg.Dynamic.Resource(GVR).List(ctx, metav1.ListOptions{Limit: 1})
+		var err error
+		for _, ns := range w.namespaces() {
+			if _, err = w.cfg.Dynamic.Resource(GVR).Namespace(ns).List(ctx, metav1.ListOptions{Limit: 1}); err != nil {
+				break
+			}
+		}
 		if err == nil {
 			return true
 		}
@@ -237,8 +291,11 @@ func (w *Watcher) sync(ctx context.Context, key string) error {
 	if final, ok := w.takeUnwritten(u.GetUID()); ok && act == actResume {
 		return w.writeFinal(ctx, client, u, final)
 	}
-	loc, err := w.loc.locate(ctx, vc)
-	if err != nil {
+	var loc located
+	if why := w.disallowed(vc.Spec.Image); why != "" {
+		// Every node can tell; the first to write wins.
+		loc = refuse("%s", why)
+	} else if loc, err = w.loc.locate(ctx, vc); err != nil {
 		return err
 	}
 	log.V(4).Info("Located the VolumeCommit's volume", "action", act, "verdict", loc.verdict, "reason", loc.why)
@@ -295,6 +352,63 @@ func (w *Watcher) sync(ctx context.Context, key string) error {
 	return w.writeFinal(ctx, client, u, final)
 }
 
+// CheckAllowedRegistries checks the registries of
+// --commit-allowed-registries (Config.AllowedRegistries): each must be a
+// host or host:port.
+func CheckAllowedRegistries(regs []string) error {
+	_, err := allowList(regs)
+	return err
+}
+
+// CheckNamespaces checks the namespaces of --commit-namespaces
+// (Config.Namespaces): each must be a namespace name.
+func CheckNamespaces(namespaces []string) error {
+	for _, ns := range namespaces {
+		if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {
+			return fmt.Errorf("--commit-namespaces: %q is not a namespace name: %s", ns, strings.Join(errs, "; "))
+		}
+	}
+	return nil
+}
+
+// allowList checks and normalizes the registries of
+// --commit-allowed-registries.
+func allowList(regs []string) (map[string]bool, error) {
+	if len(regs) == 0 {
+		return nil, nil
+	}
+	out := map[string]bool{}
+	for _, r := range regs {
+		if strings.Contains(r, "/") {
+			return nil, fmt.Errorf("--commit-allowed-registries: %q: give a registry as host or host:port, without a scheme or a path", r)
+		}
+		reg, err := name.NewRegistry(r, name.StrictValidation)
+		if err != nil {
+			return nil, fmt.Errorf("--commit-allowed-registries: %q is not a registry (host or host:port): %w", r, err)
+		}
+		out[strings.ToLower(reg.RegistryStr())] = true
+	}
+	return out, nil
+}
+
+// disallowed says why image is on a registry that commits may not push
+// to; empty when it may.
+func (w *Watcher) disallowed(image string) string {
+	if w.allowed == nil {
+		return ""
+	}
+	ref, err := w.cfg.Store.ParseReference(image)
+	if err != nil {
+		return fmt.Sprintf("spec.image: %v", err)
+	}
+	reg := strings.ToLower(ref.Context().RegistryStr())
+	if w.allowed[reg] {
+		return ""
+	}
+	return fmt.Sprintf("spec.image %s is on registry %s, which VolumeCommits may not push to: this cluster allows only %s "+
+		"(--commit-allowed-registries); push to one of them", image, reg, strings.Join(slices.Sorted(maps.Keys(w.allowed)), ", "))
+}
+
 // writeFinal writes the final status of a commit this node did. This node
 // owns the object: a conflict is someone's edit of it, so it reads the
 // object again and writes over the status. A status it could not write is
@@ -322,8 +436,8 @@ func (w *Watcher) writeFinal(ctx context.Context, client dynamic.ResourceInterfa
 	return nil
 }
 
-// commit does vc with src, with the push secret's and the driver's
-// credentials.
+// commit does vc with src: the base read with the push secret's or the
+// driver's credentials, the push with the push secret's alone.
 func (w *Watcher) commit(ctx context.Context, vc *VolumeCommit, src commit.Source) (commit.Result, error) {
 	target, err := commit.ParseTarget(w.cfg.Store, vc.Spec.Image)
 	if err != nil {
@@ -333,51 +447,47 @@ func (w *Watcher) commit(ctx context.Context, vc *VolumeCommit, src commit.Sourc
 	if err != nil {
 		return commit.Result{}, err
 	}
-	creds, err := w.credentials(ctx, vc, target.String(), base.String())
+	auth, err := w.credentials(ctx, vc, target.String(), base.String())
 	if err != nil {
 		return commit.Result{}, err
 	}
 	src.CreatedBy += fmt.Sprintf(" for VolumeCommit %s", vc.key())
-	return commit.Volume(ctx, w.cfg.Store, src, target, creds, nil)
+	return commit.VolumeAuth(ctx, w.cfg.Store, src, target, auth, nil)
 }
 
-// credentials returns the credentials for the push to target and the read
-// of base: for each, the first that matches its registry of the push
-// secret (read in the VolumeCommit's namespace only) and the driver's own
-// sources (its ServiceAccount's pull secrets, credential providers).
-func (w *Watcher) credentials(ctx context.Context, vc *VolumeCommit, target, base string) (*layercache.Credentials, error) {
+// credentials returns what the commit of vc reaches registries with. The
+// push to target sees only the push secret (read in the VolumeCommit's
+// namespace): the driver's own credentials are never offered to it, or
+// anyone who may create a VolumeCommit could push wherever the node may.
+// The read of base takes the first match of the push secret and the
+// driver's own sources (its ServiceAccount's pull secrets, credential
+// providers), as a publish of the volume did.
+func (w *Watcher) credentials(ctx context.Context, vc *VolumeCommit, target, base string) (commit.Auth, error) {
 	secrets, err := w.pushSecret(ctx, vc)
 	if err != nil {
-		return nil, err
+		return commit.Auth{}, err
 	}
-	auths := map[string]json.RawMessage{}
-	for _, ref := range []string{base, target} { // the target's entry wins
-		p, err := w.cfg.Credentials.For(ctx, ref, secrets, credentials.Pod{})
+	var auth commit.Auth
+	for _, c := range []struct {
+		ref   string
+		chain Credentials
+		creds **layercache.Credentials
+	}{
+		{base, w.cfg.Credentials, &auth.Base},
+		{target, w.secretOnly, &auth.Target},
+	} {
+		p, err := c.chain.For(ctx, c.ref, secrets, credentials.Pod{})
 		if err != nil {
-			return nil, fmt.Errorf("credentials for %s: %s", ref, strings.ReplaceAll(err.Error(),
+			return commit.Auth{}, fmt.Errorf("credentials for %s: %s", c.ref, strings.ReplaceAll(err.Error(),
 				"the volume's node-publish secret", "spec.pushSecretName "+vc.Spec.PushSecretName))
 		}
-		if p.Credentials == nil {
-			continue
-		}
-		var doc struct {
-			Auths map[string]json.RawMessage `json:"auths"`
-		}
-		if err := json.Unmarshal(p.Credentials.DockerConfigJSON, &doc); err != nil {
-			return nil, fmt.Errorf("credentials for %s: %w", ref, err)
-		}
-		for k, v := range doc.Auths {
-			auths[k] = v
-		}
+		*c.creds = p.Credentials
 	}
-	if len(auths) == 0 {
-		return nil, nil
+	if auth.Target == nil {
+		klog.FromContext(ctx).V(2).Info("No push credentials for the target's registry in spec.pushSecretName: pushing anonymously",
+			"pushSecretName", vc.Spec.PushSecretName)
 	}
-	data, err := json.Marshal(map[string]any{"auths": auths})
-	if err != nil {
-		return nil, err
-	}
-	return &layercache.Credentials{DockerConfigJSON: data}, nil
+	return auth, nil
 }
 
 // pushSecret reads vc's push secret, as the request secrets that the

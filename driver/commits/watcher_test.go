@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -30,6 +31,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
@@ -162,7 +164,7 @@ func TestWatcher(t *testing.T) {
 		testPod("reader", "uid-reader", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
 		testPod("crashed", "uid-crashed", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
 		testPod("far", "uid-far", "node-3", corev1.PodRunning, inlineVol("data", testDriver)),
-		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1"),
+		boundClaim("shared-claim", "pv-shared"), csiPV("pv-shared", testDriver, "shared-1", "shared-claim"),
 		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "regcred"}, Type: corev1.SecretTypeDockerConfigJson,
 			Data: map[string][]byte{corev1.DockerConfigJsonKey: dockerCfg}},
 		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "opaque"}, Type: corev1.SecretTypeOpaque},
@@ -372,4 +374,342 @@ func checkEvents(t *testing.T, kube *fake.Clientset, want map[string][]string) {
 		}
 	}
 	t.Errorf("events by VolumeCommit: got %v, want %v", got, want)
+}
+
+// authLog records, per registry request, the method, path and the basic
+// auth user it carried ("" when anonymous).
+type authLog struct {
+	mu   sync.Mutex
+	reqs []string // "USER METHOD PATH"
+}
+
+func (a *authLog) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u, _, _ := r.BasicAuth()
+		a.mu.Lock()
+		a.reqs = append(a.reqs, u+" "+r.Method+" "+r.URL.Path)
+		a.mu.Unlock()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// by lists the requests that carried user's credentials.
+func (a *authLog) by(user string) []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []string
+	for _, r := range a.reqs {
+		if strings.HasPrefix(r, user+" ") {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// dockerConfig is a .dockerconfigjson with user:password for each host.
+func dockerConfig(t *testing.T, user, password string, hosts ...string) []byte {
+	t.Helper()
+	auths := map[string]any{}
+	for _, h := range hosts {
+		auths[h] = map[string]string{"auth": base64.StdEncoding.EncodeToString([]byte(user + ":" + password))}
+	}
+	data, err := json.Marshal(map[string]any{"auths": auths})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// TestWatcherPushCredentials: a VolumeCommit pushes with its namespace's
+// credentials only. The node's own credentials (here the pull secret of the
+// driver's ServiceAccount, through the real credential chain) still read
+// the base image, but never reach the target: without a push secret for the
+// target's registry, the push is anonymous and the registry refuses it,
+// although the node's credentials could have pushed. Two real registries on
+// loopback, with basic auth: the base's accepts only the node, the target's
+// both the node and the team.
+func TestWatcherPushCredentials(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("TestWatcherPushCredentials needs root: it writes overlayfs whiteouts (character devices 0/0) in the uppers")
+	}
+	var baseLog, targetLog authLog
+	baseReg := testimage.Server(t, func(h http.Handler) http.Handler {
+		return baseLog.wrap(testimage.BasicAuthUsers(map[string]string{"node": "node-pw"})(h))
+	})
+	targetReg := testimage.Server(t, func(h http.Handler) http.Handler {
+		return targetLog.wrap(testimage.BasicAuthUsers(map[string]string{"node": "node-pw", "team": "team-pw"})(h))
+	})
+	nodeAuth := remote.WithAuth(&authn.Basic{Username: "node", Password: "node-pw"})
+	// Each base holds 256 KiB that do not compress: a copied base shows in
+	// the bytes uploaded, a mounted one does not.
+	const bigSize = 256 << 10
+	baseLayer := func(seed byte) v1.Layer {
+		big := make([]byte, bigSize)
+		if _, err := rand.NewChaCha8([32]byte{seed}).Read(big); err != nil {
+			t.Fatal(err)
+		}
+		return testimage.Layer(t, testimage.Tar(t, testimage.Dir("data"), testimage.File("data/a.txt", "alpha\n"),
+			testimage.File("data/b.txt", "beta\n"), testimage.File("data/big.bin", string(big))), testimage.Gzip)
+	}
+	base := baseReg + "/library/base:v1"
+	baseDigest := testimage.Push(t, base, testimage.Image(t, baseLayer(1)), nodeAuth)
+	// Another image on the target's registry: a commit there mounts its
+	// layers instead of uploading them.
+	sameBase := targetReg + "/library/base:v1"
+	sameDigest := testimage.Push(t, sameBase, testimage.Image(t, baseLayer(2)), nodeAuth)
+	baseLog.mu.Lock()
+	baseLog.reqs = nil
+	baseLog.mu.Unlock()
+	targetLog.mu.Lock()
+	targetLog.reqs = nil
+	targetLog.mu.Unlock()
+
+	n := newNode(t)
+	publishUpper(t, n.root, "k-trainer", volumes.Record{VolumeID: "csi-trainer", TargetPath: kubeletTarget("uid-trainer", "data"),
+		Image: base, Digest: baseDigest, PodUID: "uid-trainer"})
+	publishUpper(t, n.root, "k-local", volumes.Record{VolumeID: "csi-local", TargetPath: kubeletTarget("uid-local", "data"),
+		Image: sameBase, Digest: sameDigest, PodUID: "uid-local"})
+
+	// The driver's ServiceAccount holds the node's credentials, for both
+	// registries; the team's secret has the team's, for the target's only.
+	const driverNS, driverSA = "kube-system", "strata-node"
+	kube := fake.NewClientset(
+		testPod("trainer", "uid-trainer", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
+		testPod("local", "uid-local", thisNode, corev1.PodRunning, inlineVol("data", testDriver)),
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: driverNS, Name: driverSA},
+			ImagePullSecrets: []corev1.LocalObjectReference{{Name: "node-pull"}}},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: driverNS, Name: "node-pull"}, Type: corev1.SecretTypeDockerConfigJson,
+			Data: map[string][]byte{corev1.DockerConfigJsonKey: dockerConfig(t, "node", "node-pw", baseReg, targetReg)}},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "teamcred"}, Type: corev1.SecretTypeDockerConfigJson,
+			Data: map[string][]byte{corev1.DockerConfigJsonKey: dockerConfig(t, "team", "team-pw", targetReg)}},
+		// A push secret for another registry only: it gives the target
+		// nothing.
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "elsewhere"}, Type: corev1.SecretTypeDockerConfigJson,
+			Data: map[string][]byte{corev1.DockerConfigJsonKey: dockerConfig(t, "team", "team-pw", "registry.invalid")}},
+	)
+	pod := func(p string) Source { return Source{Pod: &PodVolume{Name: p, Volume: "data"}} }
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{GVR: Kind + "List"},
+		vcObject(t, "nosecret", Spec{Source: pod("trainer"), Image: targetReg + "/team-a/out:nosecret"}, Status{}),
+		vcObject(t, "othersecret", Spec{Source: pod("trainer"), Image: targetReg + "/team-a/out:other", PushSecretName: "elsewhere"}, Status{}),
+		vcObject(t, "team", Spec{Source: pod("trainer"), Image: targetReg + "/team-a/out:team", PushSecretName: "teamcred"}, Status{}),
+		vcObject(t, "mounted", Spec{Source: pod("local"), Image: targetReg + "/team-a/out:mounted", PushSecretName: "teamcred"}, Status{}),
+		// The base's registry is not on the allow-list.
+		vcObject(t, "disallowed", Spec{Source: pod("trainer"), Image: baseReg + "/team-a/out:x", PushSecretName: "teamcred"}, Status{}),
+	)
+	optimisticStatus(dyn)
+	chain, err := credentials.New(credentials.Config{Kube: kube, ServiceAccount: driverNS + "/" + driverSA})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer chain.Close()
+	w, err := New(Config{Kube: kube, Dynamic: dyn, NodeID: thisNode, DriverName: testDriver, Root: n.root, Store: n.store,
+		Credentials: chain, APIWait: 50 * time.Millisecond, Resync: time.Second, AllowedRegistries: []string{targetReg}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); w.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	get := func(nm string) Status {
+		u, err := dyn.Resource(GVR).Namespace("team-a").Get(context.Background(), nm, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vc, err := fromUnstructured(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return vc.Status
+	}
+	deadline := time.Now().Add(time.Minute)
+	for _, nm := range []string{"nosecret", "othersecret", "team", "mounted", "disallowed"} {
+		for !get(nm).Terminal() {
+			if time.Now().After(deadline) {
+				t.Fatalf("VolumeCommit %s not over within a minute: %+v", nm, get(nm))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+
+	// Without the namespace's credentials for the target, no push, even
+	// though the node's credentials would have been accepted.
+	for _, nm := range []string{"nosecret", "othersecret"} {
+		st := get(nm)
+		if st.Phase != PhaseFailed || !strings.Contains(st.Message, "spec.pushSecretName") {
+			t.Errorf("%s: status %+v; want Failed, asking for spec.pushSecretName", nm, st)
+		}
+		t.Logf("%s: %s", nm, st.Message)
+	}
+	// With them, the push uses them alone; the base is read with the
+	// node's credentials.
+	for _, nm := range []string{"team", "mounted"} {
+		if st := get(nm); st.Phase != PhaseSucceeded {
+			t.Errorf("%s: status %+v, want Succeeded", nm, st)
+		}
+	}
+	// The base's layer is mounted from library/base on the target's
+	// registry (with the team's credentials), and copied from the other
+	// registry (read with the node's).
+	if st := get("mounted"); st.UploadedBytes <= 0 || st.UploadedBytes > st.LayerBytes+16<<10 {
+		t.Errorf("mounted: %d bytes uploaded for a layer of %d: the base's layers were not mounted", st.UploadedBytes, st.LayerBytes)
+	}
+	if st := get("team"); st.UploadedBytes < bigSize {
+		t.Errorf("team: %d bytes uploaded: the base's %d byte layer was not copied from the other registry", st.UploadedBytes, bigSize)
+	}
+	t.Logf("uploaded: %d bytes with the base mounted, %d with it copied from another registry", get("mounted").UploadedBytes, get("team").UploadedBytes)
+	if st := get("disallowed"); st.Phase != PhaseFailed || !strings.Contains(st.Message, "--commit-allowed-registries") ||
+		!strings.Contains(st.Message, targetReg) || !strings.Contains(st.Message, baseReg) {
+		t.Errorf("disallowed: status %+v; want Failed, naming the registry and the allow-list", st)
+	} else {
+		t.Logf("disallowed: %s", st.Message)
+	}
+	if got := targetLog.by("node"); len(got) > 0 {
+		t.Errorf("the target's registry received %d requests with the node's credentials: %q", len(got), got)
+	}
+	if got := targetLog.by("team"); len(got) == 0 {
+		t.Error("the target's registry received no request with the team's credentials")
+	}
+	if got := baseLog.by("node"); len(got) == 0 {
+		t.Error("the base's registry received no request with the node's credentials: the base was not read with them")
+	}
+	if got := baseLog.by("team"); len(got) > 0 {
+		t.Errorf("the base's registry received the team's credentials: %q", got)
+	}
+	baseLog.mu.Lock()
+	for _, r := range baseLog.reqs {
+		if !strings.Contains(r, " GET ") && !strings.Contains(r, " HEAD ") {
+			t.Errorf("the base's registry, not on the allow-list, received %s", r)
+		}
+	}
+	baseLog.mu.Unlock()
+	for _, tag := range []string{"nosecret", "other"} {
+		ref, _ := name.ParseReference(targetReg + "/team-a/out:" + tag)
+		if _, err := remote.Head(ref, nodeAuth); err == nil {
+			t.Errorf("tag %s was pushed", tag)
+		}
+	}
+}
+
+// TestAllowedRegistries: the allow-list matches the target's registry
+// exactly, as go-containerregistry names it (docker.io is
+// index.docker.io), never by prefix or substring; bad entries are refused
+// when the watcher is made.
+func TestAllowedRegistries(t *testing.T) {
+	s := newNode(t).store
+	cfg := func(allowed ...string) Config {
+		return Config{Kube: fake.NewClientset(), Dynamic: dynamicfake.NewSimpleDynamicClient(runtime.NewScheme()),
+			NodeID: thisNode, DriverName: testDriver, Root: t.TempDir(), Store: s, Credentials: &credentials.Chain{},
+			AllowedRegistries: allowed}
+	}
+	for _, tc := range []struct {
+		name    string
+		allowed []string
+		image   string
+		ok      bool
+	}{
+		{"empty list allows any", nil, "registry.example.com/a/b:v1", true},
+		{"exact host", []string{"registry.example.com"}, "registry.example.com/a/b:v1", true},
+		{"host and port", []string{"127.0.0.1:5000"}, "127.0.0.1:5000/a:v1", true},
+		{"another port", []string{"127.0.0.1:5000"}, "127.0.0.1:50001/a:v1", false},
+		{"host without the port", []string{"127.0.0.1"}, "127.0.0.1:5000/a:v1", false},
+		{"a longer host", []string{"registry.example.com"}, "registry.example.com.evil.io/a:v1", false},
+		{"a parent domain", []string{"example.com"}, "registry.example.com/a:v1", false},
+		{"a subdomain entry", []string{"registry.example.com"}, "example.com/registry.example.com/a:v1", false},
+		{"docker hub by its short name", []string{"docker.io"}, "library/busybox:v1", true},
+		{"docker hub by its index name", []string{"index.docker.io"}, "docker.io/library/busybox:v1", true},
+		{"docker hub not listed", []string{"registry.example.com"}, "busybox:v1", false},
+		{"case", []string{"Registry.Example.COM"}, "registry.example.com/a:v1", true},
+		{"second entry", []string{"a.example", "b.example:443"}, "b.example:443/x:v1", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w, err := New(cfg(tc.allowed...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			why := w.disallowed(tc.image)
+			if (why == "") != tc.ok {
+				t.Errorf("%s with allow-list %q: refusal %q, want allowed %t", tc.image, tc.allowed, why, tc.ok)
+			}
+			if why != "" && !strings.Contains(why, "--commit-allowed-registries") {
+				t.Errorf("refusal %q does not name the allow-list", why)
+			}
+		})
+	}
+	for _, bad := range []string{"https://registry.example.com", "registry.example.com/team", "", "registry.example.com:port"} {
+		if _, err := New(cfg(bad)); err == nil || !strings.Contains(err.Error(), "--commit-allowed-registries") {
+			t.Errorf("allow-list entry %q: New gave %v, want an error naming --commit-allowed-registries", bad, err)
+		}
+	}
+}
+
+// TestWatcherNamespaces: with Namespaces, the watcher sees VolumeCommits of
+// those namespaces only (so that its RBAC can be Roles in them): one in
+// another namespace is never looked at, let alone refused or done.
+func TestWatcherNamespaces(t *testing.T) {
+	n := newNode(t)
+	inB := vcObject(t, "nosource", Spec{Image: "127.0.0.1:1/x:v2"}, Status{})
+	inB.SetNamespace("team-b")
+	dyn := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{GVR: Kind + "List"},
+		vcObject(t, "nosource", Spec{Image: "127.0.0.1:1/x:v2"}, Status{}), inB)
+	optimisticStatus(dyn)
+	var mu sync.Mutex
+	var seen []string // namespaces of VolumeCommit requests; "" is cluster-wide
+	dyn.PrependReactor("*", Resource, func(a k8stesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		seen = append(seen, a.GetNamespace())
+		mu.Unlock()
+		return false, nil, nil
+	})
+	dyn.PrependWatchReactor(Resource, func(a k8stesting.Action) (bool, watch.Interface, error) {
+		mu.Lock()
+		seen = append(seen, a.GetNamespace())
+		mu.Unlock()
+		return false, nil, nil
+	})
+	w, err := New(Config{Kube: fake.NewClientset(), Dynamic: dyn, NodeID: thisNode, DriverName: testDriver, Root: n.root, Store: n.store,
+		Credentials: &credentials.Chain{}, APIWait: 50 * time.Millisecond, Resync: time.Second, Namespaces: []string{"team-a"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); w.Run(ctx) }()
+	get := func(ns string) Status {
+		u, err := dyn.Resource(GVR).Namespace(ns).Get(context.Background(), "nosource", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		vc, err := fromUnstructured(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return vc.Status
+	}
+	for deadline := time.Now().Add(30 * time.Second); get("team-a").Phase != PhaseFailed; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the VolumeCommit of team-a was not refused: %+v", get("team-a"))
+		}
+	}
+	time.Sleep(2 * time.Second) // a resync
+	cancel()
+	<-done
+	if st := get("team-b"); st.Phase != "" {
+		t.Errorf("the VolumeCommit of team-b, outside Namespaces, was touched: %+v", st)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, ns := range seen[:len(seen)-2] { // the test's own two gets are last
+		if ns != "team-a" {
+			t.Errorf("the watcher asked for VolumeCommits in namespace %q (\"\": all); want team-a only: %q", ns, seen)
+			break
+		}
+	}
+	for _, bad := range [][]string{{"Team-A"}, {""}, {"a/b"}} {
+		if _, err := New(Config{Kube: fake.NewClientset(), Dynamic: dyn, NodeID: thisNode, DriverName: testDriver, Root: n.root,
+			Store: n.store, Credentials: &credentials.Chain{}, Namespaces: bad}); err == nil || !strings.Contains(err.Error(), "--commit-namespaces") {
+			t.Errorf("Namespaces %q: New gave %v, want an error naming --commit-namespaces", bad, err)
+		}
+	}
 }

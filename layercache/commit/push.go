@@ -26,10 +26,15 @@ import (
 // layer, the new config and the manifest are uploaded. A target on another
 // registry gets the base's layers copied through this process.
 //
+// baseOpts read the base (its manifest and config, and its layers when they
+// are copied); targetOpts write the target, and carry the only credentials
+// the target's registry sees: a layer mounted from the base's repository is
+// mounted with them, so the registry decides whether they may read it.
+//
 // wrapErr classifies registry errors (layercache.ClassifyRegistryError).
 func Push(ctx context.Context, base name.Digest, target name.Tag, layer v1.Layer, createdBy string,
-	wrapErr func(error, string) error, opts ...remote.Option) (v1.Hash, error) {
-	img, err := remote.Image(base, opts...)
+	wrapErr func(error, string) error, baseOpts, targetOpts []remote.Option) (v1.Hash, error) {
+	img, err := remote.Image(base, baseOpts...)
 	if err != nil {
 		return v1.Hash{}, wrapErr(err, "fetch base image "+base.String())
 	}
@@ -59,7 +64,7 @@ func Push(ctx context.Context, base name.Digest, target name.Tag, layer v1.Layer
 		return v1.Hash{}, wrapErr(err, "read base image "+base.String())
 	}
 	klog.FromContext(ctx).V(2).Info("Pushing committed image", "image", target.String(), "base", base.String(), "digest", digest)
-	if err := remote.Write(target, out, opts...); err != nil {
+	if err := remote.Write(target, out, targetOpts...); err != nil {
 		return v1.Hash{}, wrapErr(err, "push "+target.String())
 	}
 	return digest, nil

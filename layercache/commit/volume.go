@@ -101,6 +101,24 @@ func Base(s *layercache.Store, src Source) (name.Digest, error) {
 // built, if not nil, is called once the layer is built, before the push,
 // with the layer's part of the result.
 func Volume(ctx context.Context, s *layercache.Store, src Source, target name.Tag, creds *layercache.Credentials, built func(Result)) (Result, error) {
+	return VolumeAuth(ctx, s, src, target, Auth{Base: creds, Target: creds}, built)
+}
+
+// Auth is what a commit reaches registries with; nil is anonymous.
+type Auth struct {
+	// Base reads the base image: its manifest and config, and its layers
+	// when the target is on another registry.
+	Base *layercache.Credentials
+	// Target pushes, and is all that the target's registry sees: the base's
+	// layers are mounted into the target's repository with it.
+	Target *layercache.Credentials
+}
+
+// VolumeAuth is Volume with separate credentials for reading the base and
+// pushing the target: a commit that another party asks for (a VolumeCommit)
+// may read the base with the node's credentials but must push with its
+// own alone.
+func VolumeAuth(ctx context.Context, s *layercache.Store, src Source, target name.Tag, auth Auth, built func(Result)) (Result, error) {
 	base, err := Base(s, src)
 	if err != nil {
 		return Result{}, err
@@ -122,8 +140,8 @@ func Volume(ctx context.Context, s *layercache.Store, src Source, target name.Ta
 		built(res)
 	}
 	var sent Counter
-	opts := s.RemoteOptions(ctx, creds, sent.Wrap)
-	res.Digest, err = Push(ctx, base, target, layer, src.CreatedBy, layercache.ClassifyRegistryError, opts...)
+	res.Digest, err = Push(ctx, base, target, layer, src.CreatedBy, layercache.ClassifyRegistryError,
+		s.RemoteOptions(ctx, auth.Base, sent.Wrap), s.RemoteOptions(ctx, auth.Target, sent.Wrap))
 	res.Uploaded = sent.Sent()
 	if err != nil {
 		return res, err

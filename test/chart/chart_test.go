@@ -15,24 +15,29 @@ import (
 )
 
 // TestDefaultObjects: the chart installs exactly the CSIDriver, the node
-// plugin's DaemonSet, its ServiceAccount and its RBAC (the Role for the pull
-// secrets of its own ServiceAccount), the controller's Deployment,
-// ServiceAccount and RBAC (the Role for its Lease), the namespaced ones in
-// the release's namespace.
+// plugin's DaemonSet, its ServiceAccount and its RBAC, the pull-secrets
+// ServiceAccount with the Role that reads its secrets, in their dedicated
+// namespace (which the chart creates), the controller's Deployment,
+// ServiceAccount and RBAC (the Role for its Lease), the other namespaced
+// ones in the release's namespace. VolumeCommits are off: no RBAC for them.
 func TestDefaultObjects(t *testing.T) {
 	t.Parallel()
 	objs := render(t, "")
 	got := objs.kinds()
 	slices.Sort(got)
-	// VolumeCommits add three ClusterRoles and a binding (TestVolumeCommitRBAC).
-	want := []string{"CSIDriver", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole",
-		"ClusterRoleBinding", "ClusterRoleBinding", "ClusterRoleBinding", "DaemonSet", "Deployment",
-		"Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount", "ServiceAccount"}
+	want := []string{"CSIDriver", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "DaemonSet", "Deployment",
+		"Namespace", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount", "ServiceAccount", "ServiceAccount"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("kinds: got %v, want %v", got, want)
 	}
 	for _, o := range objs {
 		namespaced := o.Kind == "DaemonSet" || o.Kind == "Deployment" || o.Kind == "ServiceAccount" || o.Kind == "Role" || o.Kind == "RoleBinding"
+		if namespaced && strings.HasSuffix(o.Name, "-pull-secrets") {
+			if o.Namespace != pullSecretsNS {
+				t.Errorf("%s %s: namespace %q, want %q", o.Kind, o.Name, o.Namespace, pullSecretsNS)
+			}
+			continue
+		}
 		if namespaced && o.Namespace != releaseNS {
 			t.Errorf("%s %s: namespace %q, want %q", o.Kind, o.Name, o.Namespace, releaseNS)
 		}
@@ -123,7 +128,7 @@ func TestDaemonSet(t *testing.T) {
 
 	// The service account exists and is the one the binding names.
 	var sa struct{}
-	saObj := objs.withoutController().one(t, "ServiceAccount", &sa)
+	saObj := objs.byName(t, "ServiceAccount", "strata-node", &sa)
 	if spec.ServiceAccountName != saObj.Name {
 		t.Errorf("serviceAccountName %q, but the ServiceAccount is %q", spec.ServiceAccountName, saObj.Name)
 	}
@@ -439,7 +444,7 @@ func checkMetrics(t *testing.T, c container, f map[string][]string, port int) {
 func TestFlagsExist(t *testing.T) {
 	t.Parallel()
 	defined := strataCSIFlags(t)
-	_, c := nodePlugin(t, render(t, "metrics: {enabled: true}\n"+withProviders))
+	_, c := nodePlugin(t, render(t, "metrics: {enabled: true}\nvolumeCommits: {enabled: true, allowedRegistries: [r.io], namespaces: [team-a]}\n"+withProviders))
 	for name := range flags(t, c.Args) {
 		if !defined[name] {
 			t.Errorf("the chart passes --%s, which cmd/strata-csi does not define", name)

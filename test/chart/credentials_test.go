@@ -42,17 +42,18 @@ func pullSecretsRole(t *testing.T, objs objects) (object, clusterRole, clusterRo
 }
 
 // TestPullSecretsServiceAccount: by default the plugin reads the pull
-// secrets of its own ServiceAccount, with a Role in the release's namespace
-// that allows exactly that: get/list/watch of that one ServiceAccount (by
-// name) and of secrets; another account gets the Role in its namespace;
-// disabled, there is neither flag nor Role.
+// secrets of the chart's own pull-secrets ServiceAccount, in a dedicated
+// namespace, with a Role there that allows exactly that: list/watch of that
+// one ServiceAccount (by name) and of secrets; another account gets the
+// Role in its namespace; disabled, there is neither flag nor Role.
 func TestPullSecretsServiceAccount(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name, values, namespace, account string
 	}{
-		{"default", "", releaseNS, "strata-node"},
-		{"name in the release namespace", "registries: {pullSecretsServiceAccount: {enabled: true, name: robot}}", releaseNS, "robot"},
+		{"default", "", pullSecretsNS, "strata-pull-secrets"},
+		{"another namespace", "registries: {pullSecretsServiceAccount: {enabled: true, namespace: pulls}}", "pulls", "strata-pull-secrets"},
+		{"name in the pull secrets namespace", "registries: {pullSecretsServiceAccount: {enabled: true, name: robot}}", pullSecretsNS, "robot"},
 		{"namespace and name", "registries: {pullSecretsServiceAccount: {enabled: true, name: pulls/robot}}", "pulls", "robot"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -68,7 +69,7 @@ func TestPullSecretsServiceAccount(t *testing.T) {
 			}
 			checkPullSecretsRules(t, role.Rules, tc.account)
 			var sa struct{}
-			saObj := objs.withoutController().one(t, "ServiceAccount", &sa)
+			saObj := objs.byName(t, "ServiceAccount", "strata-node", &sa)
 			if binding.RoleRef.Kind != "Role" || binding.RoleRef.Name != o.Name {
 				t.Errorf("binding refers to %s %s, want Role %s", binding.RoleRef.Kind, binding.RoleRef.Name, o.Name)
 			}
@@ -108,8 +109,9 @@ func checkPullSecretsRules(t *testing.T, rules []policyRule, account string) {
 			t.Errorf("rule %+v: want one core resource per rule", r)
 			continue
 		}
-		if v := slices.Clone(r.Verbs); !slices.Equal(slices.Sorted(slices.Values(v)), []string{"get", "list", "watch"}) {
-			t.Errorf("rule %+v grants verbs %q, want get, list, watch", r, r.Verbs)
+		// Informers only: list and watch, never get.
+		if v := slices.Clone(r.Verbs); !slices.Equal(slices.Sorted(slices.Values(v)), []string{"list", "watch"}) {
+			t.Errorf("rule %+v grants verbs %q, want list, watch", r, r.Verbs)
 		}
 		got[r.Resources[0]] = r
 	}
@@ -125,26 +127,71 @@ func checkPullSecretsRules(t *testing.T, rules []policyRule, account string) {
 }
 
 // TestImagePullSecrets: registries.imagePullSecrets are attached to the
-// plugin's ServiceAccount.
+// chart's pull-secrets ServiceAccount in its dedicated namespace, not to the
+// plugin's own; they need that account (not one of the user's).
 func TestImagePullSecrets(t *testing.T) {
 	t.Parallel()
-	var sa struct {
-		ImagePullSecrets []struct {
+	type account struct {
+		Metadata struct {
+			Namespace string `yaml:"namespace"`
+		} `yaml:"metadata"`
+		AutomountServiceAccountToken *bool `yaml:"automountServiceAccountToken"`
+		ImagePullSecrets             []struct {
 			Name string `yaml:"name"`
 		} `yaml:"imagePullSecrets"`
 	}
-	render(t, withProviders).withoutController().one(t, "ServiceAccount", &sa)
+	objs := render(t, withProviders)
+	var pull, node account
+	objs.byName(t, "ServiceAccount", "strata-pull-secrets", &pull)
+	objs.byName(t, "ServiceAccount", "strata-node", &node)
 	var names []string
-	for _, s := range sa.ImagePullSecrets {
+	for _, s := range pull.ImagePullSecrets {
 		names = append(names, s.Name)
 	}
-	if want := []string{"corp-pull", "team-pull"}; !slices.Equal(names, want) {
-		t.Errorf("imagePullSecrets %q, want %q", names, want)
+	if want := []string{"corp-pull", "team-pull"}; !slices.Equal(names, want) || pull.Metadata.Namespace != pullSecretsNS {
+		t.Errorf("pull-secrets account in %q with imagePullSecrets %q, want %q in %s", pull.Metadata.Namespace, names, want, pullSecretsNS)
 	}
-	sa.ImagePullSecrets = nil
-	render(t, "").withoutController().one(t, "ServiceAccount", &sa)
-	if len(sa.ImagePullSecrets) != 0 {
-		t.Errorf("imagePullSecrets %v by default", sa.ImagePullSecrets)
+	if pull.AutomountServiceAccountToken == nil || *pull.AutomountServiceAccountToken {
+		t.Error("the pull-secrets account mounts tokens: no pod runs as it")
+	}
+	if len(node.ImagePullSecrets) != 0 {
+		t.Errorf("the plugin's own ServiceAccount carries imagePullSecrets %v", node.ImagePullSecrets)
+	}
+	pull.ImagePullSecrets = nil
+	render(t, "").byName(t, "ServiceAccount", "strata-pull-secrets", &pull)
+	if len(pull.ImagePullSecrets) != 0 {
+		t.Errorf("imagePullSecrets %v by default", pull.ImagePullSecrets)
+	}
+	expectRefused(t, []refusal{
+		{"imagePullSecrets with an account of the user's", "registries: {imagePullSecrets: [a], pullSecretsServiceAccount: {enabled: true, name: robot}}", "imagePullSecrets"},
+		{"imagePullSecrets with the source off", "registries: {imagePullSecrets: [a], pullSecretsServiceAccount: {enabled: false}}", "imagePullSecrets"},
+	})
+}
+
+// TestPullSecretsNamespace: the chart creates the dedicated namespace,
+// kept by helm uninstall (it holds secrets the chart did not create),
+// unless told not to, or when it is the release's own, or when the account
+// is the user's.
+func TestPullSecretsNamespace(t *testing.T) {
+	t.Parallel()
+	var ns struct {
+		Metadata struct {
+			Annotations map[string]string `yaml:"annotations"`
+		} `yaml:"metadata"`
+	}
+	render(t, "").byName(t, "Namespace", pullSecretsNS, &ns)
+	if ns.Metadata.Annotations["helm.sh/resource-policy"] != "keep" {
+		t.Errorf("namespace %s annotations %v: want helm.sh/resource-policy keep", pullSecretsNS, ns.Metadata.Annotations)
+	}
+	for _, values := range []string{
+		"registries: {pullSecretsServiceAccount: {enabled: true, createNamespace: false}}",
+		"registries: {pullSecretsServiceAccount: {enabled: true, namespace: " + releaseNS + "}}",
+		"registries: {pullSecretsServiceAccount: {enabled: true, name: pulls/robot}}",
+		"registries: {pullSecretsServiceAccount: {enabled: false}}",
+	} {
+		if k := render(t, values).kinds(); slices.Contains(k, "Namespace") {
+			t.Errorf("values %q render a Namespace", values)
+		}
 	}
 }
 
@@ -274,6 +321,7 @@ func TestCredentialSchemaRejects(t *testing.T) {
 		{"unknown provider key", provider(good + ", tokenAttribute: {}"), "tokenAttribute"},
 		{"service account name", "registries: {pullSecretsServiceAccount: {enabled: true, name: a/b/c}}", "name"},
 		{"service account as a string", "registries: {pullSecretsServiceAccount: strata-node}", "pullSecretsServiceAccount"},
+		{"pull secrets namespace", "registries: {pullSecretsServiceAccount: {enabled: true, namespace: Bad_NS}}", "namespace"},
 		{"imagePullSecrets not a list", "registries: {imagePullSecrets: corp-pull}", "imagePullSecrets"},
 	})
 }

@@ -20,9 +20,11 @@ const helmVersion = "v3.22.0"
 
 // The chart under test and where it installs in deploy/strata.yaml.
 const (
-	chartDir   = "charts/strata"
-	releaseNS  = "kube-system"
-	driverName = "strata.csi.dev"
+	chartDir  = "charts/strata"
+	releaseNS = "kube-system"
+	// The default namespace of the driver's pull secrets.
+	pullSecretsNS = "strata-pull-secrets"
+	driverName    = "strata.csi.dev"
 )
 
 // repoRoot is the repository's top directory (the test runs in test/chart).

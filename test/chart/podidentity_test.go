@@ -137,7 +137,7 @@ func TestPodIdentity(t *testing.T) {
 		t.Errorf("pod identity grants %q, want exactly %q", got, want)
 	}
 	var sa struct{}
-	saObj := objs.withoutController().one(t, "ServiceAccount", &sa)
+	saObj := objs.byName(t, "ServiceAccount", "strata-node", &sa)
 	if binding.RoleRef.Kind != "ClusterRole" || !strings.HasSuffix(binding.RoleRef.Name, "-pod-identity") ||
 		len(binding.Subjects) != 1 || binding.Subjects[0].Name != saObj.Name || binding.Subjects[0].Namespace != releaseNS {
 		t.Errorf("binding %+v, want the pod identity ClusterRole bound to the plugin's ServiceAccount only", binding)

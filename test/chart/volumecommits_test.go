@@ -227,18 +227,24 @@ type labeledRole struct {
 	clusterRole `yaml:",inline"`
 }
 
-// TestVolumeCommitRBAC: the node plugin gets exactly what driver/commits
-// calls, bound to its ServiceAccount; namespace admins and editors may
-// create VolumeCommits and viewers see them, through aggregation.
+// TestVolumeCommitRBAC: with volumeCommits.enabled, the node plugin gets
+// exactly what driver/commits calls beyond the node role's grants (events,
+// PersistentVolumes), bound to its ServiceAccount; namespace admins and
+// editors may create VolumeCommits and viewers see them, through
+// aggregation. Off (the default), none of it is rendered.
 func TestVolumeCommitRBAC(t *testing.T) {
 	t.Parallel()
-	objs := render(t, "")
+	for _, o := range render(t, "") {
+		if strings.Contains(o.Name, "volumecommits") {
+			t.Errorf("%s %s rendered with VolumeCommits off", o.Kind, o.Name)
+		}
+	}
+	objs := render(t, "volumeCommits: {enabled: true}")
 	var node clusterRole
 	objs.byName(t, "ClusterRole", "strata-node-volumecommits", &node)
 	want := []string{
-		"/events:create", "/events:patch",
-		"/persistentvolumeclaims:get", "/persistentvolumes:get", "/pods:get", "/secrets:get",
-		"strata.csi.dev/volumecommits/status:patch", "strata.csi.dev/volumecommits/status:update",
+		"/persistentvolumeclaims:get", "/pods:get", "/secrets:get",
+		"strata.csi.dev/volumecommits/status:update",
 		"strata.csi.dev/volumecommits:get", "strata.csi.dev/volumecommits:list", "strata.csi.dev/volumecommits:watch",
 	}
 	if got := ruleSet(node.Rules); !slices.Equal(got, want) {
@@ -256,6 +262,52 @@ func TestVolumeCommitRBAC(t *testing.T) {
 		binding.Subjects[0].Namespace != releaseNS {
 		t.Errorf("binding %+v", binding)
 	}
+
+	// With namespaces: the same rules, as a Role and RoleBinding in each,
+	// and the flag that limits the watch to them.
+	nsObjs := render(t, "volumeCommits: {enabled: true, namespaces: [team-a, team-b]}")
+	for _, o := range nsObjs {
+		if o.Name == "strata-node-volumecommits" && (o.Kind == "ClusterRole" || o.Kind == "ClusterRoleBinding") {
+			t.Errorf("%s %s rendered with volumeCommits.namespaces", o.Kind, o.Name)
+		}
+	}
+	for _, ns := range []string{"team-a", "team-b"} {
+		var role clusterRole
+		var rb clusterRoleBinding
+		found := 0
+		for _, o := range nsObjs {
+			if o.Name == "strata-node-volumecommits" && o.Namespace == ns {
+				switch o.Kind {
+				case "Role":
+					o.decode(t, &role)
+					found++
+				case "RoleBinding":
+					o.decode(t, &rb)
+					found++
+				}
+			}
+		}
+		if found != 2 {
+			t.Fatalf("namespace %s: %d of the Role and RoleBinding strata-node-volumecommits", ns, found)
+		}
+		if got := ruleSet(role.Rules); !slices.Equal(got, want) {
+			t.Errorf("namespace %s rules:\n got %q\nwant %q", ns, got, want)
+		}
+		if rb.RoleRef.Kind != "Role" || rb.RoleRef.Name != "strata-node-volumecommits" || len(rb.Subjects) != 1 ||
+			rb.Subjects[0].Name != "strata-node" || rb.Subjects[0].Namespace != releaseNS {
+			t.Errorf("namespace %s binding %+v", ns, rb)
+		}
+	}
+	_, c := nodePlugin(t, nsObjs)
+	if got := flag(t, flags(t, c.Args), "commit-namespaces"); got != "team-a,team-b" {
+		t.Errorf("--commit-namespaces=%s, want team-a,team-b", got)
+	}
+	expectRefused(t, []refusal{
+		{"namespaces without enabled", "volumeCommits: {namespaces: [team-a]}", "volumeCommits"},
+		{"allowedRegistries without enabled", "volumeCommits: {allowedRegistries: [r.io]}", "volumeCommits"},
+		{"a bad namespace", "volumeCommits: {enabled: true, namespaces: [Team_A]}", "namespaces"},
+		{"a registry with a path", "volumeCommits: {enabled: true, allowedRegistries: [r.io/team]}", "allowedRegistries"},
+	})
 
 	var edit, view labeledRole
 	objs.byName(t, "ClusterRole", "strata-volumecommits-edit", &edit)

@@ -114,7 +114,7 @@ func testInstall(t *testing.T) {
 		"--namespace", releaseNS, "--create-namespace", "--wait", "--timeout", "3m",
 		"--set", "image.repository="+repo, "--set", "image.tag="+tag, "--set", "image.pullPolicy=Never",
 		"--set", "kubeletDir="+c.kubeletDir, "--set", "stateDir="+c.stateDir,
-		"--set", "logLevel=4", "--set", "metrics.enabled=true")
+		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true")
 	if err != nil {
 		t.Fatalf("helm install: %v\n%s", err, out)
 	}

@@ -33,6 +33,9 @@ const (
 	driverName = "strata.csi.dev"
 	release    = "strata"
 	releaseNS  = "strata-system"
+	// The chart's default namespace of the driver's pull secrets
+	// (registries.pullSecretsServiceAccount.namespace).
+	pullSecretsNS = "strata-pull-secrets"
 	// The busybox image of the Kubernetes e2e suite, under its exact name
 	// (hack/e2e tags the cluster's local busybox with it): the examples in
 	// deploy/examples and the e2e suite's pods use it.

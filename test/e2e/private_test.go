@@ -156,15 +156,16 @@ func testPrivateRegistry(t *testing.T) {
 		}
 	}
 
-	// The driver's ServiceAccount gets a pull secret: a volume without one
-	// now pulls, and the plugin pod is not restarted for it.
-	dockerConfigSecret(t, releaseNS, "e2e-sa-pull", privateAddr, privateUser, privatePass)
+	// The driver's pull-secrets ServiceAccount (in its dedicated namespace,
+	// which the chart created) gets a pull secret: a volume without one now
+	// pulls, and the plugin pod is not restarted for it.
+	dockerConfigSecret(t, pullSecretsNS, "e2e-sa-pull", privateAddr, privateUser, privatePass)
 	t.Cleanup(func() {
 		if out, err := helm("upgrade", release, chartDir(), "--namespace", releaseNS, "--reuse-values",
 			"--set", "registries.imagePullSecrets=null", "--wait"); err != nil {
 			t.Errorf("helm upgrade (remove the pull secret): %v\n%s", err, out)
 		}
-		kube.CoreV1().Secrets(releaseNS).Delete(context.Background(), "e2e-sa-pull", metav1.DeleteOptions{})
+		kube.CoreV1().Secrets(pullSecretsNS).Delete(context.Background(), "e2e-sa-pull", metav1.DeleteOptions{})
 	})
 	before := pluginPod(t)
 	if out, err := helm("upgrade", release, chartDir(), "--namespace", releaseNS, "--reuse-values",

@@ -52,12 +52,22 @@ app.kubernetes.io/component: node
 {{- end }}
 
 {{/*
+The name of the chart's own pull-secrets ServiceAccount, in
+registries.pullSecretsServiceAccount.namespace.
+*/}}
+{{- define "strata.pullSecretsName" -}}
+{{ include "strata.fullname" . }}-pull-secrets
+{{- end }}
+
+{{/*
 NAMESPACE/NAME of the ServiceAccount whose imagePullSecrets the plugin reads
-(registries.pullSecretsServiceAccount): by default the node plugin's own.
+(registries.pullSecretsServiceAccount): by default the chart's own, in the
+dedicated namespace; a NAME of yours is in that namespace too.
 */}}
 {{- define "strata.pullSecretsServiceAccount" -}}
-{{- $name := .Values.registries.pullSecretsServiceAccount.name | default (include "strata.nodeName" .) -}}
-{{- if contains "/" $name }}{{ $name }}{{ else }}{{ .Release.Namespace }}/{{ $name }}{{ end -}}
+{{- $pull := .Values.registries.pullSecretsServiceAccount -}}
+{{- $name := $pull.name | default (include "strata.pullSecretsName" .) -}}
+{{- if contains "/" $name }}{{ $name }}{{ else }}{{ $pull.namespace }}/{{ $name }}{{ end -}}
 {{- end }}
 
 {{/* Whether credential provider plugins are configured. */}}
