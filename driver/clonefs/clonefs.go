@@ -114,7 +114,7 @@ func Create(ctx context.Context, dir string, size int64) error {
 	case !errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("create clone filesystem %s: %w", img, err)
 	}
-	if err := format(ctx, dir, img, want); err != nil {
+	if err := format(ctx, dir, img, want, false); err != nil {
 		return fmt.Errorf("create clone filesystem %s: %w", img, err)
 	}
 	return nil
@@ -131,6 +131,11 @@ func Create(ctx context.Context, dir string, size int64) error {
 // two loop devices on one image would be two ext4 instances writing the same
 // blocks.
 func Mount(ctx context.Context, dir string) (string, error) {
+	return mountDir(ctx, dir, mountData)
+}
+
+// mountDir is Mount with the ext4 mount options data.
+func mountDir(ctx context.Context, dir, data string) (string, error) {
 	img, target := imagePath(dir), mountPath(dir)
 	logger := klog.FromContext(ctx).WithValues("image", img, "targetPath", target)
 	st, err := statImage(img)
@@ -148,7 +153,7 @@ func Mount(ctx context.Context, dir string) (string, error) {
 		logger.V(4).Info("Clone filesystem already mounted")
 		return target, nil
 	}
-	dev, err := mountImage(ctx, img, st, target)
+	dev, err := mountImage(ctx, img, st, target, data)
 	if err != nil {
 		return "", fmt.Errorf("mount clone filesystem %s at %s: %w", img, target, err)
 	}

@@ -71,7 +71,7 @@ func mountedImage(target string, img *unix.Stat_t) (bool, error) {
 // mountImage mounts the image at target, through the loop device that
 // already holds it, else through a newly attached one, and returns the
 // device's name.
-func mountImage(ctx context.Context, img string, st *unix.Stat_t, target string) (string, error) {
+func mountImage(ctx context.Context, img string, st *unix.Stat_t, target, data string) (string, error) {
 	dev, name, err := findAttached(st)
 	if err != nil {
 		return "", err
@@ -85,8 +85,8 @@ func mountImage(ctx context.Context, img string, st *unix.Stat_t, target string)
 	// releasing it in between; closing it after a failed mount releases it.
 	defer dev.Close()
 	src := "/dev/" + name
-	if err := unix.Mount(src, target, "ext4", mountFlags, mountData); err != nil {
-		return "", fmt.Errorf("mount %s (ext4, nosuid,nodev,%s): %w (the kernel log, dmesg, says why)", src, mountData, err)
+	if err := unix.Mount(src, target, "ext4", mountFlags, data); err != nil {
+		return "", fmt.Errorf("mount %s (ext4, nosuid,nodev,%s): %w (the kernel log, dmesg, says why)", src, data, err)
 	}
 	return name, nil
 }
