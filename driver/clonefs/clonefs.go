@@ -131,11 +131,13 @@ func Create(ctx context.Context, dir string, size int64) error {
 // two loop devices on one image would be two ext4 instances writing the same
 // blocks.
 func Mount(ctx context.Context, dir string) (string, error) {
-	return mountDir(ctx, dir, mountData)
+	return mountDir(ctx, dir, mountData, false)
 }
 
-// mountDir is Mount with the ext4 mount options data.
-func mountDir(ctx context.Context, dir, data string) (string, error) {
+// mountDir is Mount with the ext4 mount options data. A fresh image (a new
+// file, which no loop device can hold yet) is attached without looking for
+// a device that holds it.
+func mountDir(ctx context.Context, dir, data string, fresh bool) (string, error) {
 	img, target := imagePath(dir), mountPath(dir)
 	logger := klog.FromContext(ctx).WithValues("image", img, "targetPath", target)
 	st, err := statImage(img)
@@ -153,7 +155,7 @@ func mountDir(ctx context.Context, dir, data string) (string, error) {
 		logger.V(4).Info("Clone filesystem already mounted")
 		return target, nil
 	}
-	dev, err := mountImage(ctx, img, st, target, data)
+	dev, err := mountImage(ctx, img, st, target, data, fresh)
 	if err != nil {
 		return "", fmt.Errorf("mount clone filesystem %s at %s: %w", img, target, err)
 	}

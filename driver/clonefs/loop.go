@@ -71,10 +71,18 @@ func mountedImage(target string, img *unix.Stat_t) (bool, error) {
 // mountImage mounts the image at target, through the loop device that
 // already holds it, else through a newly attached one, and returns the
 // device's name.
-func mountImage(ctx context.Context, img string, st *unix.Stat_t, target, data string) (string, error) {
-	dev, name, err := findAttached(st)
-	if err != nil {
-		return "", err
+func mountImage(ctx context.Context, img string, st *unix.Stat_t, target, data string, fresh bool) (string, error) {
+	var (
+		dev  *os.File
+		name string
+		err  error
+	)
+	if !fresh {
+		// Each bound loop device is opened and asked: with many mounted,
+		// that is most of the cost of a mount.
+		if dev, name, err = findAttached(st); err != nil {
+			return "", err
+		}
 	}
 	if dev != nil {
 		klog.FromContext(ctx).V(4).Info("Image already on a loop device, mounting that device", "image", img, "device", name)

@@ -194,9 +194,10 @@ func copySparse(src, dir, dst string) (err error) {
 	return os.Rename(tmp, dst)
 }
 
-// MountScratch mounts dir/disk.img, made by Templates.Create, at dir/fs as
-// Mount does, with noinit_itable, and returns dir/fs. Unmount and Stat work
-// on it as on a clone's.
+// MountScratch mounts dir/disk.img, just made by Templates.Create, at dir/fs
+// as Mount does, with noinit_itable, and returns dir/fs. The image is a new
+// file, so no loop device holds it yet: it is attached to a free one
+// without asking the others. Unmount and Stat work on it as on a clone's.
 func MountScratch(ctx context.Context, dir string) (string, error) {
-	return mountDir(ctx, dir, scratchMountData)
+	return mountDir(ctx, dir, scratchMountData, true)
 }
