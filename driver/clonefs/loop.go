@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -34,6 +35,14 @@ const (
 // loopConfigure is false in a test that exercises the pre-5.8 path
 // (LOOP_SET_FD + LOOP_SET_STATUS64).
 var loopConfigure = true
+
+// attachMu serializes the attaches of this process: LOOP_CTL_GET_FREE
+// gives every concurrent caller the same free device, and all but one then
+// retry. With 100 publishes at once, 32 tries each were not enough
+// (BenchmarkParallelPublish with capped uppers); in turn, an attach holds
+// the lock for about a millisecond. Other processes may still take a device
+// between the two calls: the retries are for them.
+var attachMu sync.Mutex
 
 // mountedImage reports whether target is a mount of the image whose stat is
 // img. A mount of anything else at target is an error.
@@ -112,6 +121,8 @@ func attach(img string) (*os.File, string, error) {
 		return nil, "", fmt.Errorf("%w: clones need loop devices (modprobe loop) and a node plugin that sees the host's /dev (privileged)", err)
 	}
 	defer ctl.Close()
+	attachMu.Lock()
+	defer attachMu.Unlock()
 	var last error
 	for i := 0; i < maxAttachTries; i++ {
 		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)

@@ -68,8 +68,10 @@ func TestScratch(t *testing.T) {
 			t.Fatal(err)
 		}
 		opts := mountOptions(t, fsDir)
-		if !strings.Contains(opts, "noinit_itable") || !strings.Contains(opts, "discard") {
-			t.Errorf("mount options %q, want discard,noinit_itable", opts)
+		for _, o := range []string{"discard", "noinit_itable", "nobarrier"} {
+			if !strings.Contains(opts, o) {
+				t.Errorf("mount options %q, want %s", opts, o)
+			}
 		}
 	}
 	for _, dir := range dirs {

@@ -2,9 +2,11 @@ package csitest
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -147,13 +149,51 @@ func (e *env) assertCapped(t *testing.T, volID, target string, capacity, have in
 	}
 }
 
+// newEnvOnOwnFS starts a node plugin whose state root is a filesystem of
+// its own (a 512 MiB tmpfs), so that its free space tells what this plugin
+// alone took: the node's disk is shared with other tests.
+func newEnvOnOwnFS(t *testing.T) *env {
+	t.Helper()
+	RequireRoot(t)
+	dir := t.TempDir()
+	CleanupMounts(t, dir)
+	root := filepath.Join(dir, "root")
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("strata-test-root", root, "tmpfs", 0, "size=512m,mode=0700"); err != nil {
+		t.Fatalf("mount a tmpfs as the state root: %v", err)
+	}
+	return &env{t: t, dir: dir, root: root, Plugin: startPlugin(t, root)}
+}
+
+// assertCleanBut is assertClean with a mount at keep left out.
+func (e *env) assertCleanBut(keep string) {
+	e.t.Helper()
+	if vs := e.volumeDirs(); len(vs) > 0 {
+		e.t.Errorf("volumes left under %s: %v", e.root, vs)
+	}
+	if rs := e.refFiles(); len(rs) > 0 {
+		e.t.Errorf("layer references left: %v", rs)
+	}
+	ms, err := MountsUnder(e.dir)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	for _, m := range ms {
+		if m.MountPoint != keep {
+			e.t.Errorf("still mounted: %s (%s)", m.MountPoint, m.FsType)
+		}
+	}
+}
+
 // TestUpperSizeCapsWrites: an inline volume with size 16Mi takes about 16
-// MiB of writes, then ENOSPC; the node's filesystem loses no more than the
-// cap; deleting makes room again; unpublish leaves no mount, loop device or
-// file.
+// MiB of writes, then ENOSPC; the state root's filesystem loses no more
+// than the cap; deleting makes room again; unpublish leaves no mount, loop
+// device or file.
 func TestUpperSizeCapsWrites(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
+	e := newEnvOnOwnFS(t)
 	ref := pushSmall(t, "upper/cap")
 	const capacity = 16 << 20
 	tgt := e.target("cap")
@@ -167,22 +207,20 @@ func TestUpperSizeCapsWrites(t *testing.T) {
 	before := freeBytes(t, e.root)
 	e.assertCapped(t, "cap", tgt, capacity, 0)
 	syscall.Sync()
-	// What the upper holds on the node's disk: its filesystem image (the
-	// cap and at most 1 MiB of ext4 metadata). The state filesystem's
-	// free space says the same, less precisely: other tests write to it
-	// at the same time.
+	// What the upper takes of the state root's filesystem: its image (the
+	// cap and at most 1 MiB of ext4 metadata).
 	vdir := e.volumeDir(tgt)
 	var st unix.Stat_t
 	if err := unix.Stat(filepath.Join(vdir, "disk.img"), &st); err != nil {
 		t.Fatalf("the upper's filesystem image: %v", err)
 	}
 	lost := before - freeBytes(t, e.root)
-	t.Logf("the upper's image holds %.2f MiB of the node's disk; the node's filesystem lost %.1f MiB", float64(st.Blocks*512)/(1<<20), float64(lost)/(1<<20))
+	t.Logf("the upper's image holds %.2f MiB; the state root's filesystem lost %.2f MiB", float64(st.Blocks*512)/(1<<20), float64(lost)/(1<<20))
 	if st.Blocks*512 > capacity+(1<<20) {
 		t.Errorf("the upper's image holds %d bytes of the node's disk for a cap of %d", st.Blocks*512, capacity)
 	}
-	if lost > capacity+(16<<20) {
-		t.Errorf("the node's filesystem lost %d bytes to an upper capped at %d", lost, capacity)
+	if lost > capacity+(1<<20) {
+		t.Errorf("the state root's filesystem lost %d bytes to an upper capped at %d", lost, capacity)
 	}
 	if err := os.Remove(filepath.Join(tgt, "fill")); err != nil {
 		t.Fatal(err)
@@ -195,7 +233,7 @@ func TestUpperSizeCapsWrites(t *testing.T) {
 	if exists(vdir) || exists(tgt) {
 		t.Errorf("after unpublish: volume dir exists %v, target exists %v", exists(vdir), exists(tgt))
 	}
-	e.assertClean()
+	e.assertCleanBut(e.root) // the tmpfs the state root is on
 	e.assertNoLoops()
 	// Unpublish is idempotent.
 	if err := e.unpublish("cap", tgt); err != nil {
@@ -379,4 +417,49 @@ func TestUpperSizeRecoverReleases(t *testing.T) {
 	if err := e.unpublish("recover", tgt); err != nil {
 		t.Errorf("unpublish after the restart released the volume: %v", err)
 	}
+}
+
+// TestUpperSizeConcurrentPublishes: many capped publishes at once each get
+// a loop device of their own (LOOP_CTL_GET_FREE gives concurrent callers
+// the same free device), and their unpublishes release them all.
+func TestUpperSizeConcurrentPublishes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ref := pushSmall(t, "upper/concurrent")
+	const n = 100
+	targets := make([]string, n)
+	for i := range targets {
+		targets[i] = e.target(fmt.Sprint("c", i))
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, tgt := range targets {
+		wg.Go(func() {
+			_, errs[i] = e.Node.NodePublishVolume(ctx(t), pubReq(fmt.Sprint("c", i), tgt, map[string]string{"image": ref, "size": "4Mi"}))
+		})
+	}
+	wg.Wait()
+	failed := 0
+	for i, err := range errs {
+		if err != nil {
+			failed++
+			t.Errorf("publish %d of %d at once: %v", i, n, err)
+		}
+	}
+	if failed == 0 {
+		if ls := loopsUnder(e.dir); len(ls) != n {
+			t.Errorf("%d loop devices for %d capped publishes, want one each", len(ls), n)
+		}
+	}
+	for i, tgt := range targets {
+		wg.Go(func() { errs[i] = e.unpublish(fmt.Sprint("c", i), tgt) })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("unpublish %d: %v", i, err)
+		}
+	}
+	e.assertClean()
+	e.assertNoLoops()
 }
