@@ -472,7 +472,7 @@ func testHelmUpgradeUninstall(t *testing.T) {
 			t.Errorf("left after uninstall: %v", m)
 		}
 	}
-	// Nor a loop device of a clone's filesystem.
+	// Nor a loop device of a clone's or a capped upper's filesystem.
 	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, f := range files {
 		if b, err := os.ReadFile(f); err == nil && strings.HasPrefix(string(b), c.stateDir+"/") {
