@@ -144,16 +144,19 @@ func mountDir(ctx context.Context, dir, data string, fresh bool) (string, error)
 	if err != nil {
 		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
 	}
-	if err := os.Mkdir(target, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+	err = os.Mkdir(target, 0o755)
+	if err != nil && !errors.Is(err, fs.ErrExist) {
 		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
 	}
-	mounted, err := mountedImage(target, st)
-	if err != nil {
-		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
-	}
-	if mounted {
-		logger.V(4).Info("Clone filesystem already mounted")
-		return target, nil
+	if err != nil || !fresh { // a directory just made is no mount point
+		mounted, err := mountedImage(target, st)
+		if err != nil {
+			return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
+		}
+		if mounted {
+			logger.V(4).Info("Clone filesystem already mounted")
+			return target, nil
+		}
 	}
 	dev, err := mountImage(ctx, img, st, target, data, fresh)
 	if err != nil {

@@ -71,10 +71,11 @@ func NewTemplates(dir string) (*Templates, error) {
 // Create makes dir (0700) and dir/disk.img: a sparse ext4 image without a
 // journal whose free space for an unprivileged writer is at least size
 // bytes, rounded up to whole MiB (see Create for the sizing), copied from
-// the template for that size. The image is written to a temp file and
-// renamed into place, and not fsynced: a scratch filesystem does not
-// outlive its mount, and no mount survives a power failure. An existing
-// dir/disk.img is replaced.
+// the template for that size. The image is written in place and not
+// fsynced: a scratch filesystem does not outlive its mount, and no mount
+// survives a power failure. A copy that a crash cut short is never
+// mounted: the caller records the publish first and removes its directory
+// when it undoes it. An existing dir/disk.img is replaced.
 func (t *Templates) Create(ctx context.Context, dir string, size int64) error {
 	img := imagePath(dir)
 	if size < miB {
@@ -91,10 +92,7 @@ func (t *Templates) Create(ctx context.Context, dir string, size int64) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create scratch filesystem %s: %w", img, err)
 	}
-	if err := removeTemps(dir); err != nil {
-		return fmt.Errorf("create scratch filesystem %s: remove leftovers of an interrupted create: %w", img, err)
-	}
-	if err := copySparse(tmpl, dir, img); err != nil {
+	if err := copySparse(tmpl, img); err != nil {
 		return fmt.Errorf("create scratch filesystem %s from the template %s: %w", img, tmpl, err)
 	}
 	return nil
@@ -144,10 +142,10 @@ func (t *Templates) template(ctx context.Context, want int64) (string, error) {
 	return p, nil
 }
 
-// copySparse copies the file src to a temp file in dir and renames it to
-// dst: only its data extents (SEEK_DATA/SEEK_HOLE), so that the copy is as
-// sparse as src.
-func copySparse(src, dir, dst string) (err error) {
+// copySparse copies the file src to dst (mode 0600, replaced if it
+// exists): only its data extents (SEEK_DATA/SEEK_HOLE), so that the copy is
+// as sparse as src.
+func copySparse(src, dst string) (err error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -157,20 +155,15 @@ func copySparse(src, dir, dst string) (err error) {
 	if err != nil {
 		return err
 	}
-	out, err := os.CreateTemp(dir, tempPrefix+"*")
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
-	tmp := out.Name()
 	defer func() {
 		if err != nil {
 			out.Close()
-			os.Remove(tmp)
 		}
 	}()
-	if err := out.Chmod(0o600); err != nil {
-		return err
-	}
 	if err := out.Truncate(info.Size()); err != nil {
 		return err
 	}
@@ -192,10 +185,7 @@ func copySparse(src, dir, dst string) (err error) {
 		}
 		off = hole
 	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, dst)
+	return out.Close()
 }
 
 // MountScratch mounts dir/disk.img, just made by Templates.Create, at dir/fs
