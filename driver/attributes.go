@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"k8s.io/apimachinery/pkg/api/resource"
 
+	"github.com/strata-csi/strata/driver/clonefs"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/layercache"
@@ -92,6 +93,9 @@ func ParseUpperSize(s string) (int64, error) {
 	n, ok := q.AsInt64()
 	if !ok {
 		n = q.Value() // rounds a fraction of a byte up
+	}
+	if q.CmpInt64(clonefs.MaxSize) > 0 {
+		return 0, fmt.Errorf("%q is more than the %d MiB (about 95 TiB) an upper's filesystem can have", s, int64(clonefs.MaxSize>>20))
 	}
 	if n < MinUpperSize {
 		return 0, fmt.Errorf("%q is %d bytes: the size of a writable upper must be at least 1Mi, e.g. 1Gi", s, n)

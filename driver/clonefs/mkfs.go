@@ -25,6 +25,8 @@ const (
 	// 8 digits + "M" fills ext4's 16-byte label): about 95 TiB, far above
 	// the 16 TiB file size limit of an ext4 node disk.
 	maxMiB = 99_999_999
+	// MaxSize is the largest size of an image, in bytes (maxMiB).
+	MaxSize = maxMiB * miB
 	// labelPrefix and labelSuffix frame the requested size in MiB in the
 	// image's ext4 label.
 	labelPrefix, labelSuffix = "strata-", "M"
