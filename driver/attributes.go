@@ -2,6 +2,7 @@ package driver
 
 import (
 	"encoding/json"
+	"fmt"
 	"maps"
 	"path"
 	"sort"
@@ -10,7 +11,9 @@ import (
 	"unicode"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	"k8s.io/apimachinery/pkg/api/resource"
 
+	"github.com/strata-csi/strata/driver/clonefs"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/layercache"
@@ -27,6 +30,12 @@ const (
 	// that one line of a StorageClass parameter or a YAML block of one
 	// reference per line both work.
 	attrStackImages = "stackImages"
+	// attrSize caps the writable upper of an inline volume or a static
+	// PersistentVolume, as a Kubernetes quantity (e.g. 1Gi); without it
+	// the plugin's --default-upper-size applies. A clone's cap is its
+	// claim's size (attrCapacity), so size is refused on clones and in a
+	// StorageClass.
+	attrSize = "size"
 	// kubePrefix marks keys set by kubelet and the provisioner (pod name,
 	// namespace, ephemeral, PV/PVC names): read where useful, never
 	// rejected.
@@ -60,6 +69,39 @@ const (
 
 // DefaultCloneCapacity is the size of a clone whose claim requests none.
 const DefaultCloneCapacity int64 = 1 << 30
+
+// DefaultUpperSize is the cap on the writable upper of an inline volume or a
+// static PersistentVolume that sets no size (--default-upper-size). Its
+// filesystem image takes only the blocks the pod writes, so a generous cap
+// costs nothing until used; 10 GiB keeps room for the scratch files and the
+// copied-up files of a dataset's pod while a runaway writer still stops
+// long before a node disk of a few hundred GiB is full.
+const DefaultUpperSize int64 = 10 << 30
+
+// MinUpperSize is the smallest cap: the smallest ext4 image the upper's
+// filesystem is made as.
+const MinUpperSize int64 = 1 << 20
+
+// ParseUpperSize parses a cap on a writable upper, a Kubernetes quantity
+// such as 1Gi, 512Mi or 1.5G, in bytes (rounded up). It must be at least
+// MinUpperSize.
+func ParseUpperSize(s string) (int64, error) {
+	q, err := resource.ParseQuantity(strings.TrimSpace(s))
+	if err != nil || q.Sign() <= 0 {
+		return 0, fmt.Errorf("%q is not a positive Kubernetes quantity: give a size of at least 1Mi, e.g. 1Gi or 512Mi", s)
+	}
+	n, ok := q.AsInt64()
+	if !ok {
+		n = q.Value() // rounds a fraction of a byte up
+	}
+	if q.CmpInt64(clonefs.MaxSize) > 0 {
+		return 0, fmt.Errorf("%q is more than the %d MiB (about 95 TiB) an upper's filesystem can have", s, int64(clonefs.MaxSize>>20))
+	}
+	if n < MinUpperSize {
+		return 0, fmt.Errorf("%q is %d bytes: the size of a writable upper must be at least 1Mi, e.g. 1Gi", s, n)
+	}
+	return n, nil
+}
 
 // identityOf returns the pod identity of a publish from its volume context
 // and secrets, and the secrets without the tokens (what is left is the
@@ -111,6 +153,9 @@ type volumeAttributes struct {
 	// CloneCapacity bytes (attrCapacity; 0 when not given).
 	Clone         bool
 	CloneCapacity int64
+	// Size caps the writable upper (attrSize), in bytes; 0 when not
+	// given.
+	Size int64
 }
 
 // Images returns the volume's whole stack of images, bottom first.
@@ -148,6 +193,12 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 				return v, invalid("volume attribute %s: %q is not true or false", attrClone, val)
 			}
 			v.Clone = b
+		case k == attrSize:
+			n, err := ParseUpperSize(val)
+			if err != nil {
+				return v, invalid("volume attribute %s: %v", attrSize, err)
+			}
+			v.Size = n
 		case k == attrCapacity:
 			n, err := strconv.ParseInt(strings.TrimSpace(val), 10, 64)
 			if err != nil || n <= 0 {
@@ -161,11 +212,15 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return v, invalid("unknown volume attribute %q: the attributes are %s, %s, %s and %s",
-			strings.Join(unknown, `", "`), attrImage, attrStackImages, attrPullPolicy, attrSubPath)
+		return v, invalid("unknown volume attribute %q: the attributes are %s, %s, %s, %s and %s",
+			strings.Join(unknown, `", "`), attrImage, attrStackImages, attrPullPolicy, attrSubPath, attrSize)
 	}
 	if v.CloneCapacity > 0 && !v.Clone {
 		return v, invalid("volume attribute %s is set but %s is not \"true\": a capacity applies to clones only", attrCapacity, attrClone)
+	}
+	if v.Size > 0 && v.Clone {
+		return v, invalid("volume attribute %s is set on a persistent clone: a clone's cap is its capacity, %s (its claim's storage request); remove %s",
+			attrSize, attrCapacity, attrSize)
 	}
 	if v.Image == "" {
 		return v, invalid("volume attribute %q is required: name the OCI image to mount, e.g. registry.example.com/datasets/imagenet:v1", attrImage)

@@ -25,6 +25,13 @@ import (
 // cached.
 func benchDriver(b *testing.B, n int) (*Driver, string) {
 	b.Helper()
+	return benchDriverUpper(b, n, 0)
+}
+
+// benchDriverUpper is benchDriver with the default cap on writable uppers
+// (0: none, the upper is a directory on the state root's disk).
+func benchDriverUpper(b *testing.B, n int, upperSize int64) (*Driver, string) {
+	b.Helper()
 	if os.Geteuid() != 0 {
 		b.Fatal("the publish benchmarks need root: they mount overlays")
 	}
@@ -39,7 +46,7 @@ func benchDriver(b *testing.B, n int) (*Driver, string) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { os.RemoveAll(root) })
-	d, err := New(Config{Mode: ModeNode, NodeID: "bench", Root: root})
+	d, err := New(Config{Mode: ModeNode, NodeID: "bench", Root: root, DefaultUpperSize: upperSize})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -76,31 +83,40 @@ func reportLatency(b *testing.B, name string, ds []time.Duration) {
 // BenchmarkPublish measures NodePublishVolume and NodeUnpublishVolume of a
 // cached image (the driver's own work, without gRPC), and beside it the
 // floor: a bare overlay mount and unmount of the same layers with an upper
-// on the same disk.
+// on the same disk. upper=10Gi publishes with the default cap: the upper in
+// a filesystem of its own on a loop device.
 func BenchmarkPublish(b *testing.B) {
 	for _, n := range []int{8, 100} {
-		b.Run(fmt.Sprintf("layers=%d", n), func(b *testing.B) {
-			d, ref := benchDriver(b, n)
-			pods := b.TempDir()
-			var pub, unpub []time.Duration
-			i := 0
-			for b.Loop() {
-				i++
-				target := filepath.Join(pods, fmt.Sprint(i))
-				t0 := time.Now()
-				if _, err := d.NodePublishVolume(context.Background(), publishRequest(fmt.Sprint("vol-", i), target, ref)); err != nil {
-					b.Fatal(err)
-				}
-				t1 := time.Now()
-				if _, err := d.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprint("vol-", i), TargetPath: target}); err != nil {
-					b.Fatal(err)
-				}
-				pub, unpub = append(pub, t1.Sub(t0)), append(unpub, time.Since(t1))
+		for _, upper := range []int64{0, DefaultUpperSize} {
+			name := fmt.Sprintf("layers=%d", n)
+			if upper > 0 {
+				name += fmt.Sprintf(",upper=%dGi", upper>>30)
 			}
-			reportLatency(b, "publish", pub)
-			reportLatency(b, "unpublish", unpub)
-		})
+			b.Run(name, func(b *testing.B) { benchPublish(b, n, upper) })
+		}
 	}
+}
+
+func benchPublish(b *testing.B, n int, upper int64) {
+	d, ref := benchDriverUpper(b, n, upper)
+	pods := b.TempDir()
+	var pub, unpub []time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		target := filepath.Join(pods, fmt.Sprint(i))
+		t0 := time.Now()
+		if _, err := d.NodePublishVolume(context.Background(), publishRequest(fmt.Sprint("vol-", i), target, ref)); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if _, err := d.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprint("vol-", i), TargetPath: target}); err != nil {
+			b.Fatal(err)
+		}
+		pub, unpub = append(pub, t1.Sub(t0)), append(unpub, time.Since(t1))
+	}
+	reportLatency(b, "publish", pub)
+	reportLatency(b, "unpublish", unpub)
 }
 
 // BenchmarkMountFloor is the kernel's cost for what a publish mounts: the
@@ -143,9 +159,15 @@ func BenchmarkMountFloor(b *testing.B) {
 }
 
 // BenchmarkParallelPublish publishes 100 volumes of one cached image at
-// once and reports the wall time of the batch.
+// once and reports the wall time of the batch, with uncapped uppers and
+// with the default cap.
 func BenchmarkParallelPublish(b *testing.B) {
-	d, ref := benchDriver(b, 8)
+	b.Run("upper=none", func(b *testing.B) { benchParallelPublish(b, 0) })
+	b.Run(fmt.Sprintf("upper=%dGi", DefaultUpperSize>>30), func(b *testing.B) { benchParallelPublish(b, DefaultUpperSize) })
+}
+
+func benchParallelPublish(b *testing.B, upper int64) {
+	d, ref := benchDriverUpper(b, 8, upper)
 	pods := b.TempDir()
 	round := 0
 	for b.Loop() {

@@ -81,6 +81,13 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 			return nil, invalid("CreateVolume %s: parameter %q is set by %s itself: remove it from the StorageClass", req.GetName(), k, d.name)
 		}
 	}
+	if _, ok := req.GetParameters()[attrSize]; ok {
+		// A writable provisioned volume is a clone, capped at its claim's
+		// size; a read-only one has no upper to cap.
+		return nil, invalid("CreateVolume %s: parameter %q caps the upper of inline volumes and static PersistentVolumes only: "+
+			"the size of a provisioned volume is its claim's storage request (spec.resources.requests.storage); remove %s from the StorageClass",
+			req.GetName(), attrSize, attrSize)
+	}
 	attrs, err := parseAttributes(req.GetParameters())
 	if err != nil {
 		return nil, err

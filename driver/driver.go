@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/clonefs"
 	"github.com/strata-csi/strata/driver/commits"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
@@ -79,6 +80,11 @@ type Config struct {
 	// (read through Kube, which New fills in) and kubelet credential
 	// providers.
 	PullCredentials credentials.Config
+	// DefaultUpperSize caps the writable upper of an inline volume or a
+	// static PersistentVolume whose size attribute is not set, in bytes
+	// (the plugin's flag defaults to DefaultUpperSize); 0 leaves such
+	// uppers uncapped, directories on the state root's filesystem.
+	DefaultUpperSize int64
 }
 
 // Driver serves the CSI services.
@@ -110,6 +116,11 @@ type Driver struct {
 	volumeCommits    bool
 	commitAllowed    []string
 	commitNamespaces []string
+	// uppers makes the filesystems of capped writable uppers (nil in
+	// controller mode); defaultUpperSize is the cap of a volume without
+	// a size attribute, 0 for none.
+	uppers           *clonefs.Templates
+	defaultUpperSize int64
 }
 
 // New validates cfg and opens (in node mode) the layer cache. Call Recover
@@ -157,6 +168,9 @@ func New(cfg Config) (*Driver, error) {
 	}
 	budget, err := cacheBudget(cfg.CacheBudget, cfg.CacheMaxPercent, root)
 	if err != nil {
+		return nil, err
+	}
+	if err := d.openUppers(root, cfg.DefaultUpperSize); err != nil {
 		return nil, err
 	}
 	credCfg := cfg.PullCredentials

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -78,6 +79,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		VolumeID: volID, TargetPath: filepath.Clean(target), Image: attrs.Image,
 		PullPolicy: string(attrs.PullPolicy), SubPath: attrs.SubPath,
 		ReadOnly: req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()),
+		Size:     attrs.Size,
+	}
+	if !want.ReadOnly && !attrs.Clone {
+		// A read-only publish has no upper to cap; a clone's upper is in
+		// its own filesystem, capped at its capacity.
+		want.UpperBytes = d.upperSize(attrs.Size)
 	}
 	for _, ref := range attrs.Images() {
 		want.Stack = append(want.Stack, stackImage{Image: ref})
@@ -122,8 +129,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		logger.V(2).Info("Volume already published")
 		return &csi.NodePublishVolumeResponse{}, nil
 	case old != nil && mounted:
-		return nil, errorf(codes.AlreadyExists, "volume %s is already published at %s with other arguments (%s, readOnly %v, subPath %q)",
-			volID, target, describeStack(old.Refs()), old.ReadOnly, old.SubPath)
+		return nil, errorf(codes.AlreadyExists, "volume %s is already published at %s with other arguments (%s, readOnly %v, subPath %q, size %s)",
+			volID, target, describeStack(old.Refs()), old.ReadOnly, old.SubPath, describeSize(old.Size))
 	case mounted:
 		return nil, errorf(codes.AlreadyExists, "target %s is already a mount point that %s did not make", target, d.name)
 	case old != nil:
@@ -144,7 +151,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		logger = logger.WithValues("stagingPath", want.StagingPath, "clone", true)
 	}
 	logger.Info("Volume published", "digests", stackDigests(want), "layers", len(want.Layers), "readOnly", want.ReadOnly,
-		"subPath", want.SubPath, "duration", time.Since(start).Round(time.Microsecond))
+		"subPath", want.SubPath, "upperBytes", want.UpperBytes, "duration", time.Since(start).Round(time.Microsecond))
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
@@ -194,14 +201,20 @@ func (d *Driver) publish(ctx context.Context, logger klog.Logger, key string, re
 	}
 	ov := mount.Overlay{Lowers: lowers, ReadOnly: rec.ReadOnly}
 	if !rec.ReadOnly {
-		for _, p := range []string{dirs.upper, dirs.work} {
+		upper, work := dirs.upper, dirs.work
+		if rec.UpperBytes > 0 {
+			if upper, work, err = d.mountUpper(ctx, dirs, rec.UpperBytes); err != nil {
+				return err
+			}
+		}
+		for _, p := range []string{upper, work} {
 			if err := os.Mkdir(p, 0o755); err != nil {
 				return err
 			}
 		}
 		// The upper is thrown away at unpublish, so overlayfs need not sync
 		// it: unmounting a volatile overlay skips a journal commit.
-		ov.Upper, ov.Work, ov.Volatile = dirs.upper, dirs.work, true
+		ov.Upper, ov.Work, ov.Volatile = upper, work, true
 	}
 	// The CO creates only the target's parent.
 	if err := os.MkdirAll(rec.TargetPath, 0o750); err != nil {
@@ -368,6 +381,14 @@ func (d *Driver) ensureStack(ctx context.Context, plan []stackedImage) error {
 	return errors.Join(errs...)
 }
 
+// describeSize is a size attribute for a message.
+func describeSize(n int64) string {
+	if n == 0 {
+		return "not set"
+	}
+	return strconv.FormatInt(n, 10) + " bytes"
+}
+
 // describeStack names a volume's images for a message: "image A" or
 // "images A, B (bottom first)".
 func describeStack(refs []string) string {
@@ -402,6 +423,12 @@ func (d *Driver) teardown(logger klog.Logger, key string, rec *volumeRecord) err
 	}
 	if err := mount.Unmount(dirs.mnt); err != nil {
 		return fmt.Errorf("unmount %s: %w", dirs.mnt, err)
+	}
+	// Whatever the record says: a publish may have crashed after mounting
+	// the upper's filesystem. Before RemoveAll, which must not delete
+	// through a mount.
+	if err := unmountUpper(dirs); err != nil {
+		return err
 	}
 	if err := d.store.Release(key); err != nil {
 		return err
@@ -467,6 +494,9 @@ func (d *Driver) NodeGetVolumeStats(_ context.Context, req *csi.NodeGetVolumeSta
 	}
 	if rec.Clone {
 		return d.cloneStats(volID)
+	}
+	if rec.UpperBytes > 0 && !rec.ReadOnly {
+		return upperStats(dirs)
 	}
 	var used, inodes int64
 	if !rec.ReadOnly {

@@ -34,8 +34,12 @@ func isVolumeKey(s string) bool {
 }
 
 // volumeDirs are the paths of one publish under the state root.
+// upper and work are those of an uncapped upper, on the state root's
+// filesystem; cappedUpper and cappedWork those of a capped one, in its own
+// filesystem mounted at dir/fs (see upper.go).
 type volumeDirs struct {
 	dir, record, upper, work, mnt string
+	cappedUpper, cappedWork       string
 }
 
 func (d *Driver) dirsOf(key string) volumeDirs {
@@ -46,6 +50,9 @@ func (d *Driver) dirsOf(key string) volumeDirs {
 		upper:  filepath.Join(dir, volumes.UpperDir),
 		work:   filepath.Join(dir, "work"),
 		mnt:    filepath.Join(dir, "mnt"),
+
+		cappedUpper: filepath.Join(dir, volumes.UpperFSDir, volumes.UpperDir),
+		cappedWork:  filepath.Join(dir, volumes.UpperFSDir, "work"),
 	}
 }
 

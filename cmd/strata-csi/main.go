@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -86,6 +87,7 @@ func main() {
 		leaderElect = flag.Bool("leader-election", false, "provision only while holding the Lease <driver name with dots as dashes> (e.g. strata-csi-dev), so that one of several controller replicas provisions at a time")
 		leaderNS    = flag.String("leader-election-namespace", "", "namespace of the leader election Lease (empty: the pod's own namespace, from $POD_NAMESPACE or its service account)")
 		commits     = flag.Bool("volume-commits", false, "in node mode with API access: carry out the VolumeCommits (strata.csi.dev/v1alpha1) of this node's volumes, reading the pods, claims, PersistentVolumes and push secrets they name in any namespace (needs the chart's volumeCommits RBAC); off: VolumeCommits are not watched")
+		upperSize   = flag.String("default-upper-size", resource.NewQuantity(driver.DefaultUpperSize, resource.BinarySI).String(), "cap on the writable upper of an inline volume or static PersistentVolume that sets no size attribute, a Kubernetes quantity such as 10Gi (at least 1Mi); 0: no default cap, such uppers are directories on the --root filesystem")
 		insecure    stringList
 		prepull     stringList
 		allowedRegs commaList
@@ -129,6 +131,15 @@ func main() {
 		}
 		budget.MaxBytes = n
 	}
+	var defaultUpper int64
+	if v := strings.TrimSpace(*upperSize); v != "0" {
+		n, err := driver.ParseUpperSize(v)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "strata-csi: --default-upper-size: %v; or 0 for no default cap\n", err)
+			os.Exit(2)
+		}
+		defaultUpper = n
+	}
 	kube, dyn, err := kubeClient(*kubeconfig)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "strata-csi: --kubeconfig: %v\n", err)
@@ -138,7 +149,7 @@ func main() {
 		provision: *provision, leaderElection: *leaderElect, leaderElectionNamespace: *leaderNS}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: *maxPercent,
-		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn,
+		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn, DefaultUpperSize: defaultUpper,
 		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,

@@ -114,7 +114,7 @@ func Create(ctx context.Context, dir string, size int64) error {
 	case !errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("create clone filesystem %s: %w", img, err)
 	}
-	if err := format(ctx, dir, img, want); err != nil {
+	if err := format(ctx, dir, img, want, false); err != nil {
 		return fmt.Errorf("create clone filesystem %s: %w", img, err)
 	}
 	return nil
@@ -131,24 +131,34 @@ func Create(ctx context.Context, dir string, size int64) error {
 // two loop devices on one image would be two ext4 instances writing the same
 // blocks.
 func Mount(ctx context.Context, dir string) (string, error) {
+	return mountDir(ctx, dir, mountData, false)
+}
+
+// mountDir is Mount with the ext4 mount options data. A fresh image (a new
+// file, which no loop device can hold yet) is attached without looking for
+// a device that holds it.
+func mountDir(ctx context.Context, dir, data string, fresh bool) (string, error) {
 	img, target := imagePath(dir), mountPath(dir)
 	logger := klog.FromContext(ctx).WithValues("image", img, "targetPath", target)
 	st, err := statImage(img)
 	if err != nil {
 		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
 	}
-	if err := os.Mkdir(target, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+	err = os.Mkdir(target, 0o755)
+	if err != nil && !errors.Is(err, fs.ErrExist) {
 		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
 	}
-	mounted, err := mountedImage(target, st)
-	if err != nil {
-		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
+	if err != nil || !fresh { // a directory just made is no mount point
+		mounted, err := mountedImage(target, st)
+		if err != nil {
+			return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)
+		}
+		if mounted {
+			logger.V(4).Info("Clone filesystem already mounted")
+			return target, nil
+		}
 	}
-	if mounted {
-		logger.V(4).Info("Clone filesystem already mounted")
-		return target, nil
-	}
-	dev, err := mountImage(ctx, img, st, target)
+	dev, err := mountImage(ctx, img, st, target, data, fresh)
 	if err != nil {
 		return "", fmt.Errorf("mount clone filesystem %s at %s: %w", img, target, err)
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -34,6 +35,14 @@ const (
 // loopConfigure is false in a test that exercises the pre-5.8 path
 // (LOOP_SET_FD + LOOP_SET_STATUS64).
 var loopConfigure = true
+
+// attachMu serializes the attaches of this process: LOOP_CTL_GET_FREE
+// gives every concurrent caller the same free device, and all but one then
+// retry. With 100 publishes at once, 32 tries each were not enough
+// (BenchmarkParallelPublish with capped uppers); in turn, an attach holds
+// the lock for about a millisecond. Other processes may still take a device
+// between the two calls: the retries are for them.
+var attachMu sync.Mutex
 
 // mountedImage reports whether target is a mount of the image whose stat is
 // img. A mount of anything else at target is an error.
@@ -71,10 +80,18 @@ func mountedImage(target string, img *unix.Stat_t) (bool, error) {
 // mountImage mounts the image at target, through the loop device that
 // already holds it, else through a newly attached one, and returns the
 // device's name.
-func mountImage(ctx context.Context, img string, st *unix.Stat_t, target string) (string, error) {
-	dev, name, err := findAttached(st)
-	if err != nil {
-		return "", err
+func mountImage(ctx context.Context, img string, st *unix.Stat_t, target, data string, fresh bool) (string, error) {
+	var (
+		dev  *os.File
+		name string
+		err  error
+	)
+	if !fresh {
+		// Each bound loop device is opened and asked: with many mounted,
+		// that is most of the cost of a mount.
+		if dev, name, err = findAttached(st); err != nil {
+			return "", err
+		}
 	}
 	if dev != nil {
 		klog.FromContext(ctx).V(4).Info("Image already on a loop device, mounting that device", "image", img, "device", name)
@@ -85,8 +102,8 @@ func mountImage(ctx context.Context, img string, st *unix.Stat_t, target string)
 	// releasing it in between; closing it after a failed mount releases it.
 	defer dev.Close()
 	src := "/dev/" + name
-	if err := unix.Mount(src, target, "ext4", mountFlags, mountData); err != nil {
-		return "", fmt.Errorf("mount %s (ext4, nosuid,nodev,%s): %w (the kernel log, dmesg, says why)", src, mountData, err)
+	if err := unix.Mount(src, target, "ext4", mountFlags, data); err != nil {
+		return "", fmt.Errorf("mount %s (ext4, nosuid,nodev,%s): %w (the kernel log, dmesg, says why)", src, data, err)
 	}
 	return name, nil
 }
@@ -104,6 +121,8 @@ func attach(img string) (*os.File, string, error) {
 		return nil, "", fmt.Errorf("%w: clones need loop devices (modprobe loop) and a node plugin that sees the host's /dev (privileged)", err)
 	}
 	defer ctl.Close()
+	attachMu.Lock()
+	defer attachMu.Unlock()
 	var last error
 	for i := 0; i < maxAttachTries; i++ {
 		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)

@@ -25,6 +25,8 @@ const (
 	// 8 digits + "M" fills ext4's 16-byte label): about 95 TiB, far above
 	// the 16 TiB file size limit of an ext4 node disk.
 	maxMiB = 99_999_999
+	// MaxSize is the largest size of an image, in bytes (maxMiB).
+	MaxSize = maxMiB * miB
 	// labelPrefix and labelSuffix frame the requested size in MiB in the
 	// image's ext4 label.
 	labelPrefix, labelSuffix = "strata-", "M"
@@ -87,8 +89,9 @@ func mkfsTool() (string, error) {
 }
 
 // format makes dir/disk.img for want MiB: format a temp file in dir, measure,
-// grow and format again if short, fsync, rename, fsync dir.
-func format(ctx context.Context, dir, img string, want int64) (err error) {
+// grow and format again if short, fsync, rename, fsync dir. A scratch image
+// (see scratch.go) has no journal.
+func format(ctx context.Context, dir, img string, want int64, scratch bool) (err error) {
 	start := time.Now()
 	tool, err := mkfsTool()
 	if err != nil {
@@ -96,6 +99,9 @@ func format(ctx context.Context, dir, img string, want int64) (err error) {
 	}
 	wantBlocks := want * miB / blockSize
 	jMiB := journalMiB(want)
+	if scratch {
+		jMiB = 0
+	}
 	total := estimateBlocks(wantBlocks, jMiB*miB/blockSize)
 
 	f, err := os.CreateTemp(dir, tempPrefix+"*")
@@ -167,17 +173,23 @@ func format(ctx context.Context, dir, img string, want int64) (err error) {
 // reserve (-m 0: the clone's writer is its only user), lazily initialised
 // inode tables and journal (so the sparse file stays sparse), no discard (a
 // new sparse file is all holes already), and a root directory owned by 0:0
-// mode 0755.
+// mode 0755. A jMiB of 0 makes a filesystem without a journal.
 func mkfs(ctx context.Context, tool, path string, want, jMiB int64) error {
+	feats, journal := features, []string{"-J", "size=" + strconv.FormatInt(jMiB, 10)}
+	if jMiB == 0 {
+		feats, journal = strings.Replace(features, ",has_journal", "", 1), nil
+	}
 	args := []string{
 		"-q", "-F", "-t", "ext4",
 		"-b", strconv.Itoa(blockSize), "-I", "256", "-i", "16384", "-m", "0",
-		"-O", features,
-		"-J", "size=" + strconv.FormatInt(jMiB, 10),
+		"-O", feats,
+	}
+	args = append(args, journal...)
+	args = append(args,
 		"-L", label(want),
 		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
 		path,
-	}
+	)
 	cmd := exec.CommandContext(ctx, tool, args...)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	out, err := cmd.CombinedOutput()

@@ -24,16 +24,26 @@ import (
 // Dir is the directory under the state root that holds one directory per
 // publish; RecordFile is the record's name in it, and UpperDir the
 // publish's writable overlay upper directory (none for a read-only publish).
+// A capped upper (Record.UpperBytes) is UpperDir in the publish's own
+// filesystem, mounted at UpperFSDir.
 const (
 	Dir        = "volumes"
 	RecordFile = "volume.json"
 	UpperDir   = "upper"
+	UpperFSDir = "fs"
 )
 
-// Upper returns the upper directory of the publish key under root. A
-// clone's publish (Record.Clone) has none: its writes are in
-// CloneUpper(root, VolumeID).
-func Upper(root, key string) string { return filepath.Join(root, Dir, key, UpperDir) }
+// Upper returns the upper directory of the publish key under root:
+// volumes/<key>/fs/upper when the publish has a filesystem of its own for
+// its writes (a size cap), else volumes/<key>/upper. A clone's publish
+// (Record.Clone) has none: its writes are in CloneUpper(root, VolumeID).
+func Upper(root, key string) string {
+	capped := filepath.Join(root, Dir, key, UpperFSDir, UpperDir)
+	if _, err := os.Lstat(capped); err == nil {
+		return capped
+	}
+	return filepath.Join(root, Dir, key, UpperDir)
+}
 
 // Record is volumes/<key>/volume.json: everything needed to recognise a
 // repeated publish and to undo a publish after a restart, and the pod it was
@@ -68,6 +78,14 @@ type Record struct {
 	// only unmounts the bind.
 	Clone       bool   `json:"clone,omitempty"`
 	StagingPath string `json:"stagingPath,omitempty"`
+	// Size is the size attribute of the publish in bytes, 0 when it gave
+	// none. UpperBytes is the cap of its writable upper: the size, else
+	// the plugin's default, in a filesystem of its own (disk.img mounted
+	// at UpperFSDir); 0 when the upper is a directory on the state root's
+	// filesystem (no default cap, or written before caps existed) and
+	// when there is no upper (read-only, clone).
+	Size       int64 `json:"size,omitempty"`
+	UpperBytes int64 `json:"upperBytes,omitempty"`
 }
 
 // StackImage is one image of a volume's stack.
@@ -101,11 +119,13 @@ func (r *Record) Refs() []string {
 // SameRequest reports whether a publish asks for what r already is: the
 // same stack of references, in the same order. Digests are not compared: a
 // tag that moved applies to new publishes only. Nor is the pod: kubelet's
-// target path already names it.
+// target path already names it. The size attribute is, but not the cap it
+// came to: a publish without size after a change of the plugin's default
+// keeps the cap it was made with.
 func (r *Record) SameRequest(o *Record) bool {
 	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && slices.Equal(r.Refs(), o.Refs()) &&
 		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly &&
-		r.Clone == o.Clone && r.StagingPath == o.StagingPath
+		r.Clone == o.Clone && r.StagingPath == o.StagingPath && r.Size == o.Size
 }
 
 // Pod returns "namespace/name" of the record's pod, or "" when unknown.

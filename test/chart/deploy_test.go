@@ -119,7 +119,7 @@ func TestExamples(t *testing.T) {
 					t.Errorf("volume image %q, want the placeholder %s", a["image"], datasetPlaceholder)
 				}
 				for k := range a {
-					if k != "image" && k != "stackImages" && k != "pullPolicy" && k != "subPath" {
+					if k != "image" && k != "stackImages" && k != "pullPolicy" && k != "subPath" && k != "size" {
 						t.Errorf("unknown volume attribute %q: the plugin refuses it", k)
 					}
 				}

@@ -189,8 +189,9 @@ func TestVolumesOfOneImageAreIsolated(t *testing.T) {
 	if !exists(filepath.Join(tb, "other.txt")) {
 		t.Error("B lost other.txt, deleted in A")
 	}
-	// A's upper holds A's writes; no layer of the cache does.
-	up := filepath.Join(e.volumeDir(ta), "upper")
+	// A's upper holds A's writes; no layer of the cache does. The upper is
+	// capped (--default-upper-size): it is in its own filesystem at fs/.
+	up := filepath.Join(e.volumeDir(ta), "fs", "upper")
 	if got := readString(t, filepath.Join(up, "new.txt")); got != "only in A\n" {
 		t.Errorf("A's upper new.txt = %q", got)
 	}
@@ -284,11 +285,13 @@ func TestReadOnlyPublish(t *testing.T) {
 		if len(ms) != 1 || !ms[0].HasOption("ro") || !ms[0].HasOption("nosuid") || !ms[0].HasOption("nodev") {
 			t.Errorf("%s: mounts at target %+v; want one ro,nosuid,nodev mount", c.name, ms)
 		}
-		if up := filepath.Join(e.volumeDir(tgt), "upper"); exists(up) {
-			t.Errorf("%s: a read-only publish has an upper %s", c.name, up)
-		}
-		if ups, _ := filepath.Glob(filepath.Join(e.root, "volumes", "*", "upper")); len(ups) > 0 {
-			t.Errorf("%s: uppers exist: %v", c.name, ups)
+		for _, p := range []string{"upper", "fs", "disk.img"} {
+			if up := filepath.Join(e.volumeDir(tgt), p); exists(up) {
+				t.Errorf("%s: a read-only publish has an upper %s", c.name, up)
+			}
+			if ups, _ := filepath.Glob(filepath.Join(e.root, "volumes", "*", p)); len(ups) > 0 {
+				t.Errorf("%s: uppers exist: %v", c.name, ups)
+			}
 		}
 		if err := e.unpublish(c.name, tgt); err != nil {
 			t.Fatal(err)

@@ -173,12 +173,14 @@ func testInlineVolume(t *testing.T) {
 	if r.Image != datasetRef || r.ReadOnly || !slices.Equal(r.Layers, datasetLayers) {
 		t.Errorf("volume record %+v: want image %s, read-write, layers %v", r, datasetRef, datasetLayers)
 	}
-	b, err := os.ReadFile(filepath.Join(r.dir, "upper", "data", "raw", "mine.txt"))
+	// The upper is capped (the chart's volumes.defaultUpperSize): it is in
+	// the volume's own filesystem, mounted at fs/.
+	b, err := os.ReadFile(filepath.Join(r.dir, "fs", "upper", "data", "raw", "mine.txt"))
 	if err != nil || string(b) != "mine\n" {
 		t.Errorf("the pod's write is not in its upper dir on the node: %q, %v", b, err)
 	}
 	// The image's own files are not copied up.
-	if _, err := os.Stat(filepath.Join(r.dir, "upper", "data", "raw", "a.txt")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(r.dir, "fs", "upper", "data", "raw", "a.txt")); !os.IsNotExist(err) {
 		t.Errorf("an unmodified image file was copied up: %v", err)
 	}
 }
@@ -283,8 +285,10 @@ func testReadOnlyVolume(t *testing.T) {
 	if !r.ReadOnly {
 		t.Errorf("volume record is not read-only: %+v", r)
 	}
-	if _, err := os.Stat(filepath.Join(r.dir, "upper")); !os.IsNotExist(err) {
-		t.Errorf("a read-only volume has an upper dir: %v", err)
+	for _, p := range []string{"upper", "fs"} {
+		if _, err := os.Stat(filepath.Join(r.dir, p)); !os.IsNotExist(err) {
+			t.Errorf("a read-only volume has an upper dir %s: %v", p, err)
+		}
 	}
 }
 
@@ -469,7 +473,7 @@ func testHelmUpgradeUninstall(t *testing.T) {
 			t.Errorf("left after uninstall: %v", m)
 		}
 	}
-	// Nor a loop device of a clone's filesystem.
+	// Nor a loop device of a clone's or a capped upper's filesystem.
 	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, f := range files {
 		if b, err := os.ReadFile(f); err == nil && strings.HasPrefix(string(b), c.stateDir+"/") {
