@@ -4,7 +4,13 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/strata-csi/strata/layercache/unpack"
 )
 
 // Budget bounds the cache's size. Layers that no owner holds are evicted,
@@ -58,7 +64,7 @@ func WithBudget(b Budget) Option {
 // GC enforces the budget: when the cache holds more than the high
 // watermark, unused layers older than the minimum age are evicted, least
 // recently used first, until it holds less than the low watermark. Without a
-// budget it does nothing.
+// budget it does nothing. Sizes are budget sizes (LayerMeta.BudgetSize).
 func (s *Store) GC(ctx context.Context) (PruneResult, error) {
 	b := s.opts.budget
 	if b.MaxBytes == 0 {
@@ -72,6 +78,9 @@ func (s *Store) GC(ctx context.Context) (PruneResult, error) {
 		return s.oldestUnused(unused, total-low)
 	})
 	s.countEvicted(res)
+	if len(res.Layers) > 0 {
+		s.forgetUsage()
+	}
 	return res, err
 }
 
@@ -81,42 +90,64 @@ func (s *Store) countEvicted(res PruneResult) {
 	s.evictedBytes.Add(res.Bytes)
 }
 
-// makeRoom evicts unused layers so that need more bytes fit in the budget,
-// or fails with ErrNoSpace saying how much is missing.
+// makeRoom evicts unused layers so that need more bytes fit in the budget
+// besides what unpacks in progress reserved, or fails with ErrNoSpace
+// saying how much is missing. It also measures the cache for the
+// reservation.
 func (s *Store) makeRoom(ctx context.Context, ref string, need int64) error {
-	b := s.opts.budget
-	if b.MaxBytes == 0 || need == 0 {
+	if s.opts.budget.MaxBytes == 0 || need == 0 {
 		return nil
 	}
-	var short int64
-	res, err := s.evict(ctx, func(unused []LayerInfo, total int64) []LayerInfo {
-		over := total + need - b.MaxBytes
+	r := &s.res
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	short, err := s.makeRoomLocked(ctx, r.inflight+need)
+	if err != nil {
+		return err
+	}
+	if short > 0 {
+		return s.noSpace(ref, short, 0)
+	}
+	return nil
+}
+
+// makeRoomLocked measures the cache and evicts unused layers so that need
+// more bytes fit in the budget, and returns how many bytes are still
+// missing. It sets s.res.committed; the caller holds s.res.mu.
+func (s *Store) makeRoomLocked(ctx context.Context, need int64) (short int64, err error) {
+	b := s.opts.budget
+	var total, over int64
+	var victims []LayerInfo
+	res, err := s.evict(ctx, func(unused []LayerInfo, t int64) []LayerInfo {
+		total = t
+		over = total + need - b.MaxBytes
 		if over <= 0 {
 			return nil
 		}
 		// Make room down to the low watermark if that is possible, so the
 		// next pull does not evict again; at least enough for this one.
 		want := max(over, total+need-int64(b.Low*float64(b.MaxBytes)))
-		victims := s.oldestUnused(unused, want)
-		var freed int64
-		for _, v := range victims {
-			freed += v.Size
-		}
-		if freed < over {
-			short = over - freed
-		}
+		victims = s.oldestUnused(unused, want)
 		return victims
 	})
 	s.countEvicted(res)
+	// What was evicted: a victim that an Acquire took meanwhile stays.
+	gone := map[v1.Hash]bool{}
+	for _, d := range res.Layers {
+		gone[d] = true
+	}
+	var freed int64
+	for _, v := range victims {
+		if gone[v.DiffID] {
+			freed += v.BudgetSize()
+		}
+	}
+	s.res.committed = total - freed
 	if err != nil {
-		return err
+		s.res.committed = -1
+		return 0, err
 	}
-	if short > 0 {
-		return fmt.Errorf("%w: pulling %s needs at least %d more bytes than the cache budget of %d bytes allows; "+
-			"the rest is held by published volumes or used in the last %s: raise --cache-max-bytes or free the node",
-			ErrNoSpace, ref, short, b.MaxBytes, b.MinAge)
-	}
-	return nil
+	return max(over-freed, 0), nil
 }
 
 // oldestUnused picks unused layers older than the minimum age, least
@@ -134,7 +165,241 @@ func (s *Store) oldestUnused(unused []LayerInfo, want int64) []LayerInfo {
 			continue
 		}
 		out = append(out, l)
-		got += l.Size
+		got += l.BudgetSize()
 	}
 	return out
+}
+
+// Limits bound what one layer may take unpacked, whatever the cache budget.
+// Every byte of a layer is untrusted: its manifest states only its
+// compressed size, and a layer of a megabyte can unpack to a gigabyte (gzip
+// reaches about 1032:1, zstd more). A layer that passes a limit stops as it
+// is written, and nothing of it is kept.
+type Limits struct {
+	// MaxExpansion is how many times its compressed size a layer may take
+	// unpacked (as counted against the budget: content plus
+	// unpack.EntryCharge per entry); 0: no ceiling. The ceiling is never
+	// below ExpansionFloor, so that a small layer of very compressible
+	// files is not refused.
+	MaxExpansion   float64
+	ExpansionFloor int64
+	// MaxLayerBytes is the most one layer may take unpacked; 0: no limit.
+	MaxLayerBytes int64
+}
+
+// Default layer limits.
+const (
+	// DefaultMaxExpansion: real layers compress 2-5x (binaries, libraries,
+	// text; already compressed media 1x), and even very compressible data
+	// such as logs, CSV or JSON stays under about 20x with gzip and 30x
+	// with zstd -19 (see docs/layercache.md). 100x leaves room for that and
+	// still stops a bomb at a tenth of gzip's ratio.
+	DefaultMaxExpansion = 100
+	// DefaultExpansionFloor: a tiny layer, say 100 bytes that hold a 1 MiB
+	// file of zeros, expands far past 100x and is harmless; 64 MiB is
+	// nothing on a node's disk.
+	DefaultExpansionFloor = 64 << 20
+	// DefaultMaxLayerBytes: larger than any real single layer (a model's
+	// largest weight shards are tens of GB), and a bound on the disk and CPU
+	// time one layer can take when the cache budget is set unbounded.
+	DefaultMaxLayerBytes = 100 << 30
+)
+
+// DefaultLimits are the limits of a store opened without WithLayerLimits.
+var DefaultLimits = Limits{MaxExpansion: DefaultMaxExpansion, ExpansionFloor: DefaultExpansionFloor, MaxLayerBytes: DefaultMaxLayerBytes}
+
+// WithLayerLimits sets the limits of one layer (default DefaultLimits). A
+// zero field turns its limit off.
+func WithLayerLimits(l Limits) Option {
+	return func(o *options) error {
+		if l.MaxExpansion < 0 || l.ExpansionFloor < 0 || l.MaxLayerBytes < 0 {
+			return fmt.Errorf("layer limits %+v: none may be negative (0 turns a limit off)", l)
+		}
+		if l.MaxExpansion > 0 && l.MaxExpansion < 1 {
+			return fmt.Errorf("layer limits: max expansion %g is under 1: a layer never takes less than its compressed size unpacked", l.MaxExpansion)
+		}
+		o.limits = l
+		return nil
+	}
+}
+
+// BudgetSize is what a layer counts against the cache budget: its content
+// plus unpack.EntryCharge for each of its tar entries (for a layer
+// recorded before entries were counted, for each of its files).
+func (m LayerMeta) BudgetSize() int64 {
+	n := m.Entries
+	if n == 0 {
+		n = m.Files
+	}
+	return m.Size + n*unpack.EntryCharge
+}
+
+// reservation is the part of the budget that unpacks in progress hold, and
+// what the committed layers took when last measured. Every unpack of the
+// process takes its space from it before writing, so that layers unpacked
+// at the same time, for one image or for several, together stay within the
+// budget.
+type reservation struct {
+	mu sync.Mutex
+	// committed is the budget size of the layers in layers/ when last
+	// measured (by makeRoom), plus what was committed since; -1: unknown.
+	committed int64
+	// inflight is what unpacks in progress reserved.
+	inflight int64
+}
+
+// reserveChunk is how much of the budget an unpack reserves at a time, so
+// that the shared reservation is not taken for every write.
+const reserveChunk = 1 << 20
+
+// reserve takes n bytes of the budget for an unpack of ref in progress,
+// first evicting unused layers if they are needed. pulled is what ref's pull
+// unpacked so far, for the message.
+func (s *Store) reserve(ctx context.Context, ref string, n, pulled int64) error {
+	b := s.opts.budget
+	if b.MaxBytes == 0 {
+		return nil
+	}
+	r := &s.res
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.committed >= 0 && r.committed+r.inflight+n <= b.MaxBytes {
+		r.inflight += n
+		return nil
+	}
+	short, err := s.makeRoomLocked(ctx, r.inflight+n)
+	if err != nil {
+		return err
+	}
+	if short > 0 {
+		return s.noSpace(ref, short, pulled)
+	}
+	r.inflight += n
+	return nil
+}
+
+// tryReserve takes n bytes of the budget if they are free without
+// measuring or evicting.
+func (s *Store) tryReserve(n int64) bool {
+	b := s.opts.budget
+	if b.MaxBytes == 0 {
+		return true
+	}
+	r := &s.res
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.committed >= 0 && r.committed+r.inflight+n <= b.MaxBytes {
+		r.inflight += n
+		return true
+	}
+	return false
+}
+
+// unreserve gives back n reserved bytes of an unpack that ended, and adds
+// committed bytes when its layer went into layers/.
+func (s *Store) unreserve(n, committed int64) {
+	if s.opts.budget.MaxBytes == 0 {
+		return
+	}
+	r := &s.res
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.inflight -= n
+	if r.committed >= 0 {
+		r.committed += committed
+	}
+}
+
+// forgetUsage makes the next reservation measure the cache again, after
+// layers left it other than through the reservation (GC, prune).
+func (s *Store) forgetUsage() {
+	s.res.mu.Lock()
+	s.res.committed = -1
+	s.res.mu.Unlock()
+}
+
+// noSpace is the error of a pull that the budget cannot hold.
+func (s *Store) noSpace(ref string, short, pulled int64) error {
+	b := s.opts.budget
+	return fmt.Errorf("%w: pulling %s needs at least %d more bytes than the cache budget of %d bytes allows "+
+		"(%d bytes unpacked so far); the rest is held by published volumes, layers used in the last %s or other pulls in progress: "+
+		"raise --cache-max-bytes or --cache-max-percent, or free the node",
+		ErrNoSpace, ref, short, b.MaxBytes, pulled, b.MinAge)
+}
+
+// pullMeter counts what one Ensure unpacked, across its layers.
+type pullMeter struct {
+	ref string
+	n   atomic.Int64
+}
+
+// layerMeter is the unpack.Meter of one layer's unpack: it enforces the
+// layer limits and takes the budget from the store's reservation.
+type layerMeter struct {
+	ctx           context.Context
+	s             *Store
+	pull          *pullMeter
+	what          string
+	compressed    int64
+	limit         int64 // 0: none
+	expansion     bool  // limit is the expansion ceiling (else the absolute one)
+	used, granted int64
+}
+
+var _ unpack.Meter = (*layerMeter)(nil)
+
+// newLayerMeter meters the unpack of l for pull.
+func (s *Store) newLayerMeter(ctx context.Context, pull *pullMeter, what string, l Layer) *layerMeter {
+	m := &layerMeter{ctx: ctx, s: s, pull: pull, what: what, compressed: l.Size}
+	lim := s.opts.limits
+	if lim.MaxExpansion > 0 {
+		m.limit = max(int64(lim.MaxExpansion*float64(max(l.Size, 0))), lim.ExpansionFloor)
+		m.expansion = true
+	}
+	if lim.MaxLayerBytes > 0 && (m.limit == 0 || lim.MaxLayerBytes < m.limit) {
+		m.limit, m.expansion = lim.MaxLayerBytes, false
+	}
+	return m
+}
+
+// Charge implements unpack.Meter.
+func (m *layerMeter) Charge(n int64) error {
+	m.used += n
+	pulled := m.pull.n.Add(n)
+	if m.limit > 0 && m.used > m.limit {
+		if m.expansion {
+			return fmt.Errorf("%w: %s unpacks to more than %d bytes, over %g times its compressed size of %d bytes "+
+				"(the expansion ceiling, --layer-max-expansion; never under %d bytes): it is a decompression bomb or an unusually "+
+				"compressible layer; if you trust the image, raise --layer-max-expansion",
+				ErrNoSpace, m.what, m.limit, m.s.opts.limits.MaxExpansion, m.compressed, m.s.opts.limits.ExpansionFloor)
+		}
+		return fmt.Errorf("%w: %s unpacks to more than %d bytes, the most one layer may take (--layer-max-bytes): "+
+			"if you trust the image, raise --layer-max-bytes", ErrNoSpace, m.what, m.limit)
+	}
+	if m.used <= m.granted {
+		return nil
+	}
+	need := m.used - m.granted
+	// A chunk if it is free; only what this write needs is worth an
+	// eviction.
+	if chunk := max(need, reserveChunk); m.s.tryReserve(chunk) {
+		m.granted += chunk
+		return nil
+	}
+	if err := m.s.reserve(m.ctx, m.pull.ref, need, pulled-n); err != nil {
+		return err
+	}
+	m.granted += need
+	return nil
+}
+
+// done gives the meter's reservation back; committed tells whether the
+// layer went into layers/, where it now counts.
+func (m *layerMeter) done(committed bool) {
+	var c int64
+	if committed {
+		c = m.used
+	}
+	m.s.unreserve(m.granted, c)
+	m.granted = 0
 }

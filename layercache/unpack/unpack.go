@@ -90,12 +90,40 @@ const (
 	maxCachedDirs = 512
 )
 
+// EntryCharge is what each tar entry costs a Meter besides its file
+// content: about what an entry takes on disk beyond its content bytes. On
+// ext4 with 4 KiB blocks a directory takes a block, a file's last block is
+// on average half empty, and every entry takes a 256-byte inode and a
+// directory entry; 4 KiB covers the worst of these. Without it a layer of a
+// million empty files would cost nothing while it fills the node's inode
+// table and directory blocks.
+const EntryCharge = 4096
+
+// Meter is told of the space an unpack is about to take, before it takes
+// it, and stops the unpack by returning an error, which Apply returns
+// wrapped. Charges are EntryCharge per tar entry, before the entry is
+// applied, and the logical size of regular file content, chunk by chunk
+// before each chunk is read: a sparse file counts at its full length. So
+// the charges of a complete unpack add up to
+// Stats.Bytes + Stats.Entries*EntryCharge.
+type Meter interface {
+	Charge(n int64) error
+}
+
+// Option configures Apply.
+type Option func(*applier)
+
+// WithMeter makes Apply charge m for what it writes (see Meter).
+func WithMeter(m Meter) Option {
+	return func(a *applier) { a.meter = m }
+}
+
 // Apply extracts the tar stream r into dir, which must exist and be empty.
 // It never writes outside dir, whatever r contains. On error the caller removes dir.
 // It does not fsync (the caller does one syncfs per layer).
 //
 // ctx is checked between entries; a cancelled ctx makes Apply return ctx.Err().
-func Apply(ctx context.Context, dir string, r io.Reader) (Stats, error) {
+func Apply(ctx context.Context, dir string, r io.Reader, opts ...Option) (Stats, error) {
 	if err := checkEmpty(dir); err != nil {
 		return Stats{}, err
 	}
@@ -112,6 +140,9 @@ func Apply(ctx context.Context, dir string, r io.Reader) (Stats, error) {
 		skipped:  make(map[string]bool),
 		buf:      make([]byte, copyBufSize),
 	}
+	for _, o := range opts {
+		o(a)
+	}
 	defer a.close()
 
 	tr := tar.NewReader(r)
@@ -125,6 +156,11 @@ func Apply(ctx context.Context, dir string, r io.Reader) (Stats, error) {
 		}
 		if err != nil {
 			return a.stats, fmt.Errorf("read layer tar after %d entries: %w", a.stats.Entries, err)
+		}
+		if a.meter != nil {
+			if err := a.meter.Charge(EntryCharge); err != nil {
+				return a.stats, fmt.Errorf("entry %q: %w", hdr.Name, err)
+			}
 		}
 		a.stats.Entries++
 		a.startEntry()
@@ -184,6 +220,7 @@ type applier struct {
 	// hardlink to one of them is skipped as well instead of failing the layer.
 	skipped map[string]bool
 	buf     []byte
+	meter   Meter // nil: no accounting
 }
 
 func (a *applier) close() {
@@ -545,6 +582,11 @@ func (a *applier) copySparse(fd int, r io.Reader, size int64) error {
 		chunk := a.buf
 		if rem := size - off; rem < int64(len(chunk)) {
 			chunk = chunk[:rem]
+		}
+		if a.meter != nil {
+			if err := a.meter.Charge(int64(len(chunk))); err != nil {
+				return err
+			}
 		}
 		n, err := io.ReadFull(r, chunk)
 		if err != nil {
