@@ -4,11 +4,14 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-csi/strata/layercache/unpack"
 )
@@ -26,6 +29,48 @@ type Budget struct {
 	// minutes): an image pulled a moment ago for a pod that is about to
 	// start must not be evicted before the pod publishes it.
 	MinAge time.Duration
+}
+
+// DefaultMaxPercent is the cache budget, as a share of the filesystem that
+// holds the store, that the plugin and the CLI use unless told otherwise
+// (--cache-max-percent; --cache-max-bytes overrides it). An unbounded cache
+// lets any pod that names a big enough image fill the node's disk; half of
+// it leaves the rest to the volumes' writable layers, kubelet, the
+// container runtime, and kubelet's eviction threshold (10% free).
+const DefaultMaxPercent = 50
+
+// DiskShare returns percent of the size of the filesystem that holds path.
+func DiskShare(path string, percent float64) (int64, error) {
+	if percent < 0 || percent > 100 {
+		return 0, fmt.Errorf("cache budget %g%%: want a percentage between 0 and 100", percent)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", path, err)
+	}
+	return int64(float64(st.Blocks) * float64(st.Bsize) * percent / 100), nil
+}
+
+// ParseBytes parses a size as Kubernetes writes quantities: a plain number of
+// bytes, or one with a decimal (k, M, G, T) or binary (Ki, Mi, Gi, Ti)
+// suffix, e.g. "50Gi".
+func ParseBytes(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}, {"k", 1e3}, {"M", 1e6}, {"G", 1e9}, {"T", 1e12}}
+	num, mult := strings.TrimSpace(s), int64(1)
+	for _, u := range units {
+		if n, ok := strings.CutSuffix(num, u.suffix); ok {
+			num, mult = n, u.mult
+			break
+		}
+	}
+	v, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || v < 0 || v > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q: want a byte count such as 53687091200, 50G or 50Gi", s)
+	}
+	return v * mult, nil
 }
 
 // Default watermarks and minimum age of a Budget.
