@@ -384,7 +384,6 @@ type layerMeter struct {
 	ctx           context.Context
 	s             *Store
 	pull          *pullMeter
-	what          string
 	compressed    int64
 	limit         int64 // 0: none
 	expansion     bool  // limit is the expansion ceiling (else the absolute one)
@@ -394,8 +393,8 @@ type layerMeter struct {
 var _ unpack.Meter = (*layerMeter)(nil)
 
 // newLayerMeter meters the unpack of l for pull.
-func (s *Store) newLayerMeter(ctx context.Context, pull *pullMeter, what string, l Layer) *layerMeter {
-	m := &layerMeter{ctx: ctx, s: s, pull: pull, what: what, compressed: l.Size}
+func (s *Store) newLayerMeter(ctx context.Context, pull *pullMeter, l Layer) *layerMeter {
+	m := &layerMeter{ctx: ctx, s: s, pull: pull, compressed: l.Size}
 	lim := s.opts.limits
 	if lim.MaxExpansion > 0 {
 		m.limit = max(int64(lim.MaxExpansion*float64(max(l.Size, 0))), lim.ExpansionFloor)
@@ -413,13 +412,13 @@ func (m *layerMeter) Charge(n int64) error {
 	pulled := m.pull.n.Add(n)
 	if m.limit > 0 && m.used > m.limit {
 		if m.expansion {
-			return fmt.Errorf("%w: %s unpacks to more than %d bytes, over %g times its compressed size of %d bytes "+
-				"(the expansion ceiling, --layer-max-expansion; never under %d bytes): it is a decompression bomb or an unusually "+
+			return fmt.Errorf("%w: it unpacks to more than %d bytes, over %g times its compressed size of %d bytes "+
+				"(--layer-max-expansion; the ceiling is never under %d bytes): a decompression bomb, or an unusually "+
 				"compressible layer; if you trust the image, raise --layer-max-expansion",
-				ErrNoSpace, m.what, m.limit, m.s.opts.limits.MaxExpansion, m.compressed, m.s.opts.limits.ExpansionFloor)
+				ErrLayerTooLarge, m.limit, m.s.opts.limits.MaxExpansion, m.compressed, m.s.opts.limits.ExpansionFloor)
 		}
-		return fmt.Errorf("%w: %s unpacks to more than %d bytes, the most one layer may take (--layer-max-bytes): "+
-			"if you trust the image, raise --layer-max-bytes", ErrNoSpace, m.what, m.limit)
+		return fmt.Errorf("%w: it unpacks to more than %d bytes, the most one layer may take (--layer-max-bytes): "+
+			"if you trust the image, raise --layer-max-bytes", ErrLayerTooLarge, m.limit)
 	}
 	if m.used <= m.granted {
 		return nil

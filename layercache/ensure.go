@@ -335,7 +335,7 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 	if err != nil {
 		return "", nil, nil, err
 	}
-	meter := s.newLayerMeter(ctx, pull, what, l)
+	meter := s.newLayerMeter(ctx, pull, l)
 	defer func() {
 		if err != nil {
 			if rerr := os.RemoveAll(tmp); rerr != nil {

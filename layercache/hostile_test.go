@@ -253,6 +253,9 @@ func TestLayerExpansionCeiling(t *testing.T) {
 			peak := watchDisk(t, s.root)
 			_, err := s.Pull(context.Background(), ref, PullOptions{})
 			wantNoSpace(t, err, ref, "100 times its compressed size", "--layer-max-expansion")
+			if !errors.Is(err, ErrLayerTooLarge) {
+				t.Errorf("error %v is not ErrLayerTooLarge", err)
+			}
 			if p := peak(); p > DefaultExpansionFloor+8<<20 {
 				t.Errorf("the store took up to %d bytes on disk, over the ceiling of %d", p, DefaultExpansionFloor)
 			}
@@ -280,6 +283,9 @@ func TestLayerMaxBytes(t *testing.T) {
 	s := openStore(t, t.TempDir(), WithLayerLimits(Limits{MaxLayerBytes: 8 << 20}))
 	_, err := s.Pull(context.Background(), ref, PullOptions{})
 	wantNoSpace(t, err, ref, "8388608 bytes", "--layer-max-bytes")
+	if !errors.Is(err, ErrLayerTooLarge) {
+		t.Errorf("error %v is not ErrLayerTooLarge", err)
+	}
 	assertNothingLeft(t, s)
 }
 
