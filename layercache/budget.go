@@ -3,6 +3,7 @@ package layercache
 import (
 	"context"
 	"fmt"
+	"io"
 	"sort"
 	"strconv"
 	"strings"
@@ -388,6 +389,7 @@ type layerMeter struct {
 	limit         int64 // 0: none
 	expansion     bool  // limit is the expansion ceiling (else the absolute one)
 	used, granted int64
+	read          int64 // bytes of the tar stream read (see limitedReader)
 }
 
 var _ unpack.Meter = (*layerMeter)(nil)
@@ -410,15 +412,8 @@ func (s *Store) newLayerMeter(ctx context.Context, pull *pullMeter, l Layer) *la
 func (m *layerMeter) Charge(n int64) error {
 	m.used += n
 	pulled := m.pull.n.Add(n)
-	if m.limit > 0 && m.used > m.limit {
-		if m.expansion {
-			return fmt.Errorf("%w: it unpacks to more than %d bytes, over %g times its compressed size of %d bytes "+
-				"(--layer-max-expansion; the ceiling is never under %d bytes): a decompression bomb, or an unusually "+
-				"compressible layer; if you trust the image, raise --layer-max-expansion",
-				ErrLayerTooLarge, m.limit, m.s.opts.limits.MaxExpansion, m.compressed, m.s.opts.limits.ExpansionFloor)
-		}
-		return fmt.Errorf("%w: it unpacks to more than %d bytes, the most one layer may take (--layer-max-bytes): "+
-			"if you trust the image, raise --layer-max-bytes", ErrLayerTooLarge, m.limit)
+	if err := m.checkLimit(); err != nil {
+		return err
 	}
 	if m.used <= m.granted {
 		return nil
@@ -435,6 +430,36 @@ func (m *layerMeter) Charge(n int64) error {
 	}
 	m.granted += need
 	return nil
+}
+
+// checkLimit fails once the layer passes its limit.
+func (m *layerMeter) checkLimit() error {
+	if m.limit > 0 && max(m.used, m.read) > m.limit {
+		if m.expansion {
+			return fmt.Errorf("%w: it unpacks to more than %d bytes, over %g times its compressed size of %d bytes "+
+				"(--layer-max-expansion; the ceiling is never under %d bytes): a decompression bomb, or an unusually "+
+				"compressible layer; if you trust the image, raise --layer-max-expansion",
+				ErrLayerTooLarge, m.limit, m.s.opts.limits.MaxExpansion, m.compressed, m.s.opts.limits.ExpansionFloor)
+		}
+		return fmt.Errorf("%w: it unpacks to more than %d bytes, the most one layer may take (--layer-max-bytes): "+
+			"if you trust the image, raise --layer-max-bytes", ErrLayerTooLarge, m.limit)
+	}
+	return nil
+}
+
+// limitedReader reads a layer's tar stream within the layer's limits.
+type limitedReader struct {
+	r io.Reader
+	m *layerMeter
+}
+
+func (l *limitedReader) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	l.m.read += int64(n)
+	if lerr := l.m.checkLimit(); lerr != nil {
+		return n, lerr
+	}
+	return n, err
 }
 
 // done gives the meter's reservation back; committed tells whether the

@@ -382,7 +382,7 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 // unpackStream decompresses r (gzip, zstd or plain tar, told apart by their
 // magic numbers rather than by a media type that may lie), checks the
 // diffID of the tar stream, and unpacks it into dir, charging meter.
-func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string, meter unpack.Meter) (unpack.Stats, error) {
+func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string, meter *layerMeter) (unpack.Stats, error) {
 	br := bufio.NewReaderSize(r, 256<<10)
 	magic, _ := br.Peek(4)
 	var tarStream io.Reader = br
@@ -403,7 +403,10 @@ func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Ha
 		tarStream = zr
 	}
 	dh := sha256.New()
-	tee := io.TeeReader(tarStream, dh)
+	// Every byte of the tar stream counts against the layer's limits, also
+	// those that are only read: the content of entries that are not
+	// written, and what follows the tar's end.
+	tee := &limitedReader{r: io.TeeReader(tarStream, dh), m: meter}
 	stats, err := unpack.Apply(ctx, dir, tee, unpack.WithMeter(meter))
 	if err == nil {
 		// The tar's end-of-archive blocks and any padding count in the diffID.

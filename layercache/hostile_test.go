@@ -262,6 +262,16 @@ func TestLayerExpansionCeiling(t *testing.T) {
 			assertNothingLeft(t, s)
 		})
 	}
+	t.Run("bytes read but not written", func(t *testing.T) {
+		// A whiteout entry's content is never written, only decompressed
+		// and hashed: it counts against the ceiling all the same.
+		ref := reg + "/whiteout-bomb:v1"
+		testimage.Push(t, ref, testimage.Image(t, testimage.Bomb(t, testimage.Gzip, "data/.wh.big", 256<<20, 'w')))
+		s := openStore(t, t.TempDir())
+		_, err := s.Pull(context.Background(), ref, PullOptions{})
+		wantNoSpace(t, err, ref, "--layer-max-expansion")
+		assertNothingLeft(t, s)
+	})
 	t.Run("small layer under the floor", func(t *testing.T) {
 		ref := bombImage(t, reg+"/zeros:v1", testimage.Gzip, 1<<20, 0)
 		s := openStore(t, t.TempDir())
