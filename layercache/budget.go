@@ -223,8 +223,8 @@ func (s *Store) oldestUnused(unused []LayerInfo, want int64) []LayerInfo {
 // is written, and nothing of it is kept.
 type Limits struct {
 	// MaxExpansion is how many times its compressed size a layer may take
-	// unpacked (as counted against the budget: content plus
-	// unpack.EntryCharge per entry); 0: no ceiling. The ceiling is never
+	// unpacked (as counted against the budget, or as its uncompressed tar
+	// stream if that is more); 0: no ceiling. The ceiling is never
 	// below ExpansionFloor, so that a small layer of very compressible
 	// files is not refused.
 	MaxExpansion   float64
@@ -269,15 +269,50 @@ func WithLayerLimits(l Limits) Option {
 	}
 }
 
+// EntryBytes is what each tar entry counts against the budget and the
+// layer limits besides its content: about what an entry takes on disk
+// beyond its content bytes. On ext4 with 4 KiB blocks a directory takes a
+// block, a file's last block is on average half empty, and every entry
+// takes a 256-byte inode and a directory entry; 4 KiB covers the worst of
+// these. Without it a layer of a million empty files would cost nothing.
+const EntryBytes = 4096
+
 // BudgetSize is what a layer counts against the cache budget: its content
-// plus unpack.EntryCharge for each of its tar entries (for a layer
-// recorded before entries were counted, for each of its files).
+// plus EntryBytes for each of its tar entries (for a layer recorded before
+// entries were counted, for each of its files).
 func (m LayerMeta) BudgetSize() int64 {
 	n := m.Entries
 	if n == 0 {
 		n = m.Files
 	}
-	return m.Size + n*unpack.EntryCharge
+	return m.Size + n*EntryBytes
+}
+
+// MinFreeInodes is the share of its inodes that an unpack leaves free on
+// the filesystem of the store: the bytes of a budget do not bound inodes,
+// which ext4 fixes when it is made (one per 16 KiB by default), and a
+// layer of empty files would run the node out of them inside any byte
+// budget. Kubelet evicts pods when less than 5% are free.
+const MinFreeInodes = 0.10
+
+// inodeCheckEvery is how many entries an unpack creates between checks of
+// the free inodes (a statfs each).
+const inodeCheckEvery = 256
+
+// checkInodes fails when the store's filesystem has less than
+// MinFreeInodes of its inodes free.
+func (s *Store) checkInodes(ref string, entries int64) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.work, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", s.work, err)
+	}
+	// A filesystem that allocates inodes as it goes reports none.
+	if st.Files == 0 || float64(st.Ffree) >= MinFreeInodes*float64(st.Files) {
+		return nil
+	}
+	return fmt.Errorf("%w: pulling %s stopped after %d entries of a layer: the cache's filesystem has %d of its %d inodes free, "+
+		"and unpacks leave %g%% of them free: free the node (strata prune), or give the state root a filesystem with more inodes (mkfs.ext4 -i)",
+		ErrNoSpace, ref, entries, st.Ffree, st.Files, MinFreeInodes*100)
 }
 
 // reservation is the part of the budget that unpacks in progress hold, and
@@ -388,8 +423,9 @@ type layerMeter struct {
 	compressed    int64
 	limit         int64 // 0: none
 	expansion     bool  // limit is the expansion ceiling (else the absolute one)
-	used, granted int64
+	used, granted int64 // charged, and reserved from the store's budget
 	read          int64 // bytes of the tar stream read (see limitedReader)
+	entries       int64
 }
 
 var _ unpack.Meter = (*layerMeter)(nil)
@@ -408,8 +444,23 @@ func (s *Store) newLayerMeter(ctx context.Context, pull *pullMeter, l Layer) *la
 	return m
 }
 
-// Charge implements unpack.Meter.
-func (m *layerMeter) Charge(n int64) error {
+// Entry implements unpack.Meter: an entry counts EntryBytes, and now and
+// then the filesystem's free inodes are checked.
+func (m *layerMeter) Entry() error {
+	m.entries++
+	if m.entries%inodeCheckEvery == 0 {
+		if err := m.s.checkInodes(m.pull.ref, m.entries); err != nil {
+			return err
+		}
+	}
+	return m.charge(EntryBytes)
+}
+
+// Content implements unpack.Meter.
+func (m *layerMeter) Content(n int64) error { return m.charge(n) }
+
+// charge checks the layer's limits and takes n bytes of the budget.
+func (m *layerMeter) charge(n int64) error {
 	m.used += n
 	pulled := m.pull.n.Add(n)
 	if err := m.checkLimit(); err != nil {

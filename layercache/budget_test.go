@@ -11,13 +11,12 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/strata-csi/strata/layercache/unpack"
 	"github.com/strata-csi/strata/test/testimage"
 )
 
 // layerCost is what a layer of pushRandom counts against the budget: its
 // 1000 bytes of content and its one tar entry.
-const layerCost = 1000 + unpack.EntryCharge
+const layerCost = 1000 + EntryBytes
 
 // pushRandom pushes images a, b, c... of one layer holding 1000 random
 // (incompressible) bytes each, and returns their references.

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -16,6 +18,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-csi/strata/test/testimage"
 )
@@ -229,7 +232,7 @@ func TestBudgetSharedByConcurrentPulls(t *testing.T) {
 }
 
 // TestBudgetManyEmptyFiles: a layer of 100,000 empty files costs
-// unpack.EntryCharge each, and stops at the budget like a big file.
+// EntryBytes each, and stops at the budget like a big file.
 func TestBudgetManyEmptyFiles(t *testing.T) {
 	reg := testimage.Registry(t)
 	ref := reg + "/files:v1"
@@ -333,4 +336,65 @@ func TestBudgetLegitImagePulls(t *testing.T) {
 	if s.res.inflight != 0 || s.res.committed != sum {
 		t.Errorf("reservation after the pull: %d in flight, %d committed; want 0 and %d", s.res.inflight, s.res.committed, sum)
 	}
+}
+
+// TestUnpackKeepsInodesFree: a layer of more empty files than its
+// filesystem has inodes stops while MinFreeInodes of them are still free
+// (the byte budget does not bound inodes), and leaves nothing.
+func TestUnpackKeepsInodesFree(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	img, mnt := filepath.Join(dir, "fs.img"), filepath.Join(dir, "mnt")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 128<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-N", "16384", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 (e2fsprogs is required): %v\n%s", err, out)
+	}
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount -o loop: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(mnt, unix.MNT_DETACH) })
+
+	reg := testimage.Registry(t)
+	ref := reg + "/inodes:v1"
+	testimage.Push(t, ref, testimage.Image(t, testimage.ManyFiles(t, testimage.Gzip, 20000)))
+	s := openStore(t, filepath.Join(mnt, "root"), WithLayerLimits(Limits{}))
+	var st unix.Statfs_t
+	if err := unix.Statfs(mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	total := int64(st.Files)
+	var minFree atomic.Int64
+	minFree.Store(int64(st.Ffree))
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			var st unix.Statfs_t
+			if unix.Statfs(mnt, &st) == nil && int64(st.Ffree) < minFree.Load() {
+				minFree.Store(int64(st.Ffree))
+			}
+		}
+	}()
+	_, err := s.Pull(context.Background(), ref, PullOptions{})
+	close(stop)
+	<-done
+	wantNoSpace(t, err, ref, "inodes free")
+	t.Log(err)
+	if want := int64(MinFreeInodes*float64(total)) - inodeCheckEvery - 64; minFree.Load() < want {
+		t.Errorf("free inodes fell to %d of %d during the pull, want at least about %d", minFree.Load(), total, want)
+	}
+	assertNothingLeft(t, s)
 }

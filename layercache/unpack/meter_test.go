@@ -14,19 +14,31 @@ import (
 
 var errFull = errors.New("test meter full")
 
+// entryCost is what limitMeter charges for an entry.
+const entryCost = 4096
+
 // limitMeter refuses charges past limit, and counts what it accepted.
 type limitMeter struct {
-	limit, used int64
-	calls       int
+	limit, used    int64
+	entries, bytes int64
 }
 
-func (m *limitMeter) Charge(n int64) error {
-	m.calls++
+func (m *limitMeter) charge(n int64) error {
 	if m.used+n > m.limit {
 		return errFull
 	}
 	m.used += n
 	return nil
+}
+
+func (m *limitMeter) Entry() error {
+	m.entries++
+	return m.charge(entryCost)
+}
+
+func (m *limitMeter) Content(n int64) error {
+	m.bytes += n
+	return m.charge(n)
 }
 
 // blocks is what the tree under dir takes on disk.
@@ -65,7 +77,7 @@ func TestMeterStopsEarly(t *testing.T) {
 				es = append(es, file(fmt.Sprintf("f%d", i), ""))
 			}
 			return es
-		}(), 100 * EntryCharge},
+		}(), 100 * entryCost},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newSandbox(t, t.TempDir())
@@ -84,8 +96,8 @@ func TestMeterStopsEarly(t *testing.T) {
 	}
 }
 
-// TestMeterChargesAddUp: a complete unpack charges exactly its content bytes
-// plus EntryCharge per entry, sparse files at their full length.
+// TestMeterChargesAddUp: a complete unpack tells the meter of every entry
+// and of exactly its content bytes, sparse files at their full length.
 func TestMeterChargesAddUp(t *testing.T) {
 	requireRoot(t)
 	m := &limitMeter{limit: 1 << 40}
@@ -95,10 +107,10 @@ func TestMeterChargesAddUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := st.Bytes + st.Entries*EntryCharge; m.used != want {
-		t.Errorf("charged %d, want Bytes %d + %d entries * %d = %d", m.used, st.Bytes, st.Entries, EntryCharge, want)
+	if m.entries != st.Entries || m.bytes != st.Bytes {
+		t.Errorf("meter told of %d entries and %d bytes, want the stats' %d and %d", m.entries, m.bytes, st.Entries, st.Bytes)
 	}
-	if want := int64(5 + 3<<20 + 6*EntryCharge); m.used != want {
-		t.Errorf("charged %d, want %d", m.used, want)
+	if m.entries != 6 || m.bytes != 5+3<<20 {
+		t.Errorf("meter told of %d entries and %d bytes, want 6 and %d", m.entries, m.bytes, 5+3<<20)
 	}
 }

@@ -90,24 +90,16 @@ const (
 	maxCachedDirs = 512
 )
 
-// EntryCharge is what each tar entry costs a Meter besides its file
-// content: about what an entry takes on disk beyond its content bytes. On
-// ext4 with 4 KiB blocks a directory takes a block, a file's last block is
-// on average half empty, and every entry takes a 256-byte inode and a
-// directory entry; 4 KiB covers the worst of these. Without it a layer of a
-// million empty files would cost nothing while it fills the node's inode
-// table and directory blocks.
-const EntryCharge = 4096
-
-// Meter is told of the space an unpack is about to take, before it takes
-// it, and stops the unpack by returning an error, which Apply returns
-// wrapped. Charges are EntryCharge per tar entry, before the entry is
-// applied, and the logical size of regular file content, chunk by chunk
-// before each chunk is read: a sparse file counts at its full length. So
-// the charges of a complete unpack add up to
-// Stats.Bytes + Stats.Entries*EntryCharge.
+// Meter is told of what an unpack is about to write, before it writes it,
+// and stops the unpack by returning an error, which Apply returns wrapped.
+// What an entry costs is the meter's policy.
 type Meter interface {
-	Charge(n int64) error
+	// Entry is called before each tar entry is applied, whatever its type.
+	Entry() error
+	// Content is called with the size of each chunk of regular file
+	// content before the chunk is read: a sparse file counts at its full
+	// length. The calls for a complete unpack add up to Stats.Bytes.
+	Content(n int64) error
 }
 
 // Option configures Apply.
@@ -158,7 +150,7 @@ func Apply(ctx context.Context, dir string, r io.Reader, opts ...Option) (Stats,
 			return a.stats, fmt.Errorf("read layer tar after %d entries: %w", a.stats.Entries, err)
 		}
 		if a.meter != nil {
-			if err := a.meter.Charge(EntryCharge); err != nil {
+			if err := a.meter.Entry(); err != nil {
 				return a.stats, fmt.Errorf("entry %q: %w", hdr.Name, err)
 			}
 		}
@@ -584,7 +576,7 @@ func (a *applier) copySparse(fd int, r io.Reader, size int64) error {
 			chunk = chunk[:rem]
 		}
 		if a.meter != nil {
-			if err := a.meter.Charge(int64(len(chunk))); err != nil {
+			if err := a.meter.Content(int64(len(chunk))); err != nil {
 				return err
 			}
 		}
