@@ -68,3 +68,29 @@ func BenchmarkColdPull(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkMeter is the accounting's own cost per tar entry and per 1 MiB
+// chunk of content, with a budget (every 256th entry includes a statfs).
+func BenchmarkMeter(b *testing.B) {
+	s := openStore(b, b.TempDir(), WithBudget(Budget{MaxBytes: 1 << 58}),
+		WithLayerLimits(Limits{MaxExpansion: DefaultMaxExpansion, ExpansionFloor: DefaultExpansionFloor, MaxLayerBytes: 1 << 60}))
+	if err := s.makeRoom(context.Background(), "bench", 1); err != nil {
+		b.Fatal(err)
+	}
+	m := s.newLayerMeter(context.Background(), &pullMeter{ref: "bench"}, Layer{Size: 1 << 52})
+	defer m.done(false)
+	b.Run("entry", func(b *testing.B) {
+		for b.Loop() {
+			if err := m.Entry(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("content 1MiB", func(b *testing.B) {
+		for b.Loop() {
+			if err := m.Content(1 << 20); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
