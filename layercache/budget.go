@@ -306,7 +306,7 @@ func (s *Store) checkInodes(ref string, entries int64) error {
 	if err := unix.Statfs(s.work, &st); err != nil {
 		return fmt.Errorf("statfs %s: %w", s.work, err)
 	}
-	// A filesystem that allocates inodes as it goes reports none.
+	// A filesystem that allocates inodes as it goes (btrfs) reports none.
 	if st.Files == 0 || float64(st.Ffree) >= MinFreeInodes*float64(st.Files) {
 		return nil
 	}
