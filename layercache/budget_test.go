@@ -14,6 +14,10 @@ import (
 	"github.com/strata-csi/strata/test/testimage"
 )
 
+// layerCost is what a layer of pushRandom counts against the budget: its
+// 1000 bytes of content and its one tar entry.
+const layerCost = 1000 + EntryBytes
+
 // pushRandom pushes images a, b, c... of one layer holding 1000 random
 // (incompressible) bytes each, and returns their references.
 func pushRandom(t *testing.T, reg string, names ...string) []string {
@@ -46,10 +50,9 @@ func pullAll(t *testing.T, s *Store, refs ...string) []*Image {
 
 func TestBudgetEvictsLeastRecentlyUsed(t *testing.T) {
 	refs := pushRandom(t, testimage.Registry(t), "a", "b", "c")
-	// Two layers (1000 bytes each) fit; the third (about 1200 bytes
-	// compressed) needs room, and down to the low mark (2250) means one
-	// eviction.
-	s := openStore(t, t.TempDir(), WithBudget(Budget{MaxBytes: 3000, High: 0.9, Low: 0.75, MinAge: time.Nanosecond}))
+	// Two layers fit; the third needs room once it is written, and down
+	// to the low mark (0.75 of the budget) means one eviction.
+	s := openStore(t, t.TempDir(), WithBudget(Budget{MaxBytes: 3*layerCost - 288, High: 0.9, Low: 0.75, MinAge: time.Nanosecond}))
 	imgs := pullAll(t, s, refs[0], refs[1])
 	// Use a after b was pulled: b is now the least recently used.
 	if err := s.Acquire("vol", imgs[0].DiffIDs()); err != nil {
@@ -72,7 +75,7 @@ func TestBudgetEvictsLeastRecentlyUsed(t *testing.T) {
 
 func TestBudgetNeverEvictsLayersInUse(t *testing.T) {
 	refs := pushRandom(t, testimage.Registry(t), "a", "b", "c")
-	s := openStore(t, t.TempDir(), WithBudget(Budget{MaxBytes: 3000, High: 0.9, Low: 0.7, MinAge: time.Nanosecond}))
+	s := openStore(t, t.TempDir(), WithBudget(Budget{MaxBytes: 3*layerCost - 288, High: 0.9, Low: 0.7, MinAge: time.Nanosecond}))
 	imgs := pullAll(t, s, refs[0], refs[1])
 	if err := s.Acquire("vol", append(imgs[0].DiffIDs(), imgs[1].DiffIDs()...)); err != nil {
 		t.Fatal(err)
@@ -90,7 +93,7 @@ func TestBudgetNeverEvictsLayersInUse(t *testing.T) {
 
 func TestBudgetMinAgeProtectsFreshLayers(t *testing.T) {
 	refs := pushRandom(t, testimage.Registry(t), "a", "b", "c")
-	s := openStore(t, t.TempDir(), WithBudget(Budget{MaxBytes: 3000, High: 0.9, Low: 0.7, MinAge: time.Hour}))
+	s := openStore(t, t.TempDir(), WithBudget(Budget{MaxBytes: 3*layerCost - 288, High: 0.9, Low: 0.7, MinAge: time.Hour}))
 	pullAll(t, s, refs[0], refs[1])
 	if _, err := s.Pull(context.Background(), refs[2], PullOptions{}); !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("pull that would evict layers younger than the minimum age = %v, want ErrNoSpace", err)
@@ -109,12 +112,13 @@ func TestGCHighAndLowWatermarks(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Under the high mark: nothing happens.
-	s = openStore(t, root, WithBudget(Budget{MaxBytes: 4000, High: 0.9, Low: 0.5, MinAge: time.Nanosecond}))
+	s = openStore(t, root, WithBudget(Budget{MaxBytes: 4 * layerCost, High: 0.9, Low: 0.5, MinAge: time.Nanosecond}))
 	if res, err := s.GC(context.Background()); err != nil || len(res.Layers) != 0 {
 		t.Fatalf("GC under the high watermark = %+v, %v; want nothing evicted", res, err)
 	}
-	// 3000 bytes over a high mark of 2700: evict the oldest down to 1500.
-	s = openStore(t, root, WithBudget(Budget{MaxBytes: 3000, High: 0.9, Low: 0.5, MinAge: time.Nanosecond}))
+	// Three layers over a high mark of 0.9 * 3 layers: evict the oldest
+	// down to 1.5 layers.
+	s = openStore(t, root, WithBudget(Budget{MaxBytes: 3*layerCost - 288, High: 0.9, Low: 0.5, MinAge: time.Nanosecond}))
 	res, err := s.GC(context.Background())
 	if err != nil {
 		t.Fatal(err)

@@ -34,7 +34,9 @@ type LayerMeta struct {
 	// Size is the logical size of the layer's regular-file content.
 	Size int64 `json:"size"`
 	// Files counts the regular files in the layer.
-	Files   int64     `json:"files"`
+	Files int64 `json:"files"`
+	// Entries counts the entries of the layer's tar (see BudgetSize).
+	Entries int64     `json:"entries,omitempty"`
 	Created time.Time `json:"created"`
 }
 
@@ -70,6 +72,7 @@ type flight struct {
 type pending struct {
 	f        *flight
 	src      *source
+	pull     *pullMeter
 	l        Layer
 	progress func(ProgressEvent)
 	again    bool // joined after a flight from another repository failed
@@ -143,6 +146,7 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 		return src, nil
 	}
 	var waits []pending
+	pull := &pullMeter{ref: img.Ref}
 	for _, l := range img.Layers {
 		if s.HasLayer(l.DiffID) {
 			report(o.Progress, ProgressEvent{Layer: l, State: LayerCached})
@@ -155,7 +159,7 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 		if err != nil {
 			return err
 		}
-		waits = append(waits, pending{f: s.join(src, img.Ref, l, o.Progress), src: src, l: l, progress: o.Progress})
+		waits = append(waits, pending{f: s.join(src, pull, l, o.Progress), src: src, pull: pull, l: l, progress: o.Progress})
 	}
 	if err := s.wait(ctx, img.Ref, waits); err != nil {
 		return err
@@ -194,7 +198,7 @@ func (s *Store) wait(ctx context.Context, ref string, waits []pending) error {
 		switch own := w.src.registry().repo.Name(); {
 		case w.f.err == nil:
 		case w.f.repo != own && !w.again:
-			waits = append(waits, pending{s.join(w.src, ref, w.l, w.progress), w.src, w.l, w.progress, true})
+			waits = append(waits, pending{s.join(w.src, w.pull, w.l, w.progress), w.src, w.pull, w.l, w.progress, true})
 		default:
 			errs = append(errs, w.f.err)
 		}
@@ -208,10 +212,11 @@ func report(p func(ProgressEvent), e ProgressEvent) {
 	}
 }
 
-// join returns the flight fetching l, starting one if there is none. The
-// caller's progress function hears of the layer's completion as soon as it
-// is committed.
-func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEvent)) *flight {
+// join returns the flight fetching l, starting one if there is none, whose
+// unpack counts in pull. The caller's progress function hears of the
+// layer's completion as soon as it is committed.
+func (s *Store) join(src *source, pull *pullMeter, l Layer, progress func(ProgressEvent)) *flight {
+	ref := pull.ref
 	key, repo := flightKey(l), src.registry().repo.Name()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -237,7 +242,7 @@ func (s *Store) join(src *source, ref string, l Layer, progress func(ProgressEve
 	go func() {
 		defer s.wg.Done()
 		start := time.Now()
-		meta, err := s.fetchLayer(s.ctx, src, ref, l, progress)
+		meta, err := s.fetchLayer(s.ctx, src, pull, l, progress)
 		if err != nil {
 			// The callers report the error; this records the layer's part.
 			klog.V(2).InfoS("Layer fetch failed", "image", ref, "layer", l.DiffID, "err", err)
@@ -300,7 +305,8 @@ func (s *Store) flush() {
 // whole and true (see downloadLayer), makes it durable and renames it into
 // layers/. It returns nil meta when the layer was already there (committed
 // by another process meanwhile).
-func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer, progress func(ProgressEvent)) (_ *LayerMeta, err error) {
+func (s *Store) fetchLayer(ctx context.Context, src *source, pull *pullMeter, l Layer, progress func(ProgressEvent)) (_ *LayerMeta, err error) {
+	ref := pull.ref
 	select {
 	case s.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -326,9 +332,17 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer
 	what := fmt.Sprintf("layer %s (blob %s) of %s", l.DiffID, l.Digest, ref)
 	var tmp string
 	var meta *LayerMeta
+	// The unpacked layer holds its part of the budget until it is in
+	// layers/, where it counts as committed, or gone.
+	var meter *layerMeter
+	defer func() {
+		if meter != nil {
+			meter.done(err == nil && meta != nil)
+		}
+	}()
 	// A mirror's wrong or broken blob is dropped, and the next place asked.
 	ep, err := src.do(ctx, what, func(c *client, attempts int) (err error) {
-		tmp, meta, err = s.downloadLayer(ctx, c, attempts, what, l, progress)
+		tmp, meta, meter, err = s.downloadLayer(ctx, c, attempts, what, pull, l, progress)
 		return err
 	})
 	if err != nil {
@@ -364,6 +378,7 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer
 			// Another fetch committed the same layer first; what this one
 			// showed still goes on record.
 			_ = os.RemoveAll(tmp)
+			meta = nil
 			return nil, s.noteLayerAccess(l.DiffID, l.Digest, repo, public)
 		}
 		return nil, fmt.Errorf("commit %s: %w", what, err)
@@ -376,58 +391,62 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, ref string, l Layer
 
 // downloadLayer streams one layer blob from c through compressed-digest
 // verification, decompression, diffID verification and unpacking into a new
-// directory of the work directory, which it returns with the layer's meta.
-// On failure it leaves nothing behind.
-func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what string, l Layer, progress func(ProgressEvent)) (_ string, _ *LayerMeta, err error) {
+// directory of the work directory, which it returns with the layer's meta
+// and the meter holding its part of the budget (see layerMeter.done). On
+// failure it leaves nothing behind, and has given back its budget.
+func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what string, pull *pullMeter, l Layer, progress func(ProgressEvent)) (_ string, _ *LayerMeta, _ *layerMeter, err error) {
 	tmp, err := os.MkdirTemp(s.work, "layer-"+l.DiffID.Hex[:12]+"-")
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
+	meter := s.newLayerMeter(ctx, pull, l)
 	defer func() {
 		if err != nil {
 			if rerr := os.RemoveAll(tmp); rerr != nil {
 				klog.ErrorS(rerr, "Could not remove a failed layer's files", "path", tmp)
 			}
+			meter.done(false)
+			pull.n.Add(-meter.used)
 		}
 	}()
 	if err := os.Mkdir(filepath.Join(tmp, fsDir), 0o755); err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 
 	body := &resumingReader{ctx: ctx, s: s, c: c, attempts: attempts, d: l.Digest, size: l.Size, what: what}
 	n, err := body.open()
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	defer body.Close()
 	if n >= 0 && l.Size > 0 && n != l.Size {
-		return "", nil, fmt.Errorf("%w: %s: %s sends %d bytes, manifest says %d", ErrDigestMismatch, what, c.repo.RegistryStr(), n, l.Size)
+		return "", nil, nil, fmt.Errorf("%w: %s: %s sends %d bytes, manifest says %d", ErrDigestMismatch, what, c.repo.RegistryStr(), n, l.Size)
 	}
 	vr := &verifyReader{r: body, limit: l.Size, h: sha256.New(), what: what, progress: progress, layer: l}
-	stats, err := unpackStream(ctx, vr, filepath.Join(tmp, fsDir), l.DiffID, what)
+	stats, err := unpackStream(ctx, vr, filepath.Join(tmp, fsDir), l.DiffID, what, meter)
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	if err := vr.verify(l.Digest); err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 
 	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: vr.n,
-		Size: stats.Bytes, Files: stats.Files, Created: time.Now().UTC()}
+		Size: stats.Bytes, Files: stats.Files, Entries: stats.Entries, Created: time.Now().UTC()}
 	data, err := json.Marshal(meta)
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	if err := os.WriteFile(filepath.Join(tmp, metaFile), data, 0o644); err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
-	return tmp, meta, nil
+	return tmp, meta, meter, nil
 }
 
 // unpackStream decompresses r (gzip, zstd or plain tar, told apart by their
 // magic numbers rather than by a media type that may lie), checks the
-// diffID of the tar stream, and unpacks it into dir.
-func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string) (unpack.Stats, error) {
+// diffID of the tar stream, and unpacks it into dir, charging meter.
+func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string, meter *layerMeter) (unpack.Stats, error) {
 	br := bufio.NewReaderSize(r, 256<<10)
 	tarStream, closeStream, err := decompressed(br)
 	if err != nil {
@@ -435,8 +454,11 @@ func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Ha
 	}
 	defer closeStream()
 	dh := sha256.New()
-	tee := io.TeeReader(tarStream, dh)
-	stats, err := unpack.Apply(ctx, dir, tee)
+	// Every byte of the tar stream counts against the layer's limits, also
+	// those that are only read: the content of entries that are not
+	// written, and what follows the tar's end.
+	tee := &limitedReader{r: io.TeeReader(tarStream, dh), m: meter}
+	stats, err := unpack.Apply(ctx, dir, tee, unpack.WithMeter(meter))
 	if err == nil {
 		// The tar's end-of-archive blocks and any padding count in the diffID.
 		_, err = io.Copy(io.Discard, tee)
@@ -448,6 +470,11 @@ func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Ha
 	if err != nil {
 		if errors.Is(err, unpack.ErrUnsafe) {
 			return stats, fmt.Errorf("%s: %w: nothing of it was kept", what, err)
+		}
+		if errors.Is(err, ErrNoSpace) {
+			// Stopped by the budget or a layer limit: the rest of the
+			// layer is neither read nor written.
+			return stats, fmt.Errorf("%s (nothing of it was kept): %w", what, err)
 		}
 		return stats, r.failure(err, what)
 	}

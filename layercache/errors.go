@@ -44,3 +44,13 @@ var ErrCorruptLayer = errors.New("corrupt layer")
 // ErrNoSpace: the cache budget cannot make room for a pull without evicting
 // layers that volumes hold or used a moment ago.
 var ErrNoSpace = errors.New("cache budget exceeded")
+
+// ErrLayerTooLarge: a layer unpacks to more than one layer may take (see
+// Limits). Nothing of it was stored. errors.Is(err, ErrNoSpace) is true
+// for it too: the node refuses the space, as it does past the budget.
+var ErrLayerTooLarge error = layerTooLarge{}
+
+type layerTooLarge struct{}
+
+func (layerTooLarge) Error() string        { return "layer too large" }
+func (layerTooLarge) Is(target error) bool { return target == ErrNoSpace }

@@ -243,7 +243,14 @@ func (s *Store) verifyBlob(ctx context.Context, c *client, attempts int, what st
 	}
 	defer closeStream()
 	dh := sha256.New()
-	if _, err := io.Copy(dh, tarStream); err != nil {
+	// Nothing is written, but the layer's limits bound what a hostile blob
+	// makes the node decompress.
+	meter := s.newLayerMeter(ctx, &pullMeter{ref: what}, l)
+	defer meter.done(false)
+	if _, err := io.Copy(dh, &limitedReader{r: tarStream, m: meter}); err != nil {
+		if errors.Is(err, ErrNoSpace) {
+			return fmt.Errorf("%s: %w", what, err)
+		}
 		return vr.failure(err, what)
 	}
 	// Read the compressed stream to its end, so its digest covers it all.

@@ -126,7 +126,11 @@ type PruneResult struct {
 // needed them. It is mark-and-sweep against the reference files on disk; the
 // sweep re-checks them under the store lock, so it cannot race an Acquire.
 func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
-	return s.evict(ctx, func(unused []LayerInfo, _ int64) []LayerInfo { return unused })
+	res, err := s.evict(ctx, func(unused []LayerInfo, _ int64) []LayerInfo { return unused })
+	if len(res.Layers) > 0 {
+		s.forgetUsage()
+	}
+	return res, err
 }
 
 // evictBatch is how many layers one hold of the store lock removes: the
@@ -135,10 +139,10 @@ func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
 const evictBatch = 32
 
 // evict removes the layers that choose picks among the unreferenced ones
-// (given with the total size of the cache). The choice is made from a
-// snapshot taken without the lock; each batch of removals then takes the
-// lock, reads the references again and skips a layer that an Acquire took
-// meanwhile. A removal is a rename out of layers/, so a layer is either
+// (given with the cache's total budget size, LayerMeta.BudgetSize). The
+// choice is made from a snapshot taken without the lock; each batch of
+// removals then takes the lock, reads the references again and skips a
+// layer that an Acquire took meanwhile. A removal is a rename out of layers/, so a layer is either
 // fully in the store or gone; the slow deletion happens after.
 func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total int64) []LayerInfo) (res PruneResult, err error) {
 	layers, err := s.Layers()
@@ -148,7 +152,7 @@ func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total
 	var unused []LayerInfo
 	var total int64
 	for _, m := range layers {
-		total += m.Size
+		total += m.BudgetSize()
 		if len(m.Owners) == 0 {
 			unused = append(unused, m)
 		}

@@ -65,6 +65,9 @@ type Store struct {
 	built sync.Map
 
 	evictedLayers, evictedBytes atomic.Int64 // by budget, since Open
+
+	// res is the budget that unpacks in progress hold (see reserve).
+	res reservation
 }
 
 // Stats are counters of this Store since Open, for metrics.
@@ -90,6 +93,7 @@ type options struct {
 	transport   http.RoundTripper
 	userAgent   string
 	budget      Budget
+	limits      Limits
 
 	retryAttempts int
 	retryBackoff  time.Duration
@@ -170,6 +174,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 		concurrency: DefaultConcurrency,
 		platform:    v1.Platform{OS: "linux", Architecture: runtime.GOARCH},
 		insecure:    map[string]bool{},
+		limits:      DefaultLimits,
 		userAgent:   "strata",
 
 		retryAttempts: DefaultRetryAttempts,
@@ -208,6 +213,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 		}
 	}
 	s := &Store{root: root, opts: o, reg: reg, sem: make(chan struct{}, o.concurrency), flights: map[string]*flight{}}
+	s.res.committed = -1
 	if err := s.claimWork(); err != nil {
 		return nil, err
 	}

@@ -70,8 +70,10 @@ func main() {
 		kubeletCSI  = flag.String("kubelet-csi-endpoint", "", "the CSI socket path as kubelet sees it on the host, told to kubelet at registration (default: the path of --endpoint)")
 		healthAddr  = flag.String("health-address", "", "address of the liveness endpoint GET /healthz, e.g. :9808 (empty = off)")
 		metricsAddr = flag.String("metrics-address", "", "address of the Prometheus endpoint GET /metrics, e.g. :9809 (empty = off)")
-		maxBytes    = flag.String("cache-max-bytes", "", "cache budget, e.g. 50Gi: unused layers are evicted, least recently used first, past the high watermark (empty = unbounded)")
-		maxPercent  = flag.Float64("cache-max-percent", 0, "cache budget as a percentage of the state root's filesystem (instead of --cache-max-bytes)")
+		maxBytes    = flag.String("cache-max-bytes", "", "cache budget, e.g. 50Gi: unused layers are evicted, least recently used first, past the high watermark, and a pull that cannot fit fails as it unpacks; replaces --cache-max-percent (0 = unbounded)")
+		maxPercent  = flag.Float64("cache-max-percent", layercache.DefaultMaxPercent, "cache budget as a percentage of the state root's filesystem, unless --cache-max-bytes is given (0 = unbounded)")
+		maxExpand   = flag.Float64("layer-max-expansion", layercache.DefaultMaxExpansion, "most times its compressed size that one layer may take unpacked, never under 64 MiB: a decompression bomb stops there (0 = no ceiling)")
+		layerMax    = flag.String("layer-max-bytes", "100Gi", "most that one layer may take unpacked, e.g. 100Gi (0 = no limit)")
 		highMark    = flag.Float64("cache-high-watermark", layercache.DefaultHighWatermark, "fraction of the budget past which unused layers are evicted")
 		lowMark     = flag.Float64("cache-low-watermark", layercache.DefaultLowWatermark, "fraction of the budget that eviction goes down to")
 		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")
@@ -123,13 +125,19 @@ func main() {
 		os.Exit(2)
 	}
 	budget := layercache.Budget{High: *highMark, Low: *lowMark, MinAge: *minAge}
+	percent := *maxPercent
 	if *maxBytes != "" {
 		n, err := driver.ParseBytes(*maxBytes)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "strata-csi: --cache-max-bytes: %v\n", err)
 			os.Exit(2)
 		}
-		budget.MaxBytes = n
+		if isSet("cache-max-percent") && percent != 0 {
+			fmt.Fprintln(os.Stderr, "strata-csi: --cache-max-bytes and --cache-max-percent both given: give the cache budget one way")
+			os.Exit(2)
+		}
+		// The byte count replaces the default percentage.
+		budget.MaxBytes, percent = n, 0
 	}
 	var defaultUpper int64
 	if v := strings.TrimSpace(*upperSize); v != "0" {
@@ -140,6 +148,13 @@ func main() {
 		}
 		defaultUpper = n
 	}
+	maxLayer, err := driver.ParseBytes(*layerMax)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "strata-csi: --layer-max-bytes: %v\n", err)
+		os.Exit(2)
+	}
+	cacheOpts = append(cacheOpts, layercache.WithLayerLimits(layercache.Limits{
+		MaxExpansion: *maxExpand, ExpansionFloor: layercache.DefaultExpansionFloor, MaxLayerBytes: maxLayer}))
 	kube, dyn, err := kubeClient(*kubeconfig)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "strata-csi: --kubeconfig: %v\n", err)
@@ -148,7 +163,7 @@ func main() {
 	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull,
 		provision: *provision, leaderElection: *leaderElect, leaderElectionNamespace: *leaderNS}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
-		CacheBudget: budget, CacheMaxPercent: *maxPercent,
+		CacheBudget: budget, CacheMaxPercent: percent,
 		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn, DefaultUpperSize: defaultUpper,
 		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS,
 		PullCredentials: credentials.Config{
@@ -160,6 +175,13 @@ func main() {
 		klog.Flush()
 		os.Exit(1)
 	}
+}
+
+// isSet reports whether the flag name was given on the command line.
+func isSet(name string) bool {
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // kubeClient connects to the Kubernetes API with kubeconfig, or with the

@@ -358,6 +358,8 @@ func TestPullErrors(t *testing.T) {
 	reg := testimage.Registry(t)
 	root := t.TempDir()
 	push(t, reg+"/app:v1", makeLayer(t, testimage.Gzip, testimage.File("f", "x")))
+	// 256 MiB in about 256 KiB of gzip.
+	testimage.Push(t, reg+"/bomb:v1", testimage.Image(t, testimage.Bomb(t, testimage.Gzip, "big", 256<<20, 'b')))
 
 	tests := []struct {
 		name string
@@ -370,6 +372,11 @@ func TestPullErrors(t *testing.T) {
 		{"policy Never, not cached", []string{"pull", "--policy", "Never", reg + "/app:v1"}, exitNotCached, "pull policy is Never"},
 		{"unreachable registry", []string{"pull", "127.0.0.1:1/app:v1"}, exitUnavailable, "127.0.0.1:1"},
 		{"invalid reference", []string{"pull", "UPPER/case:v1"}, exitUsage, "invalid image reference"},
+		{"decompression bomb, default limits", []string{"pull", reg + "/bomb:v1"}, exitFailure, "--layer-max-expansion"},
+		{"decompression bomb, cache budget", []string{"pull", "--cache-max-bytes", "16Mi", "--layer-max-expansion", "0", reg + "/bomb:v1"},
+			exitFailure, "cache budget of 16777216 bytes"},
+		{"budget in bytes and percent", []string{"pull", "--cache-max-bytes", "1Gi", "--cache-max-percent", "10", reg + "/app:v1"}, exitUsage, "both given"},
+		{"layer max bytes not a size", []string{"pull", "--layer-max-bytes", "lots", reg + "/app:v1"}, exitUsage, "--layer-max-bytes"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -35,6 +35,12 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 	username := fs.String("username", "", "user name for the registry (the password is read from stdin with --password-stdin)")
 	passwordStdin := fs.Bool("password-stdin", false, "read the registry password from stdin")
 	dockerConfig := fs.String("docker-config", "", "read credentials from this dockerconfigjson file (the content of a kubernetes.io/dockerconfigjson secret)")
+	// The same budget and limits as the plugin's, with the same defaults:
+	// a pull here fills the same disk.
+	maxBytes := fs.String("cache-max-bytes", "", "cache budget, e.g. 50Gi, as the plugin's --cache-max-bytes: unused layers are evicted past it, and a pull that cannot fit fails as it unpacks; replaces --cache-max-percent (0 = unbounded)")
+	maxPercent := fs.Float64("cache-max-percent", layercache.DefaultMaxPercent, "cache budget as a percentage of the cache's filesystem, unless --cache-max-bytes is given (0 = unbounded)")
+	maxExpand := fs.Float64("layer-max-expansion", layercache.DefaultMaxExpansion, "most times its compressed size that one layer may take unpacked, never under 64 MiB (0 = no ceiling)")
+	layerMax := fs.String("layer-max-bytes", "100Gi", "most that one layer may take unpacked (0 = no limit)")
 
 	return func(ctx context.Context, e *env, args []string) error {
 		cmd := commands["pull"]
@@ -54,7 +60,13 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 			return err
 		}
 
-		s, err := e.open(layercache.WithConcurrency(*concurrency), layercache.WithInsecureRegistries(insecure...))
+		budget, limits, err := pullBudget(cmd, e.root, fs, *maxBytes, *maxPercent, *maxExpand, *layerMax)
+		if err != nil {
+			return err
+		}
+
+		s, err := e.open(layercache.WithConcurrency(*concurrency), layercache.WithInsecureRegistries(insecure...),
+			layercache.WithBudget(budget), layercache.WithLayerLimits(limits))
 		if err != nil {
 			return err
 		}
@@ -73,6 +85,38 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		fmt.Fprintln(e.stdout, p.summary(img))
 		return nil
 	}
+}
+
+// pullBudget turns pull's budget flags into the cache's budget and layer
+// limits, as the plugin does.
+func pullBudget(cmd *command, root string, fs *flag.FlagSet, maxBytes string, percent, expansion float64, layerMax string) (layercache.Budget, layercache.Limits, error) {
+	var b layercache.Budget
+	percentSet := false
+	fs.Visit(func(f *flag.Flag) { percentSet = percentSet || f.Name == "cache-max-percent" })
+	switch {
+	case maxBytes != "" && percentSet && percent != 0:
+		return b, layercache.Limits{}, usagef(cmd, "--cache-max-bytes and --cache-max-percent both given: give the cache budget one way")
+	case maxBytes != "":
+		n, err := layercache.ParseBytes(maxBytes)
+		if err != nil {
+			return b, layercache.Limits{}, usagef(cmd, "--cache-max-bytes: %v", err)
+		}
+		b.MaxBytes = n
+	case percent != 0:
+		if err := os.MkdirAll(root, 0o700); err != nil {
+			return b, layercache.Limits{}, fmt.Errorf("create the cache root: %w", err)
+		}
+		n, err := layercache.DiskShare(root, percent)
+		if err != nil {
+			return b, layercache.Limits{}, usagef(cmd, "--cache-max-percent: %v", err)
+		}
+		b.MaxBytes = n
+	}
+	n, err := layercache.ParseBytes(layerMax)
+	if err != nil {
+		return b, layercache.Limits{}, usagef(cmd, "--layer-max-bytes: %v", err)
+	}
+	return b, layercache.Limits{MaxExpansion: expansion, ExpansionFloor: layercache.DefaultExpansionFloor, MaxLayerBytes: n}, nil
 }
 
 // credentials builds the registry credentials of cmd from its flags; nil

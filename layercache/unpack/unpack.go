@@ -90,12 +90,32 @@ const (
 	maxCachedDirs = 512
 )
 
+// Meter is told of what an unpack is about to write, before it writes it,
+// and stops the unpack by returning an error, which Apply returns wrapped.
+// What an entry costs is the meter's policy.
+type Meter interface {
+	// Entry is called before each tar entry is applied, whatever its type.
+	Entry() error
+	// Content is called with the size of each chunk of regular file
+	// content before the chunk is read: a sparse file counts at its full
+	// length. The calls for a complete unpack add up to Stats.Bytes.
+	Content(n int64) error
+}
+
+// Option configures Apply.
+type Option func(*applier)
+
+// WithMeter makes Apply charge m for what it writes (see Meter).
+func WithMeter(m Meter) Option {
+	return func(a *applier) { a.meter = m }
+}
+
 // Apply extracts the tar stream r into dir, which must exist and be empty.
 // It never writes outside dir, whatever r contains. On error the caller removes dir.
 // It does not fsync (the caller does one syncfs per layer).
 //
 // ctx is checked between entries; a cancelled ctx makes Apply return ctx.Err().
-func Apply(ctx context.Context, dir string, r io.Reader) (Stats, error) {
+func Apply(ctx context.Context, dir string, r io.Reader, opts ...Option) (Stats, error) {
 	if err := checkEmpty(dir); err != nil {
 		return Stats{}, err
 	}
@@ -112,6 +132,9 @@ func Apply(ctx context.Context, dir string, r io.Reader) (Stats, error) {
 		skipped:  make(map[string]bool),
 		buf:      make([]byte, copyBufSize),
 	}
+	for _, o := range opts {
+		o(a)
+	}
 	defer a.close()
 
 	tr := tar.NewReader(r)
@@ -125,6 +148,11 @@ func Apply(ctx context.Context, dir string, r io.Reader) (Stats, error) {
 		}
 		if err != nil {
 			return a.stats, fmt.Errorf("read layer tar after %d entries: %w", a.stats.Entries, err)
+		}
+		if a.meter != nil {
+			if err := a.meter.Entry(); err != nil {
+				return a.stats, fmt.Errorf("entry %q: %w", hdr.Name, err)
+			}
 		}
 		a.stats.Entries++
 		a.startEntry()
@@ -184,6 +212,7 @@ type applier struct {
 	// hardlink to one of them is skipped as well instead of failing the layer.
 	skipped map[string]bool
 	buf     []byte
+	meter   Meter // nil: no accounting
 }
 
 func (a *applier) close() {
@@ -545,6 +574,11 @@ func (a *applier) copySparse(fd int, r io.Reader, size int64) error {
 		chunk := a.buf
 		if rem := size - off; rem < int64(len(chunk)) {
 			chunk = chunk[:rem]
+		}
+		if a.meter != nil {
+			if err := a.meter.Content(int64(len(chunk))); err != nil {
+				return err
+			}
 		}
 		n, err := io.ReadFull(r, chunk)
 		if err != nil {

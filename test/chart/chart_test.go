@@ -362,10 +362,23 @@ func TestValues(t *testing.T) {
 				t.Errorf("--cache-max-percent=%s, want 40", flag(t, f, "cache-max-percent"))
 			}
 		}},
-		{"no cache budget", "logLevel: 2", func(t *testing.T, spec podSpec, c container, f map[string][]string) {
-			for _, name := range []string{"cache-max-bytes", "cache-max-percent", "cache-min-age", "prepull"} {
+		{"default cache budget and layer limits", "logLevel: 2", func(t *testing.T, spec podSpec, c container, f map[string][]string) {
+			if flag(t, f, "cache-max-percent") != "50" || flag(t, f, "layer-max-expansion") != "100" || flag(t, f, "layer-max-bytes") != "100Gi" {
+				t.Errorf("cache flags %v, want --cache-max-percent=50 --layer-max-expansion=100 --layer-max-bytes=100Gi", f)
+			}
+			for _, name := range []string{"cache-max-bytes", "prepull"} {
 				if _, ok := f[name]; ok {
 					t.Errorf("--%s given by default", name)
+				}
+			}
+		}},
+		{"unbounded cache", "cache: {maxPercent: 0, layerMaxExpansion: 0, layerMaxBytes: \"0\"}", func(t *testing.T, spec podSpec, c container, f map[string][]string) {
+			if flag(t, f, "cache-max-percent") != "0" || flag(t, f, "layer-max-expansion") != "0" || flag(t, f, "layer-max-bytes") != "0" {
+				t.Errorf("cache flags %v, want 0 for each limit", f)
+			}
+			for _, name := range []string{"cache-max-bytes", "cache-min-age"} {
+				if _, ok := f[name]; ok {
+					t.Errorf("--%s given for an unbounded cache", name)
 				}
 			}
 		}},
@@ -538,7 +551,8 @@ func TestSchemaRejects(t *testing.T) {
 		{"concurrency zero", "cache: {concurrency: 0}", "concurrency"},
 		{"credentials verification unknown", "registries: {credentialsVerification: Sometimes}", "credentialsVerification"},
 		{"cache size not a quantity", "cache: {maxBytes: 5GB}", "maxBytes"},
-		{"cache size and percent", "cache: {maxBytes: 5Gi, maxPercent: 40}", "maxPercent"},
+		{"layer max bytes not a quantity", "cache: {layerMaxBytes: 5GB}", "layerMaxBytes"},
+		{"layer max expansion negative", "cache: {layerMaxExpansion: -1}", "layerMaxExpansion"},
 		{"cache percent over 100", "cache: {maxPercent: 140}", "maxPercent"},
 		{"cache min age not a duration", "cache: {minAge: soon}", "minAge"},
 		{"toleration operator", "tolerations: [{operator: Maybe}]", "operator"},

@@ -22,7 +22,7 @@ func TestCacheBudget(t *testing.T) {
 	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
 	addr := freePort(t)
 	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node",
-		Args: []string{"--cache-max-bytes", "3000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns", "--metrics-address", addr}})
+		Args: []string{"--cache-max-bytes", "15000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns", "--metrics-address", addr}})
 	reg := testimage.Registry(t)
 	var refs []string
 	for _, n := range []string{"a", "b", "c"} {
