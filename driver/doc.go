@@ -6,7 +6,9 @@
 // private writable upper directory under the state root:
 //
 //	volumes/<key>/volume.json   what was published: volume id, target, image, layers
-//	volumes/<key>/upper, work   the writable layer (absent for read-only publishes)
+//	volumes/<key>/upper, work   the writable layer of an uncapped publish (absent for read-only publishes)
+//	volumes/<key>/disk.img      a capped publish's sparse ext4 image (volume attribute size), mounted at
+//	volumes/<key>/fs/           with the writable layer in fs/upper and fs/work
 //	volumes/<key>/mnt           the overlay itself, when only a subPath is bound to the target
 //
 // <key> derives from the volume id and the target path, since one

@@ -11,9 +11,11 @@
 //
 //	layers/sha256/<diffID>/fs/        unpacked layer, overlayfs whiteouts
 //	layers/sha256/<diffID>/meta.json  sizes, compressed digest, media type
+//	layers/sha256/<diffID>/access.json  blob digests that produce it, repositories that served it, public
 //	images/sha256/<digest>            manifests, indexes and configs by digest
 //	images/refs/<sha256(ref)>.json    what a tag or digest reference resolved to
 //	images/access/<sha256(repo@digest)>.json  credentials (by hash) the registry accepted for an image
+//	images/access/public-sha256-<hex>  a registry served this manifest to no credentials
 //	refs/<sha256(owner)>.json         the layers one owner (a volume) uses
 //	tmp/<id>/                         one live process's in-progress work
 //
