@@ -14,6 +14,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/layercache/unpack"
 )
 
 // ErrChanged is wrapped when a file changed while it was read: the volume is
@@ -333,18 +335,10 @@ func (d *differ) xattrs(fd int, hdr *tar.Header) error {
 }
 
 // keepXattr says whether an xattr belongs to the data (kept) or to the host
-// or overlayfs (dropped).
-func keepXattr(k string) bool {
-	switch {
-	case strings.HasPrefix(k, "trusted.overlay."), strings.HasPrefix(k, "user.overlay."):
-		return false // overlayfs bookkeeping; opaque is written as .wh..wh..opq
-	case k == "security.capability":
-		return true // file capabilities are part of a binary, as docker keeps them
-	case strings.HasPrefix(k, "security."):
-		return false // SELinux or IMA labels given by the host
-	}
-	return true
-}
+// or overlayfs (dropped). It is the unpacker's rule, so that a committed
+// layer carries exactly what a pulled one may: opaque is written as
+// .wh..wh..opq, redirect and metacopy are refused before this.
+func keepXattr(k string) bool { return unpack.KeepXattr(k) }
 
 // listxattr lists the xattr names of fd.
 func listxattr(fd int) ([]string, error) {

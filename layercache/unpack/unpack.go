@@ -463,23 +463,24 @@ func (a *applier) ownedAsWanted(fd int, hdr *tar.Header, mode uint32) bool {
 	return st.Uid == 0 && st.Gid == 0 && st.Mode&0o7777 == mode
 }
 
-// xattrs yields the entry's xattrs that may be set. Overlay metadata from the
-// tar is dropped: an image could otherwise forge redirects, metacopy or opaque
-// markers that make overlayfs look somewhere the layer does not say.
-func (a *applier) xattrs(hdr *tar.Header, symlink bool) func(yield func(string, string) bool) {
+// xattrs yields the entry's xattrs that may be set (KeepXattr): an image could
+// otherwise forge overlayfs redirects, metacopy or opaque markers, or security
+// labels the node trusts.
+func (a *applier) xattrs(hdr *tar.Header, special bool) func(yield func(string, string) bool) {
 	return func(yield func(string, string) bool) {
 		for k, v := range hdr.PAXRecords {
 			key, ok := strings.CutPrefix(k, "SCHILY.xattr.")
 			if !ok {
 				continue
 			}
-			if strings.HasPrefix(key, "trusted.overlay.") || strings.HasPrefix(key, "user.overlay.") {
-				a.log.V(2).Info("dropping overlay xattr from layer", "entry", hdr.Name, "xattr", key)
+			if !KeepXattr(key) {
+				a.log.V(2).Info("dropping xattr from layer", "entry", hdr.Name, "xattr", key)
 				continue
 			}
-			if symlink && strings.HasPrefix(key, "user.") {
-				// Linux refuses user.* xattrs on symlinks (EPERM).
-				a.log.V(2).Info("dropping user xattr of a symlink", "entry", hdr.Name, "xattr", key)
+			if special && strings.HasPrefix(key, "user.") {
+				// Linux refuses user.* xattrs on anything but regular
+				// files and directories (EPERM): symlinks, FIFOs.
+				a.log.V(2).Info("dropping user xattr of a symlink or FIFO", "entry", hdr.Name, "xattr", key)
 				continue
 			}
 			if !yield(key, v) {
@@ -659,7 +660,7 @@ func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, symlink,
 			return entryErr(hdr.Name, "chmod", err)
 		}
 	}
-	for key, value := range a.xattrs(hdr, symlink) {
+	for key, value := range a.xattrs(hdr, true) {
 		if err := a.setxattrAt(pfd, name, base, key, value); err != nil {
 			return entryErr(hdr.Name, "set xattr "+key, err)
 		}
