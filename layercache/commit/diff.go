@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -94,6 +95,11 @@ func WriteTar(ctx context.Context, upper string, w io.Writer) (Stats, error) {
 	return d.stats, nil
 }
 
+// afterStat, when set (by tests only), runs between the walk's stat of an
+// entry and what it does with it: the window in which a pod can swap one
+// file for another.
+var afterStat func(pfd int, name string)
+
 // fileID identifies an inode, to find the names of one file.
 type fileID struct{ dev, ino uint64 }
 
@@ -153,6 +159,9 @@ func (d *differ) entry(pfd int, rel, name string) error {
 			return fmt.Errorf("%w: %q was removed during the commit", ErrChanged, p)
 		}
 		return fmt.Errorf("stat %q in the upper: %w", p, err)
+	}
+	if afterStat != nil {
+		afterStat(pfd, name)
 	}
 	mode := st.Mode & unix.S_IFMT
 	if mode == unix.S_IFCHR && st.Rdev == 0 {
@@ -218,7 +227,10 @@ func (d *differ) whiteout(p string) error {
 }
 
 func (d *differ) regular(pfd int, name string, hdr *tar.Header, st *unix.Stat_t) error {
-	fd, err := unix.Openat(pfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, err := openRegular(pfd, name, st)
+	if errors.Is(err, errNotSame) || errors.Is(err, unix.ENOENT) {
+		return changed(hdr.Name)
+	}
 	if err != nil {
 		return fmt.Errorf("open %q in the upper: %w", hdr.Name, err)
 	}
@@ -251,6 +263,50 @@ func (d *differ) regular(pfd int, name string, hdr *tar.Header, st *unix.Stat_t)
 	}
 	d.stats.Files++
 	d.stats.Bytes += n
+	return nil
+}
+
+// errNotSame says that name is no longer the regular file the walk saw.
+var errNotSame = errors.New("not the regular file the walk saw")
+
+// openRegular opens name in pfd for reading, only if it still is the
+// regular file st describes. The pod may swap in a FIFO, whose open(2)
+// would block the commit forever, or a device node, whose open reaches a
+// driver: so name is first opened with O_PATH (which opens nothing), its
+// type and inode are checked, and only that inode is then opened for
+// reading through /proc/self/fd (the magic link leads to the inode, not the
+// name; O_NOFOLLOW would refuse the magic link itself), with O_NONBLOCK so
+// that even a special file could not block.
+func openRegular(pfd int, name string, st *unix.Stat_t) (int, error) {
+	pathfd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer unix.Close(pathfd)
+	if err := sameRegular(pathfd, st); err != nil {
+		return -1, err
+	}
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pathfd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("reopen through /proc/self/fd (is /proc mounted?): %w", err)
+	}
+	if err := sameRegular(fd, st); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// sameRegular checks that fd is the regular file st describes (device,
+// inode and type).
+func sameRegular(fd int, st *unix.Stat_t) error {
+	got, err := fstat(fd)
+	if err != nil {
+		return err
+	}
+	if got.Mode&unix.S_IFMT != unix.S_IFREG || got.Dev != st.Dev || got.Ino != st.Ino {
+		return errNotSame
+	}
 	return nil
 }
 

@@ -3,9 +3,12 @@ package commit
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -49,5 +52,61 @@ func TestWriteTarXattrRule(t *testing.T) {
 	}
 	if len(x) != 2 {
 		t.Errorf("committed xattrs %v, want user.k and security.capability only", x)
+	}
+}
+
+// TestWriteTarSpecialFileSwappedIn: a pod that replaces a regular file by a
+// FIFO (or a device node) between the walk's stat and its open must not
+// hang the commit (an open of a FIFO without writer blocks forever) nor
+// make it open a device: the commit fails with ErrChanged. The swap is made
+// deterministic by the test seam afterStat.
+func TestWriteTarSpecialFileSwappedIn(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct {
+		name string
+		mode uint32
+		dev  int
+	}{
+		{"fifo", unix.S_IFIFO | 0o644, 0},
+		{"char device", unix.S_IFCHR | 0o644, int(unix.Mkdev(1, 3))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			upper := t.TempDir()
+			for _, n := range []string{"a", "b"} {
+				if err := os.WriteFile(filepath.Join(upper, n), []byte("data "+n), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			afterStat = func(pfd int, name string) {
+				if name != "a" {
+					return
+				}
+				if err := unix.Unlinkat(pfd, name, 0); err != nil {
+					t.Errorf("swap: unlink: %v", err)
+				}
+				if err := unix.Mknodat(pfd, name, tc.mode, tc.dev); err != nil {
+					t.Errorf("swap: mknod: %v", err)
+				}
+			}
+			defer func() { afterStat = nil }()
+			done := make(chan error, 1)
+			go func() {
+				_, err := WriteTar(context.Background(), upper, io.Discard)
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if !errors.Is(err, ErrChanged) {
+					t.Fatalf("WriteTar after a %s was swapped in: got %v, want an error wrapping ErrChanged", tc.name, err)
+				}
+			case <-time.After(10 * time.Second):
+				// Release the walk blocked in open(2): a writer opens the FIFO.
+				if fd, err := unix.Open(filepath.Join(upper, "a"), unix.O_WRONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0); err == nil {
+					unix.Close(fd)
+				}
+				<-done
+				t.Fatalf("WriteTar hung for 10s on a %s swapped in for a regular file", tc.name)
+			}
+		})
 	}
 }
