@@ -23,6 +23,7 @@ package unpack
 
 import (
 	"archive/tar"
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -66,6 +67,10 @@ type Stats struct {
 	Whiteouts int64 // whiteouts (char 0/0) created
 	Opaques   int64 // directories marked opaque
 	Skipped   int64 // entries deliberately not created (device nodes, aufs metadata)
+
+	// peakDirTimes is the most directory times held in memory at once
+	// (tests check the bound).
+	peakDirTimes int
 }
 
 const (
@@ -85,10 +90,16 @@ const (
 	// the block size of every filesystem we run on; a smaller hole would be
 	// allocated anyway.
 	sparseBlock = 4096
+	// dirTimesInMemory bounds the directory times held in memory; more go
+	// to a spill file (see dirTimes).
+	dirTimesInMemory = 1 << 14
 	// maxCachedDirs bounds the parent fd cache, so a layer with a huge number
 	// of directories cannot exhaust the process's file descriptors.
 	maxCachedDirs = 512
 )
+
+// maxDirTimes is dirTimesInMemory; tests lower it.
+var maxDirTimes = dirTimesInMemory
 
 // Apply extracts the tar stream r into dir, which must exist and be empty.
 // It never writes outside dir, whatever r contains. On error the caller removes dir.
@@ -179,7 +190,11 @@ type applier struct {
 	// may still be using them, so they are closed when the next one starts.
 	stale []int
 
+	// dirTimes holds directory times to set at the end, at most
+	// maxDirTimes; spill (through spillW) holds the rest (dirtimes.go).
 	dirTimes map[string]dirTime
+	spill    *os.File
+	spillW   *bufio.Writer
 	// skipped records names that were deliberately not created, so that a
 	// hardlink to one of them is skipped as well instead of failing the layer.
 	skipped map[string]bool
@@ -187,6 +202,7 @@ type applier struct {
 }
 
 func (a *applier) close() {
+	a.closeSpill()
 	a.startEntry()
 	a.invalidate()
 	a.startEntry()
@@ -421,7 +437,9 @@ func (a *applier) dirMeta(hdr *tar.Header, fd int, name string) error {
 		return entryErr(hdr.Name, "stat directory", err)
 	}
 	atime, mtime := times(hdr)
-	a.dirTimes[name] = dirTime{ino: st.Ino, atime: atime, mtime: mtime}
+	if err := a.recordDirTime(name, dirTime{ino: st.Ino, atime: atime, mtime: mtime}); err != nil {
+		return entryErr(hdr.Name, "record directory times", err)
+	}
 	return nil
 }
 
@@ -728,34 +746,6 @@ func times(hdr *tar.Header) (atime, mtime unix.Timespec) {
 		atime = unix.Timespec{Sec: hdr.AccessTime.Unix(), Nsec: int64(hdr.AccessTime.Nanosecond())}
 	}
 	return atime, mtime
-}
-
-// applyDirTimes sets directory times once all children exist.
-func (a *applier) applyDirTimes() error {
-	for name, dt := range a.dirTimes {
-		fd := a.rootfd
-		if name != "." {
-			var err error
-			fd, err = a.openBeneath(name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
-			if err != nil {
-				// A later entry removed or replaced the directory.
-				continue
-			}
-		}
-		var st unix.Stat_t
-		err := unix.Fstat(fd, &st)
-		if err == nil && st.Ino == dt.ino {
-			// AT_EMPTY_PATH works on the O_PATH fd, where futimens would not.
-			err = unix.UtimesNanoAt(fd, "", []unix.Timespec{dt.atime, dt.mtime}, unix.AT_EMPTY_PATH)
-		}
-		if fd != a.rootfd {
-			unix.Close(fd)
-		}
-		if err != nil {
-			return entryErr(name, "set directory times", err)
-		}
-	}
-	return nil
 }
 
 // entryErr wraps a syscall error with the entry it happened to.
