@@ -39,6 +39,10 @@ const (
 	xattrOpaque   = "trusted.overlay.opaque"
 	xattrRedirect = "trusted.overlay.redirect"
 	xattrMetacopy = "trusted.overlay.metacopy"
+	// dirNamesInMemory bounds the names of one directory held in memory: a
+	// directory with at most this many entries is written in sorted order,
+	// a larger one in batches (see dir).
+	dirNamesInMemory = 1 << 16
 	// maxXattrSize is the kernel's limit on one xattr value (XATTR_SIZE_MAX).
 	maxXattrSize = 64 << 10
 )
@@ -53,6 +57,10 @@ type Stats struct {
 	Whiteouts int64 // deletions (.wh.NAME)
 	Opaques   int64 // directories that hide the layers below (.wh..wh..opq)
 	Skipped   int64 // device nodes and sockets, which a layer does not carry
+
+	// peakNames is the most directory entry names held in memory at once
+	// (tests check the bound).
+	peakNames int
 }
 
 // Entries is the number of tar entries written.
@@ -63,7 +71,8 @@ func (s Stats) Entries() int64 {
 // WriteTar writes the changes recorded in the overlayfs upper directory
 // upper as an uncompressed OCI layer tar to w (see the package comment for
 // the mapping). Names are visited in sorted order, so the same upper gives
-// the same bytes.
+// the same bytes (a directory of more than 65536 entries is visited in the
+// filesystem's directory order, in batches: memory stays bounded).
 //
 // The upper may be in use: WriteTar opens everything relative to directory
 // fds without following symlinks, so a concurrent rename cannot make it read
@@ -100,6 +109,9 @@ func WriteTar(ctx context.Context, upper string, w io.Writer) (Stats, error) {
 // file for another.
 var afterStat func(pfd int, name string)
 
+// maxDirNames is dirNamesInMemory; tests lower it.
+var maxDirNames = dirNamesInMemory
+
 // fileID identifies an inode, to find the names of one file.
 type fileID struct{ dev, ino uint64 }
 
@@ -113,15 +125,50 @@ type differ struct {
 	// written, which later names link to.
 	links map[fileID]string
 	buf   []byte
+	// heldNames counts the names listed by the directories being walked.
+	heldNames int
 }
 
 // dir writes the entries of the directory fd, whose layer path is rel ("" for
-// the root), recursively.
+// the root), recursively. A directory of at most maxDirNames entries is
+// written in sorted order. A larger one, which a pod can make as large as
+// its inodes allow, is read and written in batches of maxDirNames names in
+// the filesystem's directory order (stable for an unchanged directory), so
+// that memory does not grow with it.
 func (d *differ) dir(fd int, rel string) error {
-	names, err := readDirNames(fd)
+	// A duplicate, so that closing the os.File leaves the caller's fd open.
+	dup, err := unix.Dup(fd)
 	if err != nil {
 		return fmt.Errorf("read directory %q of the upper: %w", rel, err)
 	}
+	f := os.NewFile(uintptr(dup), rel)
+	defer f.Close()
+	names, err := f.Readdirnames(maxDirNames + 1)
+	if err != nil && err != io.EOF {
+		return fmt.Errorf("read directory %q of the upper: %w", rel, err)
+	}
+	if len(names) <= maxDirNames {
+		slices.Sort(names)
+		return d.entries(fd, rel, names)
+	}
+	d.log.V(2).Info("Large directory: writing it in directory order, in batches", "path", rel, "batch", maxDirNames)
+	for len(names) > 0 {
+		if err := d.entries(fd, rel, names); err != nil {
+			return err
+		}
+		names, err = f.Readdirnames(maxDirNames)
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("read directory %q of the upper: %w", rel, err)
+		}
+	}
+	return nil
+}
+
+// entries writes the entries names of the directory fd.
+func (d *differ) entries(fd int, rel string, names []string) error {
+	d.heldNames += len(names)
+	defer func() { d.heldNames -= len(names) }()
+	d.stats.peakNames = max(d.stats.peakNames, d.heldNames)
 	for _, n := range names {
 		if err := d.ctx.Err(); err != nil {
 			return err
@@ -131,23 +178,6 @@ func (d *differ) dir(fd int, rel string) error {
 		}
 	}
 	return nil
-}
-
-// readDirNames lists a directory fd, sorted. The fd is duplicated so that
-// closing the os.File leaves the caller's fd open.
-func readDirNames(fd int) ([]string, error) {
-	dup, err := unix.Dup(fd)
-	if err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(dup), "dir")
-	defer f.Close()
-	names, err := f.Readdirnames(-1)
-	if err != nil {
-		return nil, err
-	}
-	slices.Sort(names)
-	return names, nil
 }
 
 // entry writes the tar entry (or entries) of name in the directory pfd.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -108,5 +109,49 @@ func TestWriteTarSpecialFileSwappedIn(t *testing.T) {
 				t.Fatalf("WriteTar hung for 10s on a %s swapped in for a regular file", tc.name)
 			}
 		})
+	}
+}
+
+// TestWriteTarDirectoryNamesBounded: a directory with more entries than
+// maxDirNames is read in batches, not listed whole into memory, and every
+// entry still reaches the layer.
+func TestWriteTarDirectoryNamesBounded(t *testing.T) {
+	requireRoot(t)
+	old := maxDirNames
+	maxDirNames = 16
+	defer func() { maxDirNames = old }()
+	upper := t.TempDir()
+	const n = 200
+	want := map[string]bool{}
+	for _, dir := range []string{"big", "big/sub"} {
+		if err := os.MkdirAll(filepath.Join(upper, dir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		want[dir+"/"] = true
+		for i := range n {
+			p := filepath.Join(dir, fmt.Sprintf("f%03d", i))
+			if err := os.WriteFile(filepath.Join(upper, p), []byte(p), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			want[p] = true
+		}
+	}
+	var buf bytes.Buffer
+	st, err := WriteTar(context.Background(), upper, &buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, order := readTar(t, buf.Bytes())
+	for p := range want {
+		if _, ok := got[p]; !ok {
+			t.Errorf("no entry %q in the layer", p)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%d entries, want %d", len(order), len(want))
+	}
+	// Two directories deep, each holding at most maxDirNames+1 names.
+	if bound := 2 * (maxDirNames + 1); st.peakNames > bound {
+		t.Errorf("%d names were held in memory at once, want at most %d", st.peakNames, bound)
 	}
 }
