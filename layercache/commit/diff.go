@@ -351,7 +351,13 @@ func fstat(fd int) (unix.Stat_t, error) {
 }
 
 func (d *differ) directory(pfd int, name string, hdr *tar.Header) error {
+	// O_DIRECTORY fails with ENOTDIR before anything is opened, so a FIFO
+	// or device node swapped in for the directory is never opened; a
+	// symlink is refused by O_NOFOLLOW (ELOOP).
 	fd, err := unix.Openat(pfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOENT) {
+		return changed(hdr.Name)
+	}
 	if err != nil {
 		return fmt.Errorf("open directory %q in the upper: %w", hdr.Name, err)
 	}

@@ -67,9 +67,11 @@ func TestWriteTarSpecialFileSwappedIn(t *testing.T) {
 		name string
 		mode uint32
 		dev  int
+		dir  bool // swap it in for a directory
 	}{
-		{"fifo", unix.S_IFIFO | 0o644, 0},
-		{"char device", unix.S_IFCHR | 0o644, int(unix.Mkdev(1, 3))},
+		{"fifo", unix.S_IFIFO | 0o644, 0, false},
+		{"char device", unix.S_IFCHR | 0o644, int(unix.Mkdev(1, 3)), false},
+		{"fifo for a directory", unix.S_IFIFO | 0o644, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			upper := t.TempDir()
@@ -78,11 +80,23 @@ func TestWriteTarSpecialFileSwappedIn(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
+			if tc.dir {
+				if err := os.Remove(filepath.Join(upper, "a")); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Mkdir(filepath.Join(upper, "a"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
 			afterStat = func(pfd int, name string) {
 				if name != "a" {
 					return
 				}
-				if err := unix.Unlinkat(pfd, name, 0); err != nil {
+				flags := 0
+				if tc.dir {
+					flags = unix.AT_REMOVEDIR
+				}
+				if err := unix.Unlinkat(pfd, name, flags); err != nil {
 					t.Errorf("swap: unlink: %v", err)
 				}
 				if err := unix.Mknodat(pfd, name, tc.mode, tc.dev); err != nil {
