@@ -114,7 +114,11 @@ func (a *applier) replaySpill() error {
 		} else if err != nil {
 			return fmt.Errorf("read directory times from %s: %w", a.spill.Name(), err)
 		}
-		name = append(name[:0], make([]byte, binary.LittleEndian.Uint32(hdr[:]))...)
+		if n := int(binary.LittleEndian.Uint32(hdr[:])); cap(name) < n {
+			name = make([]byte, n)
+		} else {
+			name = name[:n]
+		}
 		if _, err := io.ReadFull(r, name); err != nil {
 			return fmt.Errorf("read directory times from %s: %w", a.spill.Name(), err)
 		}

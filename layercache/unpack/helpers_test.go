@@ -217,12 +217,14 @@ func encodeScript(entries []ent) []byte {
 //
 //	x|NAME|KEY=VALUE|MODE|BODY   a regular file with the xattr KEY (PAX SCHILY.xattr.KEY)
 //	y|NAME|KEY=VALUE|MODE|       a directory with the xattr KEY
-//	z|NAME|SIZE|MODE|            a regular file of SIZE zero bytes (at most maxZeroFile):
-//	                             a gzip bomb's payload, which compresses to nothing
+//	z|NAME|SIZE|MODE|            a regular file of SIZE zero bytes (at most maxZeroFile
+//	                             for all of them): a gzip bomb's payload, which
+//	                             compresses to nothing
 //	Z|NAME|SIZE|MODE|            a regular file that declares SIZE bytes (up to 1 TiB),
 //	                             and the layer stream ends after its header
 func decodeScript(data []byte) []ent {
 	var entries []ent
+	zeroBudget := int64(maxZeroFile) // for all 'z' entries together
 	for _, line := range strings.Split(string(data), "\n") {
 		if line == "" || len(entries) >= 64 {
 			continue
@@ -267,11 +269,14 @@ func decodeScript(data []byte) []ent {
 			e.hdr.Linkname = ""
 		case 'z', 'Z': // declared size in linkname; the body is made by tarFromScript
 			size, _ := strconv.ParseInt(f[2], 10, 64)
-			limit := int64(maxZeroFile)
+			limit := zeroBudget
 			if typ == 'Z' {
 				limit = 1 << 40
 			}
 			e.hdr.Typeflag, e.hdr.Linkname, e.hdr.Size = tar.TypeReg, "", min(max(size, 0), limit)
+			if typ == 'z' {
+				zeroBudget -= e.hdr.Size
+			}
 			if typ == 'Z' {
 				e.body = truncatedMarker
 			}
@@ -281,8 +286,9 @@ func decodeScript(data []byte) []ent {
 	return entries
 }
 
-// maxZeroFile bounds a 'z' entry of a fuzz script: big enough to show that
-// zeros become holes, small enough for many executions a second.
+// maxZeroFile bounds the 'z' entries of a fuzz script together: big enough
+// to show that zeros become holes, small enough for many executions a
+// second.
 const maxZeroFile = 64 << 20
 
 // truncatedMarker is the body of a 'Z' entry: the stream ends after it.

@@ -91,7 +91,7 @@ const (
 	// allocated anyway.
 	sparseBlock = 4096
 	// dirTimesInMemory bounds the directory times held in memory; more go
-	// to a spill file (see dirTimes).
+	// to a spill file (dirtimes.go).
 	dirTimesInMemory = 1 << 14
 	// maxCachedDirs bounds the parent fd cache, so a layer with a huge number
 	// of directories cannot exhaust the process's file descriptors.
@@ -642,7 +642,7 @@ func (a *applier) symlink(hdr *tar.Header, name, parent, base string) error {
 	if err != nil {
 		return entryErr(hdr.Name, "create symlink", err)
 	}
-	return a.nameMeta(hdr, pfd, name, base, true, false)
+	return a.nameMeta(hdr, pfd, name, base, false)
 }
 
 func (a *applier) fifo(hdr *tar.Header, name, parent, base string) error {
@@ -656,12 +656,12 @@ func (a *applier) fifo(hdr *tar.Header, name, parent, base string) error {
 	if err != nil {
 		return entryErr(hdr.Name, "create fifo", err)
 	}
-	return a.nameMeta(hdr, pfd, name, base, false, true)
+	return a.nameMeta(hdr, pfd, name, base, true)
 }
 
 // nameMeta applies metadata to base in pfd without opening it (opening a FIFO
 // would block, a symlink cannot be opened for writing).
-func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, symlink, chmod bool) error {
+func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, chmod bool) error {
 	if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return entryErr(hdr.Name, "chown", err)
 	}
