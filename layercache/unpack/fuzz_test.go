@@ -66,10 +66,10 @@ func fuzzSeeds() map[string][]byte {
 		"hardlink-escapes":        "1|h|../outside/victim|644|\n1|i|/../outside/victim|644|\n2|s|../outside|777|\n1|j|s/victim|644|\n1|k|s|644|\n0|k/x||644|\"x\"\n",
 		"symlink-chain":           "2|a|b|777|\n2|b|c|777|\n2|c|../outside|777|\n0|a/victim||644|\"pwned\"\n2|loop|loop|777|\n0|loop/x||644|\"\"\n",
 		"dir-replaced-by-symlink": "5|d||755|\n0|d/f||644|\"x\"\n2|d|/etc|777|\n0|d/passwd||644|\"x\"\n",
-		// A gzip bomb's payload: a large file of zeros, which must become a
-		// hole and take no disk; a file that declares a terabyte and whose
-		// stream ends.
-		"zeros-64MiB":       "z|big|67108864|644|\nz|big2|4097|644|\n0|after||644|\"x\"\n",
+		// A gzip bomb's payload: large files of zeros (16 MiB in all, the
+		// script's limit), which must become holes and take no disk; a file
+		// that declares a terabyte and whose stream ends.
+		"zeros-16MiB":       "z|big|16773120|644|\nz|big2|4097|644|\n0|after||644|\"x\"\n",
 		"declared-terabyte": "0|before||644|\"x\"\nZ|huge|1099511627776|644|\n",
 		"devices":           "3|w||0|\n4|sda||600|\n6|p||600|\n1|h|sda|644|\n1|i|p|644|\n",
 	} {

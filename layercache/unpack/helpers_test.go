@@ -289,7 +289,7 @@ func decodeScript(data []byte) []ent {
 // maxZeroFile bounds the 'z' entries of a fuzz script together: big enough
 // to show that zeros become holes, small enough for many executions a
 // second.
-const maxZeroFile = 64 << 20
+const maxZeroFile = 16 << 20
 
 // truncatedMarker is the body of a 'Z' entry: the stream ends after it.
 const truncatedMarker = "\x00truncated"
