@@ -68,9 +68,11 @@ type Stats struct {
 	Opaques   int64 // directories marked opaque
 	Skipped   int64 // entries deliberately not created (device nodes, aufs metadata)
 
-	// peakDirTimes is the most directory times held in memory at once
-	// (tests check the bound).
+	// peakDirTimes is the most directory times held in memory at once, and
+	// lookups the path components resolved from the layer root (tests
+	// check the bounds).
 	peakDirTimes int
+	lookups      int64
 }
 
 const (
