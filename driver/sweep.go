@@ -114,21 +114,35 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 	}
 	trigger := make(chan struct{}, 1)
 	var mu sync.Mutex
-	deleted := map[string]bool{} // handles whose PV the watch saw deleted
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{DeleteFunc: func(obj any) {
-		if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-			obj = t.Obj
-		}
-		if hs, _ := d.pvHandles(obj); len(hs) > 0 {
-			mu.Lock()
-			deleted[hs[0]] = true
-			mu.Unlock()
-		}
-		select {
-		case trigger <- struct{}{}:
-		default:
-		}
-	}}); err != nil {
+	// deleted holds the handles whose PV the watch saw deleted and whose
+	// clone the sweep has not handled yet. An entry goes when a PV with its
+	// handle appears again, and once no clone of it is left: a PV made
+	// again with the same handle must not inherit the old deletion, which
+	// would cost its new clone the grace period.
+	deleted := map[string]bool{}
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj any) {
+			if hs, _ := d.pvHandles(obj); len(hs) > 0 {
+				mu.Lock()
+				delete(deleted, hs[0])
+				mu.Unlock()
+			}
+		},
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			if hs, _ := d.pvHandles(obj); len(hs) > 0 {
+				mu.Lock()
+				deleted[hs[0]] = true
+				mu.Unlock()
+			}
+			select {
+			case trigger <- struct{}{}:
+			default:
+			}
+		},
+	}); err != nil {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
 		return
 	}
@@ -153,6 +167,15 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 		if n := d.sweepClones(ctx, exists, seenDeleted, cloneSweepGrace); n > 0 {
 			logger.Info("Removed the clones of deleted PersistentVolumes", "clones", n)
 		}
+		mu.Lock()
+		for h := range deleted {
+			if volumes.CheckCloneID(h) != nil {
+				delete(deleted, h) // never a clone of this node
+			} else if _, err := os.Lstat(volumes.CloneDir(d.root, h)); errors.Is(err, fs.ErrNotExist) {
+				delete(deleted, h) // handled: its clone is gone
+			}
+		}
+		mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return

@@ -12,12 +12,14 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"k8s.io/klog/v2"
 )
 
 // Credentials authenticate pulls. The zero value pulls anonymously. They are
@@ -228,6 +230,14 @@ func (c *client) manifest(ctx context.Context, ref string) ([]byte, types.MediaT
 
 // classify wraps a registry or network error with the sentinel that tells a
 // caller what to do about it.
+//
+// The message never repeats what the registry sent: it ends up in the
+// gRPC status and the pod's events, which anyone in the namespace reads,
+// and a volume may name any host:port, node-local services included (the
+// plugin is on the host network). A registry's answer is reported by its
+// HTTP status and error codes (registryErrorText); other errors by their
+// first line, bounded (boundText). The full answer, truncated, is logged
+// at --v=4.
 func classify(err error, what string) error {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%s: %w", what, err)
@@ -237,23 +247,127 @@ func classify(err error, what string) error {
 	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
+		klog.V(4).InfoS("Registry answered with an error", "what", what, "status", terr.StatusCode,
+			"answer", truncate(err.Error(), maxLoggedAnswer))
+		safe := &registryError{msg: registryErrorText(terr), err: err}
 		switch {
 		case terr.StatusCode == http.StatusUnauthorized || terr.StatusCode == http.StatusForbidden || hasCode(terr, transport.UnauthorizedErrorCode, transport.DeniedErrorCode):
-			return fmt.Errorf("%w: %s: %v: check the pull secret", ErrUnauthorized, what, err)
+			return fmt.Errorf("%w: %s: %v: check the pull secret", ErrUnauthorized, what, safe)
 		case terr.StatusCode == http.StatusNotFound || hasCode(terr, transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode):
-			return fmt.Errorf("%w: %s: %v: check the image name and tag", ErrNotFound, what, err)
+			return fmt.Errorf("%w: %s: %v: check the image name and tag", ErrNotFound, what, safe)
 		case terr.StatusCode == http.StatusTooManyRequests || terr.StatusCode >= 500 || terr.Temporary():
-			return fmt.Errorf("%w: %s: %v", ErrUnavailable, what, err)
+			return fmt.Errorf("%w: %s: %v", ErrUnavailable, what, safe)
 		}
-		return fmt.Errorf("%s: %w", what, err)
+		return fmt.Errorf("%s: %w", what, safe)
+	}
+	safe := &registryError{msg: boundText(err.Error()), err: err}
+	if safe.msg != err.Error() {
+		klog.V(4).InfoS("Registry request failed", "what", what, "err", truncate(err.Error(), maxLoggedAnswer))
 	}
 	var nerr net.Error
 	var operr *net.OpError
 	var uerr *url.Error
 	if errors.As(err, &nerr) || errors.As(err, &operr) || errors.As(err, &uerr) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return fmt.Errorf("%w: %s: %v", ErrUnavailable, what, err)
+		return fmt.Errorf("%w: %s: %v", ErrUnavailable, what, safe)
 	}
-	return fmt.Errorf("%s: %w", what, err)
+	return fmt.Errorf("%s: %w", what, safe)
+}
+
+const (
+	// maxRegistryMessage bounds a registry's own error message that is
+	// reported: "manifest unknown" is, a page of text is not.
+	maxRegistryMessage = 64
+	// maxRegistryCodes bounds the error codes reported of one answer.
+	maxRegistryCodes = 4
+	// maxErrorText bounds the text of another error from a registry
+	// request (a network error with its URL).
+	maxErrorText = 256
+	// maxLoggedAnswer bounds the registry answer logged at --v=4.
+	maxLoggedAnswer = 1024
+)
+
+// registryError shows msg, a text fit for a pod's events, and keeps err for
+// errors.Is and errors.As.
+type registryError struct {
+	msg string
+	err error
+}
+
+func (e *registryError) Error() string { return e.msg }
+func (e *registryError) Unwrap() error { return e.err }
+
+// registryErrorText describes a registry's error answer by what the
+// registry cannot use to smuggle text out: the HTTP status, the OCI error
+// codes (of the form [A-Z_]+), and a code's message only when it is short
+// and printable, as registries' own messages are ("manifest unknown").
+// Never the body, the details, or the URL (which a redirect may have
+// chosen).
+func registryErrorText(e *transport.Error) string {
+	text := fmt.Sprintf("the registry answered %d %s", e.StatusCode, http.StatusText(e.StatusCode))
+	var codes []string
+	for i, d := range e.Errors {
+		if i == maxRegistryCodes {
+			codes = append(codes, fmt.Sprintf("and %d more", len(e.Errors)-i))
+			break
+		}
+		code := string(d.Code)
+		if !isErrorCode(code) {
+			code = "(unknown code)"
+		}
+		if m := d.Message; m != "" && len(m) <= maxRegistryMessage && isPlain(m) {
+			code += " (" + m + ")"
+		}
+		codes = append(codes, code)
+	}
+	if len(codes) > 0 {
+		text += ": " + strings.Join(codes, ", ")
+	}
+	return text
+}
+
+// isErrorCode reports whether s looks like an OCI error code
+// (MANIFEST_UNKNOWN).
+func isErrorCode(s string) bool {
+	if s == "" || len(s) > 32 {
+		return false
+	}
+	for _, r := range s {
+		if (r < 'A' || r > 'Z') && r != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+// isPlain reports whether s is printable ASCII.
+func isPlain(s string) bool {
+	for _, r := range s {
+		if r < 0x20 || r > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// boundText is the first line of s, at most maxErrorText bytes: enough for a
+// network error and its URL, not for a body that an error of a library
+// quotes (go-containerregistry's "no token in bearer response:\n<body>").
+func boundText(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = strings.TrimSpace(s[:i]) + " [...]"
+	}
+	return truncate(s, maxErrorText)
+}
+
+// truncate cuts s to at most n bytes, at a rune boundary, marking the cut.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "[...]"
 }
 
 func hasCode(e *transport.Error, codes ...transport.ErrorCode) bool {

@@ -9,11 +9,14 @@ import (
 	"os"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/layercache/unpack"
 )
 
 // ErrChanged is wrapped when a file changed while it was read: the volume is
@@ -36,6 +39,10 @@ const (
 	xattrOpaque   = "trusted.overlay.opaque"
 	xattrRedirect = "trusted.overlay.redirect"
 	xattrMetacopy = "trusted.overlay.metacopy"
+	// dirNamesInMemory bounds the names of one directory held in memory: a
+	// directory with at most this many entries is written in sorted order,
+	// a larger one in batches (see dir).
+	dirNamesInMemory = 1 << 16
 	// maxXattrSize is the kernel's limit on one xattr value (XATTR_SIZE_MAX).
 	maxXattrSize = 64 << 10
 )
@@ -50,6 +57,10 @@ type Stats struct {
 	Whiteouts int64 // deletions (.wh.NAME)
 	Opaques   int64 // directories that hide the layers below (.wh..wh..opq)
 	Skipped   int64 // device nodes and sockets, which a layer does not carry
+
+	// peakNames is the most directory entry names held in memory at once
+	// (tests check the bound).
+	peakNames int
 }
 
 // Entries is the number of tar entries written.
@@ -60,7 +71,8 @@ func (s Stats) Entries() int64 {
 // WriteTar writes the changes recorded in the overlayfs upper directory
 // upper as an uncompressed OCI layer tar to w (see the package comment for
 // the mapping). Names are visited in sorted order, so the same upper gives
-// the same bytes.
+// the same bytes (a directory of more than 65536 entries is visited in the
+// filesystem's directory order, in batches: memory stays bounded).
 //
 // The upper may be in use: WriteTar opens everything relative to directory
 // fds without following symlinks, so a concurrent rename cannot make it read
@@ -92,6 +104,14 @@ func WriteTar(ctx context.Context, upper string, w io.Writer) (Stats, error) {
 	return d.stats, nil
 }
 
+// afterStat, when set (by tests only), runs between the walk's stat of an
+// entry and what it does with it: the window in which a pod can swap one
+// file for another.
+var afterStat func(pfd int, name string)
+
+// maxDirNames is dirNamesInMemory; tests lower it.
+var maxDirNames = dirNamesInMemory
+
 // fileID identifies an inode, to find the names of one file.
 type fileID struct{ dev, ino uint64 }
 
@@ -105,15 +125,50 @@ type differ struct {
 	// written, which later names link to.
 	links map[fileID]string
 	buf   []byte
+	// heldNames counts the names listed by the directories being walked.
+	heldNames int
 }
 
 // dir writes the entries of the directory fd, whose layer path is rel ("" for
-// the root), recursively.
+// the root), recursively. A directory of at most maxDirNames entries is
+// written in sorted order. A larger one, which a pod can make as large as
+// its inodes allow, is read and written in batches of maxDirNames names in
+// the filesystem's directory order (stable for an unchanged directory), so
+// that memory does not grow with it.
 func (d *differ) dir(fd int, rel string) error {
-	names, err := readDirNames(fd)
+	// A duplicate, so that closing the os.File leaves the caller's fd open.
+	dup, err := unix.Dup(fd)
 	if err != nil {
 		return fmt.Errorf("read directory %q of the upper: %w", rel, err)
 	}
+	f := os.NewFile(uintptr(dup), rel)
+	defer f.Close()
+	names, err := f.Readdirnames(maxDirNames + 1)
+	if err != nil && err != io.EOF {
+		return fmt.Errorf("read directory %q of the upper: %w", rel, err)
+	}
+	if len(names) <= maxDirNames {
+		slices.Sort(names)
+		return d.entries(fd, rel, names)
+	}
+	d.log.V(2).Info("Large directory: writing it in directory order, in batches", "path", rel, "batch", maxDirNames)
+	for len(names) > 0 {
+		if err := d.entries(fd, rel, names); err != nil {
+			return err
+		}
+		names, err = f.Readdirnames(maxDirNames)
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("read directory %q of the upper: %w", rel, err)
+		}
+	}
+	return nil
+}
+
+// entries writes the entries names of the directory fd.
+func (d *differ) entries(fd int, rel string, names []string) error {
+	d.heldNames += len(names)
+	defer func() { d.heldNames -= len(names) }()
+	d.stats.peakNames = max(d.stats.peakNames, d.heldNames)
 	for _, n := range names {
 		if err := d.ctx.Err(); err != nil {
 			return err
@@ -125,23 +180,6 @@ func (d *differ) dir(fd int, rel string) error {
 	return nil
 }
 
-// readDirNames lists a directory fd, sorted. The fd is duplicated so that
-// closing the os.File leaves the caller's fd open.
-func readDirNames(fd int) ([]string, error) {
-	dup, err := unix.Dup(fd)
-	if err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(dup), "dir")
-	defer f.Close()
-	names, err := f.Readdirnames(-1)
-	if err != nil {
-		return nil, err
-	}
-	slices.Sort(names)
-	return names, nil
-}
-
 // entry writes the tar entry (or entries) of name in the directory pfd.
 func (d *differ) entry(pfd int, rel, name string) error {
 	p := path.Join(rel, name)
@@ -151,6 +189,9 @@ func (d *differ) entry(pfd int, rel, name string) error {
 			return fmt.Errorf("%w: %q was removed during the commit", ErrChanged, p)
 		}
 		return fmt.Errorf("stat %q in the upper: %w", p, err)
+	}
+	if afterStat != nil {
+		afterStat(pfd, name)
 	}
 	mode := st.Mode & unix.S_IFMT
 	if mode == unix.S_IFCHR && st.Rdev == 0 {
@@ -216,7 +257,10 @@ func (d *differ) whiteout(p string) error {
 }
 
 func (d *differ) regular(pfd int, name string, hdr *tar.Header, st *unix.Stat_t) error {
-	fd, err := unix.Openat(pfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	fd, err := openRegular(pfd, name, st)
+	if errors.Is(err, errNotSame) || errors.Is(err, unix.ENOENT) {
+		return changed(hdr.Name)
+	}
 	if err != nil {
 		return fmt.Errorf("open %q in the upper: %w", hdr.Name, err)
 	}
@@ -252,6 +296,50 @@ func (d *differ) regular(pfd int, name string, hdr *tar.Header, st *unix.Stat_t)
 	return nil
 }
 
+// errNotSame says that name is no longer the regular file the walk saw.
+var errNotSame = errors.New("not the regular file the walk saw")
+
+// openRegular opens name in pfd for reading, only if it still is the
+// regular file st describes. The pod may swap in a FIFO, whose open(2)
+// would block the commit forever, or a device node, whose open reaches a
+// driver: so name is first opened with O_PATH (which opens nothing), its
+// type and inode are checked, and only that inode is then opened for
+// reading through /proc/self/fd (the magic link leads to the inode, not the
+// name; O_NOFOLLOW would refuse the magic link itself), with O_NONBLOCK so
+// that even a special file could not block.
+func openRegular(pfd int, name string, st *unix.Stat_t) (int, error) {
+	pathfd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer unix.Close(pathfd)
+	if err := sameRegular(pathfd, st); err != nil {
+		return -1, err
+	}
+	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pathfd), unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("reopen through /proc/self/fd (is /proc mounted?): %w", err)
+	}
+	if err := sameRegular(fd, st); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// sameRegular checks that fd is the regular file st describes (device,
+// inode and type).
+func sameRegular(fd int, st *unix.Stat_t) error {
+	got, err := fstat(fd)
+	if err != nil {
+		return err
+	}
+	if got.Mode&unix.S_IFMT != unix.S_IFREG || got.Dev != st.Dev || got.Ino != st.Ino {
+		return errNotSame
+	}
+	return nil
+}
+
 func changed(p string) error {
 	return fmt.Errorf("%w: %q: the volume is being written to; stop the writes (or the pod) and commit again", ErrChanged, p)
 }
@@ -263,7 +351,13 @@ func fstat(fd int) (unix.Stat_t, error) {
 }
 
 func (d *differ) directory(pfd int, name string, hdr *tar.Header) error {
+	// O_DIRECTORY fails with ENOTDIR before anything is opened, so a FIFO
+	// or device node swapped in for the directory is never opened; a
+	// symlink is refused by O_NOFOLLOW (ELOOP).
 	fd, err := unix.Openat(pfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOENT) {
+		return changed(hdr.Name)
+	}
 	if err != nil {
 		return fmt.Errorf("open directory %q in the upper: %w", hdr.Name, err)
 	}
@@ -333,18 +427,10 @@ func (d *differ) xattrs(fd int, hdr *tar.Header) error {
 }
 
 // keepXattr says whether an xattr belongs to the data (kept) or to the host
-// or overlayfs (dropped).
-func keepXattr(k string) bool {
-	switch {
-	case strings.HasPrefix(k, "trusted.overlay."), strings.HasPrefix(k, "user.overlay."):
-		return false // overlayfs bookkeeping; opaque is written as .wh..wh..opq
-	case k == "security.capability":
-		return true // file capabilities are part of a binary, as docker keeps them
-	case strings.HasPrefix(k, "security."):
-		return false // SELinux or IMA labels given by the host
-	}
-	return true
-}
+// or overlayfs (dropped). It is the unpacker's rule, so that a committed
+// layer carries exactly what a pulled one may: opaque is written as
+// .wh..wh..opq, redirect and metacopy are refused before this.
+func keepXattr(k string) bool { return unpack.KeepXattr(k) }
 
 // listxattr lists the xattr names of fd.
 func listxattr(fd int) ([]string, error) {

@@ -13,12 +13,13 @@
 //	two names of one inode                     a file and a hardlink entry
 //	character device 0/0 NAME                  .wh.NAME (a deletion)
 //	dir with trusted.overlay.opaque=y          the dir, then DIR/.wh..wh..opq
-//	xattrs user.*, trusted.* (but overlay's),  SCHILY.xattr.* PAX records
-//	security.capability, system.posix_acl_*
+//	xattrs user.* (but overlay's),             SCHILY.xattr.* PAX records
+//	security.capability                        (unpack.KeepXattr, the pull's rule)
 //	trusted.overlay.* other than opaque        dropped: overlayfs bookkeeping
 //	                                           (origin, impure, nlink, ...)
 //	security.* other than capability           dropped: host labels (SELinux,
 //	                                           IMA) that mean nothing elsewhere
+//	other trusted.*, system.posix_acl_*        dropped: a pull would drop them
 //	other device nodes, sockets                skipped and counted, as the
 //	                                           unpacker skips device nodes
 //

@@ -157,6 +157,16 @@ func breakouts() []breakout {
 				}
 			})},
 			check: wantNoXattr("d", "trusted.overlay.redirect", "trusted.overlay.opaque", "user.overlay.redirect")},
+		{name: "security and trusted xattrs dropped", want: succeeds, entries: []ent{
+			file("f", "x").with(func(h *tar.Header) {
+				h.PAXRecords = map[string]string{
+					"SCHILY.xattr.security.selinux":         "system_u:object_r:container_runtime_exec_t:s0",
+					"SCHILY.xattr.security.ima":             "\x03\x02",
+					"SCHILY.xattr.trusted.overlay.metacopy": "",
+					"SCHILY.xattr.trusted.x":                "y",
+				}
+			})},
+			check: wantNoXattr("f", "security.selinux", "security.ima", "trusted.overlay.metacopy", "trusted.x")},
 		{name: "unknown type", want: rejected, entries: []ent{{hdr: tar.Header{Typeflag: 'Z', Name: "z", ModTime: testTime}}}},
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -211,9 +212,19 @@ func encodeScript(entries []ent) []byte {
 }
 
 // decodeScript is the inverse of encodeScript, lenient with whatever the
-// fuzzer produces. Type 'c' entries are devices 0/0 (whiteouts), 'b' 8/0.
+// fuzzer produces. Besides tar's own type flags ('3' char devices are 0/0,
+// whiteouts in overlayfs form; '4' block devices are 8/0):
+//
+//	x|NAME|KEY=VALUE|MODE|BODY   a regular file with the xattr KEY (PAX SCHILY.xattr.KEY)
+//	y|NAME|KEY=VALUE|MODE|       a directory with the xattr KEY
+//	z|NAME|SIZE|MODE|            a regular file of SIZE zero bytes (at most maxZeroFile
+//	                             for all of them): a gzip bomb's payload, which
+//	                             compresses to nothing
+//	Z|NAME|SIZE|MODE|            a regular file that declares SIZE bytes (up to 1 TiB),
+//	                             and the layer stream ends after its header
 func decodeScript(data []byte) []ent {
 	var entries []ent
+	zeroBudget := int64(maxZeroFile) // for all 'z' entries together
 	for _, line := range strings.Split(string(data), "\n") {
 		if line == "" || len(entries) >= 64 {
 			continue
@@ -241,32 +252,87 @@ func decodeScript(data []byte) []ent {
 			e.hdr.Size = int64(len(body))
 		case tar.TypeBlock:
 			e.hdr.Devmajor = 8
-		case 'x': // a file with xattrs: linkname is "key=value"
+		case 'x', 'y': // a file or directory with xattrs: linkname is "key=value"
 			e.hdr.Typeflag = tar.TypeReg
+			if typ == 'y' {
+				e.hdr.Typeflag = tar.TypeDir
+			} else {
+				if len(body) > 1<<16 {
+					body = body[:1<<16]
+				}
+				e.body = body
+				e.hdr.Size = int64(len(body))
+			}
 			if k, v, ok := strings.Cut(f[2], "="); ok {
 				e.hdr.PAXRecords = map[string]string{"SCHILY.xattr." + k: v}
 			}
 			e.hdr.Linkname = ""
+		case 'z', 'Z': // declared size in linkname; the body is made by tarFromScript
+			size, _ := strconv.ParseInt(f[2], 10, 64)
+			limit := zeroBudget
+			if typ == 'Z' {
+				limit = 1 << 40
+			}
+			e.hdr.Typeflag, e.hdr.Linkname, e.hdr.Size = tar.TypeReg, "", min(max(size, 0), limit)
+			if typ == 'z' {
+				zeroBudget -= e.hdr.Size
+			}
+			if typ == 'Z' {
+				e.body = truncatedMarker
+			}
 		}
 		entries = append(entries, e)
 	}
 	return entries
 }
 
-// tarFromScript builds a tar from a fuzz script, dropping entries that
+// maxZeroFile bounds the 'z' entries of a fuzz script together: big enough
+// to show that zeros become holes, small enough for many executions a
+// second.
+const maxZeroFile = 16 << 20
+
+// truncatedMarker is the body of a 'Z' entry: the stream ends after it.
+const truncatedMarker = "\x00truncated"
+
+// tarFromScript builds a tar stream from a fuzz script, dropping entries that
 // archive/tar cannot write (it refuses, for example, NUL bytes in names).
-func tarFromScript(data []byte) []byte {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
+// Zero-filled bodies are generated as the stream is read, not held in
+// memory.
+func tarFromScript(data []byte) io.Reader {
+	var parts []io.Reader
 	for _, e := range decodeScript(data) {
 		h := e.hdr
 		h.Format = tar.FormatPAX
+		// A tar.Writer per entry: an entry's header and body, padded to
+		// the 512-byte block, are exactly what it writes before Close.
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
 		if err := tw.WriteHeader(&h); err != nil {
-			// An invalid header is not written and the writer stays usable.
+			// An invalid header is not written.
+			continue
+		}
+		switch {
+		case e.body == truncatedMarker:
+			// The stream ends here, h.Size bytes short.
+			return io.MultiReader(append(parts, &buf)...)
+		case h.Typeflag == tar.TypeReg && h.Size > int64(len(e.body)):
+			pad := (512 - h.Size%512) % 512
+			parts = append(parts, bytes.NewReader(buf.Bytes()), io.LimitReader(zeros{}, h.Size+pad))
 			continue
 		}
 		tw.Write([]byte(e.body))
+		tw.Flush()
+		parts = append(parts, bytes.NewReader(buf.Bytes()))
 	}
-	tw.Close()
-	return buf.Bytes()
+	// The end-of-archive marker: two zero blocks.
+	parts = append(parts, bytes.NewReader(make([]byte, 1024)))
+	return io.MultiReader(parts...)
+}
+
+// zeros reads as an endless run of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }

@@ -23,6 +23,7 @@ package unpack
 
 import (
 	"archive/tar"
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -66,6 +67,12 @@ type Stats struct {
 	Whiteouts int64 // whiteouts (char 0/0) created
 	Opaques   int64 // directories marked opaque
 	Skipped   int64 // entries deliberately not created (device nodes, aufs metadata)
+
+	// peakDirTimes is the most directory times held in memory at once, and
+	// lookups the path components resolved from the layer root (tests
+	// check the bounds).
+	peakDirTimes int
+	lookups      int64
 }
 
 const (
@@ -85,6 +92,9 @@ const (
 	// the block size of every filesystem we run on; a smaller hole would be
 	// allocated anyway.
 	sparseBlock = 4096
+	// dirTimesInMemory bounds the directory times held in memory; more go
+	// to a spill file (dirtimes.go).
+	dirTimesInMemory = 1 << 14
 	// maxCachedDirs bounds the parent fd cache, so a layer with a huge number
 	// of directories cannot exhaust the process's file descriptors.
 	maxCachedDirs = 512
@@ -109,6 +119,9 @@ type Option func(*applier)
 func WithMeter(m Meter) Option {
 	return func(a *applier) { a.meter = m }
 }
+
+// maxDirTimes is dirTimesInMemory; tests lower it.
+var maxDirTimes = dirTimesInMemory
 
 // Apply extracts the tar stream r into dir, which must exist and be empty.
 // It never writes outside dir, whatever r contains. On error the caller removes dir.
@@ -207,7 +220,11 @@ type applier struct {
 	// may still be using them, so they are closed when the next one starts.
 	stale []int
 
+	// dirTimes holds directory times to set at the end, at most
+	// maxDirTimes; spill (through spillW) holds the rest (dirtimes.go).
 	dirTimes map[string]dirTime
+	spill    *os.File
+	spillW   *bufio.Writer
 	// skipped records names that were deliberately not created, so that a
 	// hardlink to one of them is skipped as well instead of failing the layer.
 	skipped map[string]bool
@@ -216,6 +233,7 @@ type applier struct {
 }
 
 func (a *applier) close() {
+	a.closeSpill()
 	a.startEntry()
 	a.invalidate()
 	a.startEntry()
@@ -450,7 +468,9 @@ func (a *applier) dirMeta(hdr *tar.Header, fd int, name string) error {
 		return entryErr(hdr.Name, "stat directory", err)
 	}
 	atime, mtime := times(hdr)
-	a.dirTimes[name] = dirTime{ino: st.Ino, atime: atime, mtime: mtime}
+	if err := a.recordDirTime(name, dirTime{ino: st.Ino, atime: atime, mtime: mtime}); err != nil {
+		return entryErr(hdr.Name, "record directory times", err)
+	}
 	return nil
 }
 
@@ -492,23 +512,24 @@ func (a *applier) ownedAsWanted(fd int, hdr *tar.Header, mode uint32) bool {
 	return st.Uid == 0 && st.Gid == 0 && st.Mode&0o7777 == mode
 }
 
-// xattrs yields the entry's xattrs that may be set. Overlay metadata from the
-// tar is dropped: an image could otherwise forge redirects, metacopy or opaque
-// markers that make overlayfs look somewhere the layer does not say.
-func (a *applier) xattrs(hdr *tar.Header, symlink bool) func(yield func(string, string) bool) {
+// xattrs yields the entry's xattrs that may be set (KeepXattr): an image could
+// otherwise forge overlayfs redirects, metacopy or opaque markers, or security
+// labels the node trusts.
+func (a *applier) xattrs(hdr *tar.Header, special bool) func(yield func(string, string) bool) {
 	return func(yield func(string, string) bool) {
 		for k, v := range hdr.PAXRecords {
 			key, ok := strings.CutPrefix(k, "SCHILY.xattr.")
 			if !ok {
 				continue
 			}
-			if strings.HasPrefix(key, "trusted.overlay.") || strings.HasPrefix(key, "user.overlay.") {
-				a.log.V(2).Info("dropping overlay xattr from layer", "entry", hdr.Name, "xattr", key)
+			if !KeepXattr(key) {
+				a.log.V(2).Info("dropping xattr from layer", "entry", hdr.Name, "xattr", key)
 				continue
 			}
-			if symlink && strings.HasPrefix(key, "user.") {
-				// Linux refuses user.* xattrs on symlinks (EPERM).
-				a.log.V(2).Info("dropping user xattr of a symlink", "entry", hdr.Name, "xattr", key)
+			if special && strings.HasPrefix(key, "user.") {
+				// Linux refuses user.* xattrs on anything but regular
+				// files and directories (EPERM): symlinks, FIFOs.
+				a.log.V(2).Info("dropping user xattr of a symlink or FIFO", "entry", hdr.Name, "xattr", key)
 				continue
 			}
 			if !yield(key, v) {
@@ -657,7 +678,7 @@ func (a *applier) symlink(hdr *tar.Header, name, parent, base string) error {
 	if err != nil {
 		return entryErr(hdr.Name, "create symlink", err)
 	}
-	return a.nameMeta(hdr, pfd, name, base, true, false)
+	return a.nameMeta(hdr, pfd, name, base, false)
 }
 
 func (a *applier) fifo(hdr *tar.Header, name, parent, base string) error {
@@ -671,12 +692,12 @@ func (a *applier) fifo(hdr *tar.Header, name, parent, base string) error {
 	if err != nil {
 		return entryErr(hdr.Name, "create fifo", err)
 	}
-	return a.nameMeta(hdr, pfd, name, base, false, true)
+	return a.nameMeta(hdr, pfd, name, base, true)
 }
 
 // nameMeta applies metadata to base in pfd without opening it (opening a FIFO
 // would block, a symlink cannot be opened for writing).
-func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, symlink, chmod bool) error {
+func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, chmod bool) error {
 	if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return entryErr(hdr.Name, "chown", err)
 	}
@@ -693,7 +714,7 @@ func (a *applier) nameMeta(hdr *tar.Header, pfd int, name, base string, symlink,
 			return entryErr(hdr.Name, "chmod", err)
 		}
 	}
-	for key, value := range a.xattrs(hdr, symlink) {
+	for key, value := range a.xattrs(hdr, true) {
 		if err := a.setxattrAt(pfd, name, base, key, value); err != nil {
 			return entryErr(hdr.Name, "set xattr "+key, err)
 		}
@@ -761,34 +782,6 @@ func times(hdr *tar.Header) (atime, mtime unix.Timespec) {
 		atime = unix.Timespec{Sec: hdr.AccessTime.Unix(), Nsec: int64(hdr.AccessTime.Nanosecond())}
 	}
 	return atime, mtime
-}
-
-// applyDirTimes sets directory times once all children exist.
-func (a *applier) applyDirTimes() error {
-	for name, dt := range a.dirTimes {
-		fd := a.rootfd
-		if name != "." {
-			var err error
-			fd, err = a.openBeneath(name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW)
-			if err != nil {
-				// A later entry removed or replaced the directory.
-				continue
-			}
-		}
-		var st unix.Stat_t
-		err := unix.Fstat(fd, &st)
-		if err == nil && st.Ino == dt.ino {
-			// AT_EMPTY_PATH works on the O_PATH fd, where futimens would not.
-			err = unix.UtimesNanoAt(fd, "", []unix.Timespec{dt.atime, dt.mtime}, unix.AT_EMPTY_PATH)
-		}
-		if fd != a.rootfd {
-			unix.Close(fd)
-		}
-		if err != nil {
-			return entryErr(name, "set directory times", err)
-		}
-	}
-	return nil
 }
 
 // entryErr wraps a syscall error with the entry it happened to.

@@ -1,0 +1,77 @@
+package driver
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+)
+
+// TestCloneSweeperForgetsHandledDeletions: once the clone of a deleted
+// PersistentVolume is gone, the sweeper forgets that deletion. A
+// PersistentVolume made again with the same handle (the handle derives from
+// the claim's name and parameters) whose new clone appears before the watch
+// has seen the new PersistentVolume gets the grace period like any young
+// clone, instead of being removed at once for the old deletion.
+func TestCloneSweeperForgetsHandledDeletions(t *testing.T) {
+	requireRoot(t)
+	pv := func(name, handle string) *corev1.PersistentVolume {
+		return &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.PersistentVolumeSpec{
+			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{Driver: DefaultName, VolumeHandle: handle}}}}
+	}
+	kube := fake.NewClientset(pv("pv-a", "strata-a"), pv("pv-c", "strata-c"))
+	d, err := New(Config{Mode: ModeNode, NodeID: "node-1", Root: t.TempDir(), Kube: kube})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	old := time.Now().Add(-time.Hour)
+	fakeClone(t, d, "strata-a", old, false)
+	fakeClone(t, d, "strata-c", old, false)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { d.runCloneSweeper(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting until %s", what)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-a", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the clone of the deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+
+	// The PV is made again with the same handle, and its first stage makes
+	// the clone before this node's watch has seen the new PV.
+	fakeClone(t, d, "strata-a", time.Now(), false)
+	// Another deletion triggers a sweep; its own clone going shows the
+	// sweep ran.
+	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-c", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the clone of the other deleted PV is removed", func() bool { return cloneGone(t, d, "strata-c") })
+	if !cloneExists(t, d, "strata-a") {
+		t.Fatal("the young clone of a re-created PersistentVolume was removed without its grace period, " +
+			"for a deletion of the same handle that the sweeper had already handled")
+	}
+
+	// Seen by the watch, the new PV keeps its clone; deleted again, the
+	// clone goes at once.
+	if _, err := kube.CoreV1().PersistentVolumes().Create(ctx, pv("pv-a2", "strata-a"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-a2", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the clone of the re-created and deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+}
