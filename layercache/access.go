@@ -50,16 +50,6 @@ func WithoutCredentialCheck() Option {
 	}
 }
 
-// credentialKey hashes the credentials that creds holds for repo's registry,
-// or returns "anonymous".
-func credentialKey(creds *Credentials, repo name.Repository) (string, error) {
-	auth, err := creds.authenticator(repo.Registry)
-	if err != nil {
-		return "", err
-	}
-	return authKey(auth, repo.RegistryStr(), anonymous)
-}
-
 func (s *Store) accessPath(repo name.Repository, d v1.Hash) string {
 	return filepath.Join(s.root, accessDir, keyHex(repo.Name()+"@"+d.String())+".json")
 }

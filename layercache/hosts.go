@@ -219,9 +219,6 @@ func (r *registryConfig) load() (*hosts, []fileStamp, error) {
 	return h, stampFiles(conf.Files), nil
 }
 
-// current returns the view in force, without checking the file.
-func (r *registryConfig) current() *hosts { return r.cur.Load() }
-
 // refresh checks whether the configuration changed, loads it if so, and
 // returns the view in force. It costs a stat per file when nothing changed.
 func (r *registryConfig) refresh() *hosts {

@@ -34,14 +34,9 @@ func WithRetry(attempts int, backoff time.Duration) Option {
 	}
 }
 
-// retry runs op until it succeeds, fails with an error that retrying cannot
-// fix, or the attempts are spent.
-func (s *Store) retry(ctx context.Context, what string, op func() error) error {
-	return s.retryN(ctx, what, s.opts.retryAttempts, op)
-}
-
-// retryN is retry with a number of attempts: a mirror gets one, since it
-// has a fallback.
+// retryN runs op until it succeeds, fails with an error that retrying cannot
+// fix, or the given attempts are spent: a mirror gets one, since it has a
+// fallback.
 func (s *Store) retryN(ctx context.Context, what string, attempts int, op func() error) error {
 	backoff := s.opts.retryBackoff
 	for attempt := 1; ; attempt++ {
