@@ -2,7 +2,6 @@ package layercache
 
 import (
 	"bytes"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -225,12 +224,4 @@ func sampleImage(t testing.TB, c testimage.Compression) v1.Image {
 
 var sampleMerged = []string{
 	"data/", "data/a.csv = a", "data/b.csv = b", "data/latest -> a.csv", "data/raw/", "data/raw/3 = three",
-}
-
-func readAll(t testing.TB, r io.Reader) string {
-	b, err := io.ReadAll(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
 }

@@ -121,7 +121,7 @@ func publishUpper(t *testing.T, root, key string, rec volumes.Record) {
 	if err := os.WriteFile(filepath.Join(upper, "data", "new.txt"), []byte("written by "+key+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Mknod(filepath.Join(upper, "data", "b.txt"), unix.S_IFCHR|0o000, 0); err != nil {
+	if err := unix.Mknod(filepath.Join(upper, "data", "b.txt"), unix.S_IFCHR, 0); err != nil {
 		t.Fatalf("mknod a whiteout (the test needs root): %v", err)
 	}
 }

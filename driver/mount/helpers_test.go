@@ -47,15 +47,6 @@ func mkdir(tb testing.TB, path string) string {
 	return path
 }
 
-func readFile(tb testing.TB, path string) string {
-	tb.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return string(b)
-}
-
 func assertContent(tb testing.TB, path, want string) {
 	tb.Helper()
 	b, err := os.ReadFile(path)
@@ -149,7 +140,7 @@ func assertEROFS(tb testing.TB, path string) {
 // whiteout makes the 0/0 character device overlayfs reads as "deleted".
 func whiteout(tb testing.TB, path string) {
 	tb.Helper()
-	if err := unix.Mknod(path, unix.S_IFCHR|0o000, int(unix.Mkdev(0, 0))); err != nil {
+	if err := unix.Mknod(path, unix.S_IFCHR, int(unix.Mkdev(0, 0))); err != nil {
 		tb.Fatal(err)
 	}
 }

@@ -62,13 +62,10 @@ func staticBins(t *testing.T) string {
 				return
 			}
 		}
-		goTool, err := exec.LookPath("go")
-		if err != nil {
-			goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-		}
 		for i, b := range binaries {
-			// Different -X values make the two binaries differ.
-			cmd := exec.Command(goTool, "build", "-trimpath", "-ldflags", "-s -w -X main.n="+strconv.Itoa(i), "-o", filepath.Join(dir, b), ".")
+			// Different -X values make the two binaries differ. The go
+			// command is the one go test puts first on PATH.
+			cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -X main.n="+strconv.Itoa(i), "-o", filepath.Join(dir, b), ".")
 			cmd.Dir = src
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH, "GOFLAGS=", "GOWORK=off")
 			if out, err := cmd.CombinedOutput(); err != nil {

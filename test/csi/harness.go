@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -32,14 +31,9 @@ import (
 // PluginPackage is the import path of the plugin binary.
 const PluginPackage = "github.com/strata-csi/strata/cmd/strata-csi"
 
-// goTool returns the go command: the one on PATH (go test puts its own
-// GOROOT/bin first), else the one of the toolchain that built the test.
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
-}
+// goTool is the go command on PATH: go test puts its own GOROOT/bin first
+// there, so the plugin is built by the toolchain that runs the test.
+const goTool = "go"
 
 // BuildPlugin builds cmd/strata-csi into dir and returns the binary's path.
 // Plugin reports any race the plugin logs as a test failure.
@@ -58,7 +52,7 @@ func BuildCommand(pkg, out string, flags ...string) error {
 		args = append(args, "-race")
 	}
 	args = append(args, pkg)
-	if b, err := exec.Command(goTool(), args...).CombinedOutput(); err != nil {
+	if b, err := exec.Command(goTool, args...).CombinedOutput(); err != nil {
 		return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, b)
 	}
 	return nil
