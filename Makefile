@@ -14,6 +14,8 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 # exceeded" and no crasher (golang/go#75804, fixed in Go 1.27).
 FUZZTIME ?= 60s
 FUZZTIME_CI ?= 10000x
+# Where hack/install-deps puts staticcheck (go install's default).
+STATICCHECK = $(shell $(GO) env GOPATH)/bin/staticcheck
 
 .PHONY: all build test unit e2e lint bench demo deps fuzz fuzz-ci clean
 
@@ -34,13 +36,17 @@ deps:
 # measures the plugin's memory.
 build lint unit: export GOGC := $(or $(GOGC),400)
 
-## lint: formatting and vet (with -race, so that vet and the tests share one
-## compilation of every dependency)
+## lint: formatting, vet (with -race, so that vet and the tests share one
+## compilation of every dependency) and staticcheck (its default checks,
+## unused code included; hack/install-deps installs the version pinned in
+## hack/versions.sh); fails on any finding
 lint: deps
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet -race ./...
 	$(GO) vet -race -tags e2e,cluster ./test/...
+	$(STATICCHECK) ./...
+	$(STATICCHECK) -tags e2e,cluster ./test/...
 
 ## test: the whole suite: unit and integration tests, then the end-to-end
 ## suite on a real cluster (root); the cluster's binaries build in the

@@ -8,3 +8,6 @@ CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.2.9}
 # Kubernetes v1.37's own etcd (kubeadm's DefaultEtcdVersion is 3.7.0).
 ETCD_VERSION=${ETCD_VERSION:-v3.7.0}
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
+# staticcheck for make lint (hack/install-deps): 2026.2.2, of the first
+# release line whose go.mod asks for go 1.26, like Strata's.
+STATICCHECK_VERSION=${STATICCHECK_VERSION:-v0.8.2}
