@@ -1,8 +1,9 @@
 # shellcheck shell=bash disable=SC2034
 # The versions of the tools that Strata's scripts build from the Go module
 # proxy (sourced by hack/install-deps, hack/render-deploy and
-# hack/cluster/common.sh). hack/cluster/tools/bundle pins exactly these; any
-# other version (from the environment) gets its own generated module.
+# hack/cluster/common.sh). hack/cluster/tools/bundle pins exactly the
+# cluster's and helm's; any other version (from the environment) gets its
+# own generated module. staticcheck is go-installed on its own.
 K8S_VERSION=${K8S_VERSION:-v1.37.2}
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.2.9}
 # Kubernetes v1.37's own etcd (kubeadm's DefaultEtcdVersion is 3.7.0).
