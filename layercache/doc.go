@@ -7,7 +7,7 @@
 // layer into a directory usable as an overlayfs lower dir, and keeps per-owner
 // references so that a layer in use is never pruned.
 //
-// Layout under the store root (see DESIGN.md):
+// Layout under the store root (docs/layercache.md, "On disk", says more):
 //
 //	layers/sha256/<diffID>/fs/        unpacked layer, overlayfs whiteouts
 //	layers/sha256/<diffID>/meta.json  sizes, compressed digest, media type

@@ -4,9 +4,8 @@
 // point queries.
 //
 // Everything is done with system calls (the new mount API where the kernel
-// has it); mount(8) is never executed. See DESIGN.md, section "Mounting", and
-// FACTS.md, section "Overlayfs on this kernel", for the kernel behaviour this
-// package works around.
+// has it); mount(8) is never executed. docs/mounting.md describes the
+// mounts and the kernel behaviour this package works around.
 package mount
 
 import (
