@@ -502,17 +502,9 @@ func diskBytes(p string) int64 {
 	return info.Size()
 }
 
-// cloneStats reports a clone's filesystem: bytes and inodes used, available
-// and in all, as its pod sees them (df in the pod shows the same).
+// cloneStats reports a clone's filesystem.
 func (d *Driver) cloneStats(id string) (*csi.NodeGetVolumeStatsResponse, error) {
-	u, err := clonefs.Stat(d.cloneDir(id))
-	if err != nil {
-		return nil, err
-	}
-	return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{
-		{Unit: csi.VolumeUsage_BYTES, Used: u.UsedBytes, Available: u.AvailableBytes, Total: u.TotalBytes},
-		{Unit: csi.VolumeUsage_INODES, Used: u.UsedInodes, Available: u.FreeInodes, Total: u.TotalInodes},
-	}}, nil
+	return fsStats(d.cloneDir(id))
 }
 
 // recoverClones runs at start: every clone on the node keeps its layer

@@ -90,7 +90,14 @@ func unmountUpper(dirs volumeDirs) error {
 
 // upperStats reports the capped upper's own filesystem.
 func upperStats(dirs volumeDirs) (*csi.NodeGetVolumeStatsResponse, error) {
-	u, err := clonefs.Stat(dirs.dir)
+	return fsStats(dirs.dir)
+}
+
+// fsStats reports the filesystem of a clone or a capped upper (clonefs, in
+// dir): bytes and inodes used, available and in all, as its pod sees them
+// (df in the pod shows the same).
+func fsStats(dir string) (*csi.NodeGetVolumeStatsResponse, error) {
+	u, err := clonefs.Stat(dir)
 	if err != nil {
 		return nil, err
 	}

@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -20,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-csi/strata/test/testfs"
 	"github.com/strata-csi/strata/test/testimage"
 )
 
@@ -343,24 +342,7 @@ func TestBudgetLegitImagePulls(t *testing.T) {
 // (the byte budget does not bound inodes), and leaves nothing.
 func TestUnpackKeepsInodesFree(t *testing.T) {
 	requireRoot(t)
-	dir := t.TempDir()
-	img, mnt := filepath.Join(dir, "fs.img"), filepath.Join(dir, "mnt")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 128<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-N", "16384", img).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4 (e2fsprogs is required): %v\n%s", err, out)
-	}
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
-		t.Fatalf("mount -o loop: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(mnt, unix.MNT_DETACH) })
+	mnt := testfs.LoopExt4(t, 128, "-N", "16384")
 
 	reg := testimage.Registry(t)
 	ref := reg + "/inodes:v1"

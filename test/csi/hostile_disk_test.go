@@ -3,7 +3,6 @@ package csitest
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -13,33 +12,9 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/strata-csi/strata/layercache"
+	"github.com/strata-csi/strata/test/testfs"
 	"github.com/strata-csi/strata/test/testimage"
 )
-
-// loopExt4 mounts a fresh ext4 filesystem of sizeMiB on a loop device, out
-// of the test's dir (whose mounts assertClean checks), and returns it.
-func loopExt4(t *testing.T, sizeMiB int) string {
-	t.Helper()
-	dir := t.TempDir()
-	img, mnt := filepath.Join(dir, "fs.img"), filepath.Join(dir, "mnt")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, int64(sizeMiB)<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", img).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4 (e2fsprogs is required): %v\n%s", err, out)
-	}
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
-		t.Fatalf("mount -o loop: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(mnt, unix.MNT_DETACH) })
-	return mnt
-}
 
 // usedBytes is what is in use on the filesystem that holds path.
 func usedBytes(t *testing.T, path string) int64 {
@@ -115,7 +90,7 @@ func TestHostileDecompressionBomb(t *testing.T) {
 		}, func(budget int64) int64 { return budget }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			disk := loopExt4(t, 512)
+			disk := testfs.LoopExt4(t, 512)
 			dir := t.TempDir()
 			CleanupMounts(t, dir)
 			e := &env{t: t, dir: dir, root: filepath.Join(disk, "root")}

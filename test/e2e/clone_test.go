@@ -224,16 +224,13 @@ spec:
 	}
 }
 
-// A generic ephemeral volume (ephemeral.volumeClaimTemplate) is a clone that
-// lives as long as its pod: the PVC is created with the pod and deleted with
-// it, and so is the clone on the node.
-func testGenericEphemeralClone(t *testing.T) {
-	createCloneClass(t)
-	ns := namespace(t, "e2e-ephemeral")
-	apply(t, ns, fmt.Sprintf(`apiVersion: v1
+// ephemeralClonePod is a pod that sleeps with a generic ephemeral volume of
+// the clone class at /data: its claim is <name>-data.
+func ephemeralClonePod(name string) string {
+	return fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata:
-  name: scratch
+  name: %s
 spec:
   terminationGracePeriodSeconds: 1
   containers:
@@ -253,7 +250,16 @@ spec:
           resources:
             requests:
               storage: %d
-`, busybox, cloneClass, cloneSize))
+`, name, busybox, cloneClass, cloneSize)
+}
+
+// A generic ephemeral volume (ephemeral.volumeClaimTemplate) is a clone that
+// lives as long as its pod: the PVC is created with the pod and deleted with
+// it, and so is the clone on the node.
+func testGenericEphemeralClone(t *testing.T) {
+	createCloneClass(t)
+	ns := namespace(t, "e2e-ephemeral")
+	apply(t, ns, ephemeralClonePod("scratch"))
 	waitRunning(t, ns, "scratch")
 	checkDatasetView(t, ns, "scratch", "/data")
 	mustExec(t, ns, "scratch", "echo scratch > /data/mine")

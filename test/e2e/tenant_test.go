@@ -84,30 +84,7 @@ func testTenantIsolation(t *testing.T) {
 		t.Fatalf("team B reads %q", out)
 	}
 	createCloneClass(t)
-	apply(t, b, fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata:
-  name: b-clone
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: main
-    image: %s
-    command: ["sleep", "86400"]
-    volumeMounts:
-    - name: data
-      mountPath: /data
-  volumes:
-  - name: data
-    ephemeral:
-      volumeClaimTemplate:
-        spec:
-          accessModes: [ReadWriteOnce]
-          storageClassName: %s
-          resources:
-            requests:
-              storage: %d
-`, busybox, cloneClass, cloneSize))
+	apply(t, b, ephemeralClonePod("b-clone"))
 	waitRunning(t, b, "b-clone")
 	mustExec(t, b, "b-clone", "echo b-only > /data/b-only.txt")
 	bPV := boundPV(t, b, "b-clone-data")
