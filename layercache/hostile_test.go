@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"golang.org/x/sys/unix"
 
+	"github.com/strata-csi/strata/test/peak"
 	"github.com/strata-csi/strata/test/testfs"
 	"github.com/strata-csi/strata/test/testimage"
 )
@@ -52,9 +52,7 @@ func pushBomb(t *testing.T, ref string) {
 // called, which returns the largest use seen (and a last sample).
 func watchDisk(t *testing.T, root string) func() int64 {
 	t.Helper()
-	var peak atomic.Int64
-	stop, done := make(chan struct{}), make(chan struct{})
-	sample := func() {
+	f := peak.Watch(10*time.Millisecond, func() int64 {
 		var total int64
 		// Files come and go while a pull runs: count what can be seen.
 		_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
@@ -66,26 +64,8 @@ func watchDisk(t *testing.T, root string) func() int64 {
 			}
 			return nil
 		})
-		if total > peak.Load() {
-			peak.Store(total)
-		}
-	}
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(10 * time.Millisecond):
-				sample()
-			}
-		}
-	}()
-	var once sync.Once
-	f := func() int64 {
-		once.Do(func() { close(stop); <-done; sample() })
-		return peak.Load()
-	}
+		return total
+	})
 	t.Cleanup(func() { f() })
 	return f
 }
@@ -353,30 +333,20 @@ func TestUnpackKeepsInodesFree(t *testing.T) {
 		t.Fatal(err)
 	}
 	total := int64(st.Files)
-	var minFree atomic.Int64
-	minFree.Store(int64(st.Ffree))
-	stop, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-			var st unix.Statfs_t
-			if unix.Statfs(mnt, &st) == nil && int64(st.Ffree) < minFree.Load() {
-				minFree.Store(int64(st.Ffree))
-			}
+	// The fewest free inodes: the most of their negation.
+	fewestFree := peak.Watch(5*time.Millisecond, func() int64 {
+		var st unix.Statfs_t
+		if unix.Statfs(mnt, &st) != nil {
+			return -int64(^uint64(0) >> 1)
 		}
-	}()
+		return -int64(st.Ffree)
+	})
 	_, err := s.Pull(context.Background(), ref, PullOptions{})
-	close(stop)
-	<-done
+	minFree := -fewestFree()
 	wantNoSpace(t, err, ref, "inodes free")
 	t.Log(err)
-	if want := int64(MinFreeInodes*float64(total)) - inodeCheckEvery - 64; minFree.Load() < want {
-		t.Errorf("free inodes fell to %d of %d during the pull, want at least about %d", minFree.Load(), total, want)
+	if want := int64(MinFreeInodes*float64(total)) - inodeCheckEvery - 64; minFree < want {
+		t.Errorf("free inodes fell to %d of %d during the pull, want at least about %d", minFree, total, want)
 	}
 	assertNothingLeft(t, s)
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/strata-csi/strata/test/peak"
 )
 
 // BenchmarkWriteTarBigDirectory commits an upper holding one directory of
@@ -42,28 +44,16 @@ func BenchmarkWriteTarBigDirectory(b *testing.B) {
 			old := maxDirNames
 			maxDirNames = bc.limit
 			defer func() { maxDirNames = old }()
-			var peak uint64
+			var most int64
 			for b.Loop() {
 				runtime.GC()
-				stop := make(chan struct{})
-				sampled := make(chan uint64)
-				go func() {
+				heap := peak.Watch(5*time.Millisecond, func() int64 {
 					var ms runtime.MemStats
-					var most uint64
-					for {
-						runtime.ReadMemStats(&ms)
-						most = max(most, ms.HeapInuse)
-						select {
-						case <-stop:
-							sampled <- most
-							return
-						case <-time.After(5 * time.Millisecond):
-						}
-					}
-				}()
+					runtime.ReadMemStats(&ms)
+					return int64(ms.HeapInuse)
+				})
 				st, err := WriteTar(context.Background(), upper, io.Discard)
-				close(stop)
-				peak = max(peak, <-sampled)
+				most = max(most, heap())
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -71,7 +61,7 @@ func BenchmarkWriteTarBigDirectory(b *testing.B) {
 					b.Fatalf("%d files, want %d", st.Files, n)
 				}
 			}
-			b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
+			b.ReportMetric(float64(most)/(1<<20), "peak-heap-MiB")
 		})
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/strata-csi/strata/test/peak"
 )
 
 // TestDirTimesBounded: the directory times restored at the end of a layer
@@ -69,7 +71,7 @@ func BenchmarkApplyManyDirs(b *testing.B) {
 			maxDirTimes = bc.limit
 			defer func() { maxDirTimes = old }()
 			tmp := b.TempDir()
-			var peak uint64
+			var most int64
 			for i := 0; b.Loop(); i++ {
 				layer := filepath.Join(tmp, fmt.Sprint(i))
 				must(b, os.Mkdir(layer, 0o755))
@@ -87,25 +89,13 @@ func BenchmarkApplyManyDirs(b *testing.B) {
 					pw.CloseWithError(tw.Close())
 				}()
 				runtime.GC()
-				stop := make(chan struct{})
-				sampled := make(chan uint64)
-				go func() {
+				heap := peak.Watch(5*time.Millisecond, func() int64 {
 					var ms runtime.MemStats
-					var max uint64
-					for {
-						runtime.ReadMemStats(&ms)
-						max = maxU(max, ms.HeapInuse)
-						select {
-						case <-stop:
-							sampled <- max
-							return
-						case <-time.After(5 * time.Millisecond):
-						}
-					}
-				}()
+					runtime.ReadMemStats(&ms)
+					return int64(ms.HeapInuse)
+				})
 				_, err := Apply(context.Background(), layer, pr)
-				close(stop)
-				peak = maxU(peak, <-sampled)
+				most = max(most, heap())
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -113,16 +103,9 @@ func BenchmarkApplyManyDirs(b *testing.B) {
 				must(b, os.RemoveAll(layer))
 				b.StartTimer()
 			}
-			b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
+			b.ReportMetric(float64(most)/(1<<20), "peak-heap-MiB")
 		})
 	}
-}
-
-func maxU(a, b uint64) uint64 {
-	if a > b {
-		return a
-	}
-	return b
 }
 
 // TestDeepPathsLinear: creating the implied parents of a deep name costs

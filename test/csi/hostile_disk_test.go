@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -12,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/strata-csi/strata/layercache"
+	"github.com/strata-csi/strata/test/peak"
 	"github.com/strata-csi/strata/test/testfs"
 	"github.com/strata-csi/strata/test/testimage"
 )
@@ -30,32 +30,14 @@ func usedBytes(t *testing.T, path string) int64 {
 // called, which returns the most seen.
 func watchUsed(t *testing.T, path string) func() int64 {
 	t.Helper()
-	var mu sync.Mutex
-	peak := usedBytes(t, path)
-	stop, done := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(10 * time.Millisecond):
-			}
-			var st unix.Statfs_t
-			if unix.Statfs(path, &st) == nil {
-				mu.Lock()
-				peak = max(peak, int64(st.Blocks-st.Bfree)*st.Bsize)
-				mu.Unlock()
-			}
+	used := usedBytes(t, path)
+	f := peak.Watch(10*time.Millisecond, func() int64 {
+		var st unix.Statfs_t
+		if unix.Statfs(path, &st) != nil {
+			return used
 		}
-	}()
-	var once sync.Once
-	f := func() int64 {
-		once.Do(func() { close(stop); <-done })
-		mu.Lock()
-		defer mu.Unlock()
-		return peak
-	}
+		return int64(st.Blocks-st.Bfree) * st.Bsize
+	})
 	t.Cleanup(func() { f() })
 	return f
 }
