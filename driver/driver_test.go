@@ -76,6 +76,13 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("mount: %w", mount.ErrTooManyLayers), codes.InvalidArgument},
 		{fmt.Errorf("unpack: %w", syscall.ENOSPC), codes.ResourceExhausted},
 		{fmt.Errorf("pull: %w", layercache.ErrNoSpace), codes.ResourceExhausted},
+		{fmt.Errorf("pull: %w", layercache.ErrLayerTooLarge), codes.ResourceExhausted},
+		{fmt.Errorf("unpack: %w", syscall.EDQUOT), codes.ResourceExhausted},
+		{fmt.Errorf("pull: %w", layercache.ErrUnsupported), codes.InvalidArgument},
+		// A layer pruned between Ensure and Acquire, every time the publish
+		// tried: it was overtaken, and kubelet's retry ensures it again.
+		{fmt.Errorf("acquire: %w", layercache.ErrLayerMissing), codes.Aborted},
+		{fmt.Errorf("publish: %w", context.Canceled), codes.Aborted},
 		{errors.Join(errors.New("a"), fmt.Errorf("b: %w", layercache.ErrUnavailable)), codes.Unavailable},
 		{invalid("bad"), codes.InvalidArgument},
 		{errorf(codes.Aborted, "busy"), codes.Aborted},

@@ -54,7 +54,9 @@ func toStatus(err error) error {
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
+	case errors.Is(err, context.Canceled), errors.Is(err, layercache.ErrLayerMissing):
+		// ErrLayerMissing: a prune took a layer between Ensure and Acquire
+		// every time the call tried; kubelet's retry ensures it again.
 		code = codes.Aborted
 	case errors.Is(err, layercache.ErrInvalidReference), errors.Is(err, layercache.ErrUnsupported),
 		errors.Is(err, mount.ErrTooManyLayers):
