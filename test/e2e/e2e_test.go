@@ -112,7 +112,7 @@ func testInstall(t *testing.T) {
 	start := time.Now()
 	out, err := helm("install", release, chartDir(),
 		"--namespace", releaseNS, "--create-namespace", "--wait", "--timeout", "3m",
-		"--set", "image.repository="+repo, "--set", "image.tag="+tag, "--set", "image.pullPolicy=Never",
+		"--set", "image.repository="+repo, "--set-string", "image.tag="+tag, "--set", "image.pullPolicy=Never",
 		"--set", "kubeletDir="+c.kubeletDir, "--set", "stateDir="+c.stateDir,
 		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true")
 	if err != nil {
