@@ -6,10 +6,6 @@ import (
 	"github.com/strata-csi/strata/layercache"
 )
 
-// ParseBytes parses a size as Kubernetes writes quantities (see
-// layercache.ParseBytes).
-func ParseBytes(s string) (int64, error) { return layercache.ParseBytes(s) }
-
 // cacheBudget turns a percentage of the filesystem that holds root into a
 // byte budget, when no byte count is given. The plugin's default is
 // layercache.DefaultMaxPercent; a byte count given on the command line

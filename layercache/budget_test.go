@@ -139,3 +139,16 @@ func TestBudgetValidation(t *testing.T) {
 		}
 	}
 }
+
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "1048576": 1 << 20, "50Gi": 50 << 30, "50G": 50e9, "512Mi": 512 << 20, "2Ti": 2 << 40, "10k": 10000} {
+		if got, err := ParseBytes(in); err != nil || got != want {
+			t.Errorf("ParseBytes(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1", "ten", "5GB", "1.5Gi", "9999999999Ti"} {
+		if got, err := ParseBytes(in); err == nil {
+			t.Errorf("ParseBytes(%q) = %d, want an error", in, got)
+		}
+	}
+}

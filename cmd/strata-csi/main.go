@@ -127,7 +127,7 @@ func main() {
 	budget := layercache.Budget{High: *highMark, Low: *lowMark, MinAge: *minAge}
 	percent := *maxPercent
 	if *maxBytes != "" {
-		n, err := driver.ParseBytes(*maxBytes)
+		n, err := layercache.ParseBytes(*maxBytes)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "strata-csi: --cache-max-bytes: %v\n", err)
 			os.Exit(2)
@@ -148,7 +148,7 @@ func main() {
 		}
 		defaultUpper = n
 	}
-	maxLayer, err := driver.ParseBytes(*layerMax)
+	maxLayer, err := layercache.ParseBytes(*layerMax)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "strata-csi: --layer-max-bytes: %v\n", err)
 		os.Exit(2)
