@@ -306,29 +306,15 @@ func TestCloneSweeperWatchesPersistentVolumes(t *testing.T) {
 	// whose PV the watch saw deleted.
 	fakeClone(t, d, "strata-a", time.Now(), false)
 	fakeClone(t, d, "strata-b", old, false) // the PV of that handle is another driver's
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { d.runCloneSweeper(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
-
-	waitFor := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting until %s", what)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-	waitFor("the clone of another driver's PV is removed", func() bool { return cloneGone(t, d, "strata-b") })
+	defer startCloneSweeper(d)()
+	waitUntil(t, "the clone of another driver's PV is removed", func() bool { return cloneGone(t, d, "strata-b") })
 	if !cloneExists(t, d, "strata-a") {
 		t.Fatal("the clone whose PV exists was removed")
 	}
-	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-a", metav1.DeleteOptions{}); err != nil {
+	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-a", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the clone of the deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+	waitUntil(t, "the clone of the deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
 }
 
 // TestCloneFSDirMatches: package volumes names the clone's mount point
@@ -336,5 +322,26 @@ func TestCloneSweeperWatchesPersistentVolumes(t *testing.T) {
 func TestCloneFSDirMatches(t *testing.T) {
 	if volumes.CloneFSDir != clonefs.MountDir {
 		t.Fatalf("volumes.CloneFSDir %q != clonefs.MountDir %q", volumes.CloneFSDir, clonefs.MountDir)
+	}
+}
+
+// startCloneSweeper runs d's clone sweeper until the returned function is
+// called, which waits for it to stop.
+func startCloneSweeper(d *Driver) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { d.runCloneSweeper(ctx); close(done) }()
+	return func() { cancel(); <-done }
+}
+
+// waitUntil polls cond for up to 20 s, and fails the test if it never holds.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -31,35 +31,21 @@ func TestCloneSweeperForgetsHandledDeletions(t *testing.T) {
 	old := time.Now().Add(-time.Hour)
 	fakeClone(t, d, "strata-a", old, false)
 	fakeClone(t, d, "strata-c", old, false)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { d.runCloneSweeper(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
-
-	waitFor := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting until %s", what)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-a", metav1.DeleteOptions{}); err != nil {
+	defer startCloneSweeper(d)()
+	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-a", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the clone of the deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+	waitUntil(t, "the clone of the deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
 
 	// The PV is made again with the same handle, and its first stage makes
 	// the clone before this node's watch has seen the new PV.
 	fakeClone(t, d, "strata-a", time.Now(), false)
 	// Another deletion triggers a sweep; its own clone going shows the
 	// sweep ran.
-	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-c", metav1.DeleteOptions{}); err != nil {
+	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-c", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the clone of the other deleted PV is removed", func() bool { return cloneGone(t, d, "strata-c") })
+	waitUntil(t, "the clone of the other deleted PV is removed", func() bool { return cloneGone(t, d, "strata-c") })
 	if !cloneExists(t, d, "strata-a") {
 		t.Fatal("the young clone of a re-created PersistentVolume was removed without its grace period, " +
 			"for a deletion of the same handle that the sweeper had already handled")
@@ -67,11 +53,11 @@ func TestCloneSweeperForgetsHandledDeletions(t *testing.T) {
 
 	// Seen by the watch, the new PV keeps its clone; deleted again, the
 	// clone goes at once.
-	if _, err := kube.CoreV1().PersistentVolumes().Create(ctx, pv("pv-a2", "strata-a"), metav1.CreateOptions{}); err != nil {
+	if _, err := kube.CoreV1().PersistentVolumes().Create(context.Background(), pv("pv-a2", "strata-a"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := kube.CoreV1().PersistentVolumes().Delete(ctx, "pv-a2", metav1.DeleteOptions{}); err != nil {
+	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-a2", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the clone of the re-created and deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+	waitUntil(t, "the clone of the re-created and deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
 }

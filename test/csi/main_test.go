@@ -204,19 +204,7 @@ func (e *env) refFiles() []string {
 // nothing is mounted below the test's dir.
 func (e *env) assertClean() {
 	e.t.Helper()
-	if vs := e.volumeDirs(); len(vs) > 0 {
-		e.t.Errorf("volumes left under %s: %v", e.root, vs)
-	}
-	if rs := e.refFiles(); len(rs) > 0 {
-		e.t.Errorf("layer references left: %v", rs)
-	}
-	ms, err := MountsUnder(e.dir)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	for _, m := range ms {
-		e.t.Errorf("still mounted: %s (%s)", m.MountPoint, m.FsType)
-	}
+	e.assertCleanBut("")
 }
 
 func readString(t testing.TB, p string) string {

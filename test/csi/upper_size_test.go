@@ -167,7 +167,7 @@ func newEnvOnOwnFS(t *testing.T) *env {
 	return &env{t: t, dir: dir, root: root, Plugin: startPlugin(t, root)}
 }
 
-// assertCleanBut is assertClean with a mount at keep left out.
+// assertCleanBut is assertClean with a mount at keep left out ("": none).
 func (e *env) assertCleanBut(keep string) {
 	e.t.Helper()
 	if vs := e.volumeDirs(); len(vs) > 0 {
