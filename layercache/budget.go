@@ -337,15 +337,13 @@ const reserveChunk = 1 << 20
 // first evicting unused layers if they are needed. pulled is what ref's pull
 // unpacked so far, for the message.
 func (s *Store) reserve(ctx context.Context, ref string, n, pulled int64) error {
-	b := s.opts.budget
-	if b.MaxBytes == 0 {
+	if s.opts.budget.MaxBytes == 0 {
 		return nil
 	}
 	r := &s.res
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.committed >= 0 && r.committed+r.inflight+n <= b.MaxBytes {
-		r.inflight += n
+	if s.takeFreeLocked(n) {
 		return nil
 	}
 	short, err := s.makeRoomLocked(ctx, r.inflight+n)
@@ -362,14 +360,19 @@ func (s *Store) reserve(ctx context.Context, ref string, n, pulled int64) error 
 // tryReserve takes n bytes of the budget if they are free without
 // measuring or evicting.
 func (s *Store) tryReserve(n int64) bool {
-	b := s.opts.budget
-	if b.MaxBytes == 0 {
+	if s.opts.budget.MaxBytes == 0 {
 		return true
 	}
+	s.res.mu.Lock()
+	defer s.res.mu.Unlock()
+	return s.takeFreeLocked(n)
+}
+
+// takeFreeLocked reserves n bytes if the last measure of the cache shows
+// them free; the caller holds s.res.mu.
+func (s *Store) takeFreeLocked(n int64) bool {
 	r := &s.res
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.committed >= 0 && r.committed+r.inflight+n <= b.MaxBytes {
+	if r.committed >= 0 && r.committed+r.inflight+n <= s.opts.budget.MaxBytes {
 		r.inflight += n
 		return true
 	}
