@@ -140,16 +140,16 @@ func New(cfg Config) (*Watcher, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &Watcher{
-		cfg:       cfg,
-		loc:       &locator{kube: cfg.Kube, root: cfg.Root, node: cfg.NodeID, driver: cfg.DriverName},
-		queue:     workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
-		now:       time.Now,
-		running:   map[string]bool{},
-		unwritten: map[types.UID]Status{},
-	}
-	w.secretOnly, w.allowed = secretOnly, allowed
-	return w, nil
+	return &Watcher{
+		cfg:        cfg,
+		loc:        &locator{kube: cfg.Kube, root: cfg.Root, node: cfg.NodeID, driver: cfg.DriverName},
+		queue:      workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]()),
+		now:        time.Now,
+		running:    map[string]bool{},
+		unwritten:  map[types.UID]Status{},
+		secretOnly: secretOnly,
+		allowed:    allowed,
+	}, nil
 }
 
 // Run watches VolumeCommits and carries out this node's, one at a time,
