@@ -15,6 +15,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/engine"
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/layercache"
 	"github.com/strata-csi/strata/test/testimage"
@@ -62,7 +63,7 @@ func benchDriverUpper(b *testing.B, n int, upperSize int64) (*Driver, string) {
 
 func publishRequest(id, target, ref string) *csi.NodePublishVolumeRequest {
 	return &csi.NodePublishVolumeRequest{
-		VolumeId: id, TargetPath: target, VolumeContext: map[string]string{attrImage: ref},
+		VolumeId: id, TargetPath: target, VolumeContext: map[string]string{"image": ref},
 		VolumeCapability: &csi.VolumeCapability{
 			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
 			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
@@ -87,7 +88,7 @@ func reportLatency(b *testing.B, name string, ds []time.Duration) {
 // a filesystem of its own on a loop device.
 func BenchmarkPublish(b *testing.B) {
 	for _, n := range []int{8, 100} {
-		for _, upper := range []int64{0, DefaultUpperSize} {
+		for _, upper := range []int64{0, engine.DefaultUpperSize} {
 			name := fmt.Sprintf("layers=%d", n)
 			if upper > 0 {
 				name += fmt.Sprintf(",upper=%dGi", upper>>30)
@@ -134,7 +135,7 @@ func BenchmarkMountFloor(b *testing.B) {
 				l, _ := d.store.LayerDir(img.Layers[i].DiffID)
 				lowers = append(lowers, l)
 			}
-			scratch := filepath.Join(d.root, "floor")
+			scratch := filepath.Join(d.cfg.Root, "floor")
 			var ms []time.Duration
 			for b.Loop() {
 				for _, p := range []string{"u", "w", "m"} {
@@ -163,7 +164,7 @@ func BenchmarkMountFloor(b *testing.B) {
 // with the default cap.
 func BenchmarkParallelPublish(b *testing.B) {
 	b.Run("upper=none", func(b *testing.B) { benchParallelPublish(b, 0) })
-	b.Run(fmt.Sprintf("upper=%dGi", DefaultUpperSize>>30), func(b *testing.B) { benchParallelPublish(b, DefaultUpperSize) })
+	b.Run(fmt.Sprintf("upper=%dGi", engine.DefaultUpperSize>>30), func(b *testing.B) { benchParallelPublish(b, engine.DefaultUpperSize) })
 }
 
 func benchParallelPublish(b *testing.B, upper int64) {

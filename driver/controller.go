@@ -12,9 +12,12 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/clones"
+	"github.com/strata-csi/strata/driver/engine"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // controllerState remembers the volumes created since start, for the
@@ -67,7 +70,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 // the image itself, usable on any node. A writable one is a persistent
 // clone of the image, bound to one node (the accessibility requirement's
 // first preferred, else requisite, topology): its volume context carries
-// attrClone and attrCapacity, and the node makes the clone at its first
+// engine.AttrClone and engine.AttrCapacity, and the node makes the clone at its first
 // stage. Nothing is copied here, nor anywhere else.
 func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	if req.GetName() == "" {
@@ -77,18 +80,18 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 		return nil, err
 	}
 	for k := range req.GetParameters() {
-		if strings.HasPrefix(k, reservedPrefix) {
+		if strings.HasPrefix(k, engine.ReservedPrefix) {
 			return nil, invalid("CreateVolume %s: parameter %q is set by %s itself: remove it from the StorageClass", req.GetName(), k, d.name)
 		}
 	}
-	if _, ok := req.GetParameters()[attrSize]; ok {
+	if _, ok := req.GetParameters()[engine.AttrSize]; ok {
 		// A writable provisioned volume is a clone, capped at its claim's
 		// size; a read-only one has no upper to cap.
 		return nil, invalid("CreateVolume %s: parameter %q caps the upper of inline volumes and static PersistentVolumes only: "+
 			"the size of a provisioned volume is its claim's storage request (spec.resources.requests.storage); remove %s from the StorageClass",
-			req.GetName(), attrSize, attrSize)
+			req.GetName(), engine.AttrSize, engine.AttrSize)
 	}
-	attrs, err := parseAttributes(req.GetParameters())
+	attrs, err := engine.ParseAttributes(req.GetParameters())
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +106,7 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	// The volume context is the parameters less the provisioner's own keys.
 	vctx := map[string]string{}
 	for k, v := range req.GetParameters() {
-		if !strings.HasPrefix(k, kubePrefix) {
+		if !strings.HasPrefix(k, engine.KubePrefix) {
 			vctx[k] = v
 		}
 	}
@@ -115,13 +118,13 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 			return nil, err
 		}
 		if capacity == 0 {
-			capacity = DefaultCloneCapacity
+			capacity = clones.DefaultCapacity
 			if limit > 0 && limit < capacity {
 				capacity = limit
 			}
 		}
-		vctx[attrClone] = "true"
-		vctx[attrCapacity] = strconv.FormatInt(capacity, 10)
+		vctx[engine.AttrClone] = "true"
+		vctx[engine.AttrCapacity] = strconv.FormatInt(capacity, 10)
 		topology = []*csi.Topology{{Segments: map[string]string{TopologyKey: node}}}
 	}
 	id := volumeID(req.GetName(), vctx)
@@ -134,7 +137,7 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	}
 	if old, ok := c.volumes[req.GetName()]; ok {
 		if old.capacity != capacity || !maps.Equal(old.params, vctx) || !sameTopology(old.topology, topology) {
-			return nil, errorf(codes.AlreadyExists, "volume %q already exists with other parameters, capacity or node", req.GetName())
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists with other parameters, capacity or node", req.GetName())
 		}
 	}
 	c.volumes[req.GetName()] = &createdVolume{id: id, capacity: capacity, params: vctx, topology: topology}
@@ -145,16 +148,6 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
 		VolumeId: id, CapacityBytes: capacity, VolumeContext: vctx, AccessibleTopology: topology,
 	}}, nil
-}
-
-// allReadOnly reports whether every capability only reads.
-func allReadOnly(caps []*csi.VolumeCapability) bool {
-	for _, c := range caps {
-		if !readOnlyMode(c) {
-			return false
-		}
-	}
-	return true
 }
 
 // cloneNode picks the node of a new clone from the request's accessibility
@@ -170,8 +163,8 @@ func (d *Driver) cloneNode(req *csi.CreateVolumeRequest) (string, error) {
 		top = ar.GetPreferred()[0]
 	case len(ar.GetRequisite()) > 0:
 		top = ar.GetRequisite()[0]
-	case d.mode == ModeAll && d.nodeID != "":
-		return d.nodeID, nil
+	case d.mode == ModeAll && d.cfg.NodeID != "":
+		return d.cfg.NodeID, nil
 	default:
 		return "", invalid("CreateVolume %s: a writable volume is a clone on one node, and the request names no node: "+
 			"use a StorageClass with volumeBindingMode: WaitForFirstConsumer (or a read-only access mode, ReadOnlyMany, for the image itself)", req.GetName())
@@ -199,8 +192,14 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	if id == "" {
 		return nil, invalid("DeleteVolume: volume id is required")
 	}
-	if d.store != nil && volumes.CheckCloneID(id) == nil {
-		if err := d.deleteLocalClone(klog.FromContext(ctx).WithValues("volumeID", id), id, "DeleteVolume"); err != nil {
+	if d.clones != nil && state.CheckCloneID(id) == nil {
+		unlock, err := d.locks.TryLock(engine.CloneLock(id), "volume "+id)
+		if err != nil {
+			return nil, err
+		}
+		err = d.clones.Delete(klog.FromContext(ctx).WithValues("volumeID", id), id, "DeleteVolume")
+		unlock()
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -224,7 +223,7 @@ func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.Validate
 		return nil, invalid("ValidateVolumeCapabilities: volume capabilities are required")
 	}
 	if !strings.HasPrefix(req.GetVolumeId(), volumeIDPrefix) {
-		return nil, errorf(codes.NotFound, "volume %q was not made by %s", req.GetVolumeId(), d.name)
+		return nil, status.Errorf(codes.NotFound, "volume %q was not made by %s", req.GetVolumeId(), d.name)
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
@@ -234,46 +233,4 @@ func (d *Driver) ValidateVolumeCapabilities(_ context.Context, req *csi.Validate
 		VolumeCapabilities: req.GetVolumeCapabilities(),
 		Parameters:         req.GetParameters(),
 	}}, nil
-}
-
-// checkCapabilities accepts filesystem access in every access mode; block
-// access has no meaning for an overlay.
-func checkCapabilities(caps []*csi.VolumeCapability) error {
-	if len(caps) == 0 {
-		return invalid("volume capabilities are required")
-	}
-	for _, c := range caps {
-		if err := checkCapability(c); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func checkCapability(c *csi.VolumeCapability) error {
-	if c == nil {
-		return invalid("volume capability is required")
-	}
-	if c.GetBlock() != nil {
-		return invalid("block access is not supported: a Strata volume is a filesystem (use volumeMode: Filesystem)")
-	}
-	if c.GetMount() == nil {
-		return invalid("volume capability needs mount access")
-	}
-	if fs := c.GetMount().GetFsType(); fs != "" && fs != "overlay" {
-		return invalid("fsType %q is not supported: a Strata volume is an overlay; leave fsType empty", fs)
-	}
-	if c.GetAccessMode() == nil || c.GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_UNKNOWN {
-		return invalid("volume capability needs an access mode")
-	}
-	return nil
-}
-
-// readOnlyMode reports whether an access mode allows no writes.
-func readOnlyMode(c *csi.VolumeCapability) bool {
-	switch c.GetAccessMode().GetMode() {
-	case csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY, csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY:
-		return true
-	}
-	return false
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"reflect"
 	"strings"
 	"syscall"
 	"testing"
@@ -13,51 +12,12 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/strata-csi/strata/driver/clones"
+	"github.com/strata-csi/strata/driver/engine"
 	"github.com/strata-csi/strata/driver/mount"
+	"github.com/strata-csi/strata/internal/fault"
 	"github.com/strata-csi/strata/layercache"
 )
-
-func TestParseAttributes(t *testing.T) {
-	for _, tc := range []struct {
-		name    string
-		attrs   map[string]string
-		want    volumeAttributes
-		wantErr string
-	}{
-		{"image only", map[string]string{"image": "r/x:v1"}, volumeAttributes{Image: "r/x:v1", PullPolicy: layercache.PullIfNotPresent}, ""},
-		{"all", map[string]string{"image": "r/x:v1", "pullPolicy": "Never", "subPath": "data/raw/"},
-			volumeAttributes{Image: "r/x:v1", PullPolicy: layercache.PullNever, SubPath: "data/raw"}, ""},
-		{"subPath cannot climb out", map[string]string{"image": "r/x", "subPath": "../../etc"},
-			volumeAttributes{Image: "r/x", PullPolicy: layercache.PullIfNotPresent, SubPath: "etc"}, ""},
-		{"kubelet keys are accepted", map[string]string{"image": "r/x", "csi.storage.k8s.io/pod.name": "p", "csi.storage.k8s.io/ephemeral": "true"},
-			volumeAttributes{Image: "r/x", PullPolicy: layercache.PullIfNotPresent}, ""},
-		{"missing image", map[string]string{"pullPolicy": "Always"}, volumeAttributes{}, `volume attribute "image" is required`},
-		{"unknown key named", map[string]string{"image": "r/x", "pullpolicy": "Always"}, volumeAttributes{}, `unknown volume attribute "pullpolicy"`},
-		{"bad policy", map[string]string{"image": "r/x", "pullPolicy": "Sometimes"}, volumeAttributes{}, `unknown pull policy "Sometimes"`},
-		{"stack of one line", map[string]string{"image": "r/ds:v1", "stackImages": "r/tools:v1, r/extra@sha256:" + strings.Repeat("a", 64)},
-			volumeAttributes{Image: "r/ds:v1", StackImages: []string{"r/tools:v1", "r/extra@sha256:" + strings.Repeat("a", 64)}, PullPolicy: layercache.PullIfNotPresent}, ""},
-		{"stack of a YAML block", map[string]string{"image": "r/ds:v1", "stackImages": "r/tools:v1\nr/extra:v2\n"},
-			volumeAttributes{Image: "r/ds:v1", StackImages: []string{"r/tools:v1", "r/extra:v2"}, PullPolicy: layercache.PullIfNotPresent}, ""},
-		{"empty stack", map[string]string{"image": "r/ds:v1", "stackImages": " , "}, volumeAttributes{}, "stackImages is empty"},
-		{"malformed stacked image", map[string]string{"image": "r/ds:v1", "stackImages": "r/tools:v1,UPPER/Case::x"}, volumeAttributes{},
-			`volume attribute stackImages: invalid image reference "UPPER/Case::x"`},
-		{"malformed image", map[string]string{"image": "r/ds::v1"}, volumeAttributes{}, `volume attribute image: invalid image reference "r/ds::v1"`},
-		{"stack without image", map[string]string{"stackImages": "r/tools:v1"}, volumeAttributes{}, `volume attribute "image" is required`},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := parseAttributes(tc.attrs)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) || status.Code(toStatus(err)) != codes.InvalidArgument {
-					t.Fatalf("parseAttributes(%v) = %v, want InvalidArgument containing %q", tc.attrs, err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil || !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("parseAttributes(%v) = %+v, %v; want %+v", tc.attrs, got, err, tc.want)
-			}
-		})
-	}
-}
 
 func TestToStatus(t *testing.T) {
 	for _, tc := range []struct {
@@ -85,7 +45,13 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("publish: %w", context.Canceled), codes.Aborted},
 		{errors.Join(errors.New("a"), fmt.Errorf("b: %w", layercache.ErrUnavailable)), codes.Unavailable},
 		{invalid("bad"), codes.InvalidArgument},
-		{errorf(codes.Aborted, "busy"), codes.Aborted},
+		{fault.Errorf(engine.ErrBusy, "busy"), codes.Aborted},
+		{fmt.Errorf("publish: %w", engine.ErrConflict), codes.AlreadyExists},
+		{fault.Errorf(engine.ErrNotStaged, "stage first"), codes.FailedPrecondition},
+		{fault.Errorf(engine.ErrBaseChanged, "other image"), codes.FailedPrecondition},
+		{fault.Errorf(engine.ErrNotPublished, "not here"), codes.NotFound},
+		{fault.Errorf(clones.ErrInUse, "staged"), codes.FailedPrecondition},
+		{status.Error(codes.OutOfRange, "kept"), codes.OutOfRange},
 		{errors.New("something else"), codes.Internal},
 	} {
 		if got := status.Code(toStatus(tc.err)); got != tc.want {
@@ -141,13 +107,6 @@ func TestCreateVolumeIsIdempotentByName(t *testing.T) {
 	}}
 	if _, err := d.CreateVolume(context.Background(), block); status.Code(toStatus(err)) != codes.InvalidArgument {
 		t.Errorf("block access: %v, want InvalidArgument", err)
-	}
-}
-
-func TestVolumeKeySeparatesTargets(t *testing.T) {
-	a, b := volumeKey("pv-1", "/var/lib/kubelet/pods/a/volumes/x"), volumeKey("pv-1", "/var/lib/kubelet/pods/b/volumes/x")
-	if a == b || !isVolumeKey(a) || volumeKey("pv-1", "/var/lib/kubelet/pods/a/volumes/x/") != a {
-		t.Errorf("keys %s, %s: want distinct volume keys, stable under a trailing slash", a, b)
 	}
 }
 

@@ -9,7 +9,7 @@ import (
 
 // GetPluginInfo returns the driver's name and version.
 func (d *Driver) GetPluginInfo(context.Context, *csi.GetPluginInfoRequest) (*csi.GetPluginInfoResponse, error) {
-	return &csi.GetPluginInfoResponse{Name: d.name, VendorVersion: d.version}, nil
+	return &csi.GetPluginInfoResponse{Name: d.name, VendorVersion: d.cfg.Version}, nil
 }
 
 // GetPluginCapabilities advertises the controller service when it is

@@ -28,6 +28,7 @@ import (
 
 	"github.com/strata-csi/strata/driver"
 	"github.com/strata-csi/strata/driver/credentials"
+	"github.com/strata-csi/strata/driver/engine"
 	"github.com/strata-csi/strata/driver/health"
 	"github.com/strata-csi/strata/driver/provisioner"
 	"github.com/strata-csi/strata/driver/registration"
@@ -89,7 +90,7 @@ func main() {
 		leaderElect = flag.Bool("leader-election", false, "provision only while holding the Lease <driver name with dots as dashes> (e.g. strata-csi-dev), so that one of several controller replicas provisions at a time")
 		leaderNS    = flag.String("leader-election-namespace", "", "namespace of the leader election Lease (empty: the pod's own namespace, from $POD_NAMESPACE or its service account)")
 		commits     = flag.Bool("volume-commits", false, "in node mode with API access: carry out the VolumeCommits (strata.csi.dev/v1alpha1) of this node's volumes, reading the pods, claims, PersistentVolumes and push secrets they name in any namespace (needs the chart's volumeCommits RBAC); off: VolumeCommits are not watched")
-		upperSize   = flag.String("default-upper-size", resource.NewQuantity(driver.DefaultUpperSize, resource.BinarySI).String(), "cap on the writable upper of an inline volume or static PersistentVolume that sets no size attribute, a Kubernetes quantity such as 10Gi (at least 1Mi); 0: no default cap, such uppers are directories on the --root filesystem")
+		upperSize   = flag.String("default-upper-size", resource.NewQuantity(engine.DefaultUpperSize, resource.BinarySI).String(), "cap on the writable upper of an inline volume or static PersistentVolume that sets no size attribute, a Kubernetes quantity such as 10Gi (at least 1Mi); 0: no default cap, such uppers are directories on the --root filesystem")
 		insecure    stringList
 		prepull     stringList
 		allowedRegs commaList
@@ -141,7 +142,7 @@ func main() {
 	}
 	var defaultUpper int64
 	if v := strings.TrimSpace(*upperSize); v != "0" {
-		n, err := driver.ParseUpperSize(v)
+		n, err := engine.ParseUpperSize(v)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "strata-csi: --default-upper-size: %v; or 0 for no default cap\n", err)
 			os.Exit(2)
@@ -160,12 +161,12 @@ func main() {
 		fmt.Fprintf(os.Stderr, "strata-csi: --kubeconfig: %v\n", err)
 		os.Exit(2)
 	}
-	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr, prepull: prepull,
+	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr,
 		provision: *provision, leaderElection: *leaderElect, leaderElectionNamespace: *leaderNS}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: percent,
 		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn, DefaultUpperSize: defaultUpper,
-		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS,
+		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS, Prepull: prepull,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
 			PodIdentity: *podIdentity,
@@ -220,7 +221,6 @@ type sidecars struct {
 	kubeletCSIEndpoint string // the CSI socket as kubelet sees it; empty = the --endpoint path
 	healthAddress      string // GET /healthz; empty = off
 	metricsAddress     string // GET /metrics; empty = off
-	prepull            []string
 	// The in-process provisioner (csi-provisioner's duty), in controller
 	// and all modes.
 	provision               bool
@@ -265,10 +265,7 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if err := d.Prepull(ctx, side.prepull); err != nil {
-		return err
-	}
-	if err := d.WatchCommits(ctx); err != nil {
+	if err := d.Start(); err != nil { // prepulls, the clone sweep, VolumeCommits
 		return err
 	}
 	var (
@@ -327,7 +324,7 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 		if name == "" {
 			name = driver.DefaultName
 		}
-		p, err := provisioner.New(name, d, provisioner.WithNodes(provisioner.NodesFrom(cfg.Kube)), provisioner.WithTopologyKey(driver.TopologyKey))
+		p, err := provisioner.New(name, driver.TopologyKey, d, provisioner.WithNodes(provisioner.NodesFrom(cfg.Kube)))
 		if err != nil {
 			return err
 		}

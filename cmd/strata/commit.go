@@ -8,7 +8,7 @@ import (
 	"strings"
 
 	"github.com/strata-csi/strata/driver/commits/source"
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache"
 	"github.com/strata-csi/strata/layercache/commit"
 )
@@ -53,12 +53,12 @@ func commitFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 
 // findVolume picks the one publish that arg names: by volume id, or by the
 // pod as NAMESPACE/NAME, narrowed by target path if given.
-func findVolume(cmd *command, root, arg, targetPath string) (*volumes.Volume, error) {
-	all, err := volumes.List(root)
+func findVolume(cmd *command, root, arg, targetPath string) (*state.Volume, error) {
+	all, err := state.List(root)
 	if err != nil {
 		return nil, fmt.Errorf("list the volumes under %s: %w", root, err)
 	}
-	var match []volumes.Volume
+	var match []state.Volume
 	for _, v := range all {
 		if v.VolumeID != arg && v.Pod() != arg {
 			continue
@@ -94,7 +94,7 @@ func findVolume(cmd *command, root, arg, targetPath string) (*volumes.Volume, er
 
 // runCommit builds the layer from the volume's upper and pushes it to
 // targetRef (a tag), telling what it built and what it uploaded.
-func runCommit(ctx context.Context, cmd *command, e *env, s *layercache.Store, v *volumes.Volume, targetRef string, creds *layercache.Credentials) error {
+func runCommit(ctx context.Context, cmd *command, e *env, s *layercache.Store, v *state.Volume, targetRef string, creds *layercache.Credentials) error {
 	target, err := commit.ParseTarget(s, targetRef)
 	if err != nil {
 		return usagef(cmd, "TARGET_REF: %v", err)

@@ -6,7 +6,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // TestCommitUsage: commit says which volume it cannot commit, and why,
@@ -14,12 +14,12 @@ import (
 func TestCommitUsage(t *testing.T) {
 	root := t.TempDir()
 	d := v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("b", 64)}
-	for key, rec := range map[string]volumes.Record{
+	for key, rec := range map[string]state.Record{
 		"00000000000000000000000000000001": {VolumeID: "pv-a", TargetPath: "/pods/1/vol", Image: "127.0.0.1:1/x:v1", Digest: d, PodNamespace: "ns", PodName: "p1"},
 		"00000000000000000000000000000002": {VolumeID: "pv-a", TargetPath: "/pods/2/vol", Image: "127.0.0.1:1/x:v1", Digest: d, PodNamespace: "ns", PodName: "p2"},
 		"00000000000000000000000000000003": {VolumeID: "pv-ro", TargetPath: "/pods/3/vol", Image: "127.0.0.1:1/x:v1", Digest: d, ReadOnly: true},
 		"00000000000000000000000000000004": {VolumeID: "pv-stack", TargetPath: "/pods/4/vol", Image: "127.0.0.1:1/x:v1", Digest: d,
-			Stack: []volumes.StackImage{{Image: "127.0.0.1:1/x:v1", Digest: d}, {Image: "127.0.0.1:1/y:v1", Digest: d}}},
+			Stack: []state.StackImage{{Image: "127.0.0.1:1/x:v1", Digest: d}, {Image: "127.0.0.1:1/y:v1", Digest: d}}},
 	} {
 		publishRecord(t, root, key, rec)
 	}

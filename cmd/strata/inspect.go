@@ -14,7 +14,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -77,7 +77,7 @@ type (
 	}
 )
 
-func toVolumeJSON(v volumes.Volume) volumeJSON {
+func toVolumeJSON(v state.Volume) volumeJSON {
 	return volumeJSON{Key: v.Key, VolumeID: v.VolumeID, TargetPath: v.TargetPath, Image: v.Image,
 		Digest: v.Digest.String(), ReadOnly: v.ReadOnly, Published: v.Published,
 		PodNamespace: v.PodNamespace, PodName: v.PodName, PodUID: v.PodUID}
@@ -101,11 +101,11 @@ func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if err != nil {
 			return fmt.Errorf("list layers: %w", err)
 		}
-		vols, err := volumes.List(e.root)
+		vols, err := state.List(e.root)
 		if err != nil {
 			return fmt.Errorf("list volumes: %w", err)
 		}
-		byKey := map[string]volumes.Volume{}
+		byKey := map[string]state.Volume{}
 		out := lsJSON{Images: []imageJSON{}, Layers: []layerJSON{}, Volumes: []volumeJSON{}}
 		for _, v := range vols {
 			byKey[v.Key] = v
@@ -155,7 +155,7 @@ const maxUsers = 3
 // ("shop/web-0 (vol-1)"), the volume id alone when kubelet did not pass the
 // pod, or the owner as recorded (a prepull, or a volume whose record is
 // gone).
-func holder(owner string, vols map[string]volumes.Volume) string {
+func holder(owner string, vols map[string]state.Volume) string {
 	v, ok := vols[owner]
 	switch {
 	case !ok:
@@ -167,7 +167,7 @@ func holder(owner string, vols map[string]volumes.Volume) string {
 }
 
 // usedBy lists the holders of a layer, the first maxUsers of them.
-func usedBy(owners []string, vols map[string]volumes.Volume) string {
+func usedBy(owners []string, vols map[string]state.Volume) string {
 	if len(owners) == 0 {
 		return "-"
 	}
@@ -189,8 +189,8 @@ func nonNil(s []string) []string {
 	return s
 }
 
-func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.LayerInfo, users map[v1.Hash][]string, vols []volumes.Volume) error {
-	byKey := map[string]volumes.Volume{}
+func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.LayerInfo, users map[v1.Hash][]string, vols []state.Volume) error {
+	byKey := map[string]state.Volume{}
 	for _, v := range vols {
 		byKey[v.Key] = v
 	}

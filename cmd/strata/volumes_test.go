@@ -10,20 +10,20 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache"
 	"github.com/strata-csi/strata/test/testimage"
 )
 
 // publishRecord does what the CSI plugin does on a publish, as far as ls
 // can see: volumes/<key>/volume.json, and the layer references of owner key.
-func publishRecord(t *testing.T, root, key string, rec volumes.Record) {
+func publishRecord(t *testing.T, root, key string, rec state.Record) {
 	t.Helper()
-	dir := filepath.Join(root, volumes.Dir, key)
+	dir := filepath.Join(root, state.Dir, key)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := volumes.Write(filepath.Join(dir, volumes.RecordFile), &rec); err != nil {
+	if err := state.Write(filepath.Join(dir, state.RecordFile), &rec); err != nil {
 		t.Fatal(err)
 	}
 	acquire(t, root, key, rec.Layers)
@@ -58,10 +58,10 @@ func TestListShowsVolumes(t *testing.T) {
 	both := []v1.Hash{base.diffID(t), top.diffID(t)}
 	published := time.Now().UTC().Truncate(time.Second)
 	const keyWeb, keyBatch = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
-	publishRecord(t, root, keyWeb, volumes.Record{VolumeID: "vol-web", TargetPath: "/pods/web/vol", Image: ref,
+	publishRecord(t, root, keyWeb, state.Record{VolumeID: "vol-web", TargetPath: "/pods/web/vol", Image: ref,
 		Digest: digest, Layers: both, Published: published, PodNamespace: "shop", PodName: "web-0", PodUID: "uid-1"})
 	// Written before the plugin recorded pods, or kubelet without podInfoOnMount.
-	publishRecord(t, root, keyBatch, volumes.Record{VolumeID: "vol-batch", TargetPath: "/pods/batch/vol", Image: ref,
+	publishRecord(t, root, keyBatch, state.Record{VolumeID: "vol-batch", TargetPath: "/pods/batch/vol", Image: ref,
 		Digest: digest, Layers: both[:1], Published: published})
 	acquire(t, root, "prepull:"+ref, both[1:])
 
@@ -122,10 +122,10 @@ func TestListShowsVolumes(t *testing.T) {
 }
 
 func TestUsedBy(t *testing.T) {
-	vols := map[string]volumes.Volume{
-		"k1": {Key: "k1", Record: volumes.Record{VolumeID: "v1", PodNamespace: "a", PodName: "p1"}},
-		"k2": {Key: "k2", Record: volumes.Record{VolumeID: "v2", PodNamespace: "a", PodName: "p2"}},
-		"k3": {Key: "k3", Record: volumes.Record{VolumeID: "v3"}},
+	vols := map[string]state.Volume{
+		"k1": {Key: "k1", Record: state.Record{VolumeID: "v1", PodNamespace: "a", PodName: "p1"}},
+		"k2": {Key: "k2", Record: state.Record{VolumeID: "v2", PodNamespace: "a", PodName: "p2"}},
+		"k3": {Key: "k3", Record: state.Record{VolumeID: "v3"}},
 	}
 	for _, tc := range []struct {
 		name   string

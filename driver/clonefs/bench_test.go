@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // BenchmarkCreateMount1GiB is one clone's life: Create, Mount, Unmount and
@@ -23,7 +25,7 @@ func BenchmarkCreateMount1GiB(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StopTimer()
-		disk = fileDisk(b, filepath.Join(dir, ImageFile))
+		disk = fileDisk(b, filepath.Join(dir, state.ImageFile))
 		b.StartTimer()
 		if _, err := Mount(ctx, dir); err != nil {
 			b.Fatal(err)

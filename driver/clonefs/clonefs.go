@@ -56,13 +56,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver/mount"
-)
-
-const (
-	// ImageFile is the image's name in a clone's directory.
-	ImageFile = "disk.img"
-	// MountDir is where the image is mounted in a clone's directory.
-	MountDir = "fs"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // Usage is what Stat reports about a mounted clone.
@@ -76,9 +70,10 @@ type Usage struct {
 	DiskBytes      int64 // bytes the image file occupies on the node's disk (st_blocks*512)
 }
 
-// imagePath and mountPath are the only places that join the layout names.
-func imagePath(dir string) string { return filepath.Join(dir, ImageFile) }
-func mountPath(dir string) string { return filepath.Join(dir, MountDir) }
+// imagePath and mountPath are the only places that join the layout names,
+// which package state owns: dir/disk.img mounted at dir/fs.
+func imagePath(dir string) string { return filepath.Join(dir, state.ImageFile) }
+func mountPath(dir string) string { return filepath.Join(dir, state.FSDir) }
 
 // Create makes dir (0700) and dir/disk.img: a sparse file formatted ext4
 // whose free space for an unprivileged writer (statfs Bavail*Bsize right after

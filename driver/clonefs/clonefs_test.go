@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-csi/strata/driver/mount"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // requireLoop fails the test unless it can make real loop mounts: root,
@@ -103,7 +104,7 @@ func createMount(tb testing.TB, dir string, size int64) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if want := filepath.Join(dir, MountDir); mnt != want {
+	if want := filepath.Join(dir, state.FSDir); mnt != want {
 		tb.Fatalf("Mount returned %s, want %s", mnt, want)
 	}
 	return mnt
@@ -147,7 +148,7 @@ func TestSizes(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := newDir(t)
 			mnt := createMount(t, dir, tc.size)
-			img := filepath.Join(dir, ImageFile)
+			img := filepath.Join(dir, state.ImageFile)
 			fi, err := os.Stat(img)
 			if err != nil {
 				t.Fatal(err)
@@ -200,7 +201,7 @@ func TestENOSPC(t *testing.T) {
 	const size = 64 * miB
 	dir := newDir(t)
 	mnt := createMount(t, dir, size)
-	img := filepath.Join(dir, ImageFile)
+	img := filepath.Join(dir, state.ImageFile)
 	hostBefore := statfs(t, dir)
 	diskBefore := fileDisk(t, img)
 
@@ -268,8 +269,8 @@ func TestENOSPC(t *testing.T) {
 func TestIdempotent(t *testing.T) {
 	ctx := context.Background()
 	dir := newDir(t)
-	img := filepath.Join(dir, ImageFile)
-	target := filepath.Join(dir, MountDir)
+	img := filepath.Join(dir, state.ImageFile)
+	target := filepath.Join(dir, state.FSDir)
 	for i := 0; i < 2; i++ {
 		if err := Create(ctx, dir, 32*miB); err != nil {
 			t.Fatalf("Create #%d: %v", i+1, err)
@@ -366,7 +367,7 @@ func TestPersistence(t *testing.T) {
 	if err := Unmount(dir); err != nil {
 		t.Fatal(err)
 	}
-	if n := loopsNaming(t, filepath.Join(dir, ImageFile)); n != 0 {
+	if n := loopsNaming(t, filepath.Join(dir, state.ImageFile)); n != 0 {
 		t.Fatalf("%d loop devices hold the image after Unmount, want 0", n)
 	}
 	if _, err := os.Stat(filepath.Join(mnt, "upper")); !errors.Is(err, fs.ErrNotExist) {
@@ -406,8 +407,8 @@ func TestCreateLeftoverTemp(t *testing.T) {
 	for _, e := range entries {
 		names = append(names, e.Name())
 	}
-	if strings.Join(names, " ") != ImageFile+" "+MountDir {
-		t.Errorf("clone dir holds %v, want [%s %s]", names, ImageFile, MountDir)
+	if strings.Join(names, " ") != state.ImageFile+" "+state.FSDir {
+		t.Errorf("clone dir holds %v, want [%s %s]", names, state.ImageFile, state.FSDir)
 	}
 	if err := os.WriteFile(filepath.Join(mnt, "x"), []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
@@ -421,7 +422,7 @@ func TestCreateRefusesForeignImage(t *testing.T) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	img := filepath.Join(dir, ImageFile)
+	img := filepath.Join(dir, state.ImageFile)
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -445,7 +446,7 @@ func TestCreateRefusesForeignImage(t *testing.T) {
 func TestStat(t *testing.T) {
 	dir := newDir(t)
 	mnt := createMount(t, dir, 128*miB)
-	img := filepath.Join(dir, ImageFile)
+	img := filepath.Join(dir, state.ImageFile)
 	before, err := Stat(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -505,7 +506,7 @@ func TestStat(t *testing.T) {
 // second one: two ext4 instances on one image would corrupt it.
 func TestMountReusesAttachedDevice(t *testing.T) {
 	dir := newDir(t)
-	img := filepath.Join(dir, ImageFile)
+	img := filepath.Join(dir, state.ImageFile)
 	mnt := createMount(t, dir, 8*miB)
 	var st unix.Statx_t
 	if err := unix.Statx(unix.AT_FDCWD, mnt, 0, 0, &st); err != nil {
@@ -555,7 +556,7 @@ func TestMountSetFD(t *testing.T) {
 	loopConfigure = false
 	defer func() { loopConfigure = true }()
 	dir := newDir(t)
-	img := filepath.Join(dir, ImageFile)
+	img := filepath.Join(dir, state.ImageFile)
 	mnt := createMount(t, dir, 8*miB)
 	var st unix.Statx_t
 	if err := unix.Statx(unix.AT_FDCWD, mnt, 0, 0, &st); err != nil {
@@ -584,7 +585,7 @@ func TestMountRefusesOtherMount(t *testing.T) {
 	if err := Create(context.Background(), dir, 8*miB); err != nil {
 		t.Fatal(err)
 	}
-	target := filepath.Join(dir, MountDir)
+	target := filepath.Join(dir, state.FSDir)
 	if err := os.Mkdir(target, 0o755); err != nil {
 		t.Fatal(err)
 	}

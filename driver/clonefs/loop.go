@@ -257,3 +257,21 @@ func openBacking(name string, img *unix.Stat_t) (*os.File, bool, error) {
 	}
 	return dev, true, nil
 }
+
+// LoopOf returns the name of the loop device whose backing file is img (""
+// if none), compared by device and inode number, which hold in any mount
+// namespace. A missing img has none.
+func LoopOf(img string) (string, error) {
+	st, err := statImage(img)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", img, err)
+	}
+	dev, name, err := findAttached(st)
+	if dev != nil {
+		dev.Close()
+	}
+	return name, err
+}

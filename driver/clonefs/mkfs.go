@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/driver/state"
 )
 
 const (
@@ -32,7 +34,7 @@ const (
 	labelPrefix, labelSuffix = "strata-", "M"
 	// tempPrefix names the image while it is being formatted; Create removes
 	// files with this prefix left by a crash.
-	tempPrefix = "." + ImageFile + ".tmp-"
+	tempPrefix = "." + state.ImageFile + ".tmp-"
 	// maxPasses bounds the format-measure-grow loop; one pass is the rule.
 	maxPasses = 5
 

@@ -13,7 +13,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/strata-csi/strata/driver/commits/source"
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache/commit"
 )
 
@@ -127,7 +127,7 @@ func (l *locator) podVolume(ctx context.Context, ns, name, volume string) (locat
 		return refuse("volume %q of pod %s/%s is not a %s volume (neither an inline CSI volume nor a claim)", volume, ns, name, l.driver), nil
 	}
 
-	all, err := volumes.List(l.root)
+	all, err := state.List(l.root)
 	if err != nil {
 		return located{}, fmt.Errorf("list the volumes under %s: %w", l.root, err)
 	}
@@ -156,7 +156,7 @@ func (l *locator) podVolume(ctx context.Context, ns, name, volume string) (locat
 // publishedFor reports whether v is the publish of the pod with uid at
 // kubelet's directory dir: its target path ends in
 // /<uid>/volumes/kubernetes.io~csi/<dir>/mount.
-func publishedFor(v *volumes.Volume, uid types.UID, dir string) bool {
+func publishedFor(v *state.Volume, uid types.UID, dir string) bool {
 	if v.PodUID != "" && v.PodUID != string(uid) {
 		return false
 	}
@@ -230,11 +230,11 @@ func (l *locator) claim(ctx context.Context, ns, name string) (located, error) {
 		}
 		return located{verdict: here, src: s, what: what}, nil
 	}
-	all, err := volumes.List(l.root)
+	all, err := state.List(l.root)
 	if err != nil {
 		return located{}, fmt.Errorf("list the volumes under %s: %w", l.root, err)
 	}
-	var rw []*volumes.Volume
+	var rw []*state.Volume
 	readOnly := 0
 	for i := range all {
 		switch v := &all[i]; {

@@ -14,7 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 const (
@@ -34,13 +34,13 @@ func kubeletTarget(uid, dir string) string {
 }
 
 // writeRecord writes a publish record (and its upper dir) under root.
-func writeRecord(t *testing.T, root, key string, rec volumes.Record) {
+func writeRecord(t *testing.T, root, key string, rec state.Record) {
 	t.Helper()
-	dir := filepath.Join(root, volumes.Dir, key)
-	if err := os.MkdirAll(filepath.Join(dir, volumes.UpperDir), 0o700); err != nil {
+	dir := filepath.Join(root, state.Dir, key)
+	if err := os.MkdirAll(filepath.Join(dir, state.UpperDir), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := volumes.Write(filepath.Join(dir, volumes.RecordFile), &rec); err != nil {
+	if err := state.Write(filepath.Join(dir, state.RecordFile), &rec); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -114,28 +114,28 @@ func claimSource(claim string) *VolumeCommit {
 func TestLocate(t *testing.T) {
 	root := t.TempDir()
 	img := "127.0.0.1:1/datasets/base:v1"
-	writeRecord(t, root, "k-inline", volumes.Record{VolumeID: "csi-inline", TargetPath: kubeletTarget("uid-trainer", "data"),
+	writeRecord(t, root, "k-inline", state.Record{VolumeID: "csi-inline", TargetPath: kubeletTarget("uid-trainer", "data"),
 		Image: img, Digest: digestA, PodNamespace: "team-a", PodName: "trainer", PodUID: "uid-trainer"})
 	// Another pod's volume of the same name: never taken for trainer's.
-	writeRecord(t, root, "k-other", volumes.Record{VolumeID: "csi-other", TargetPath: kubeletTarget("uid-other", "data"),
+	writeRecord(t, root, "k-other", state.Record{VolumeID: "csi-other", TargetPath: kubeletTarget("uid-other", "data"),
 		Image: img, Digest: digestB, PodUID: "uid-other"})
-	writeRecord(t, root, "k-ro", volumes.Record{VolumeID: "csi-ro", TargetPath: kubeletTarget("uid-reader", "data"),
+	writeRecord(t, root, "k-ro", state.Record{VolumeID: "csi-ro", TargetPath: kubeletTarget("uid-reader", "data"),
 		Image: img, Digest: digestA, ReadOnly: true, PodUID: "uid-reader"})
 	// A static PV published for one pod through a claim: kubelet names the
 	// directory after the PV.
-	writeRecord(t, root, "k-static", volumes.Record{VolumeID: "static-1", TargetPath: kubeletTarget("uid-static", "pv-static"),
+	writeRecord(t, root, "k-static", state.Record{VolumeID: "static-1", TargetPath: kubeletTarget("uid-static", "pv-static"),
 		Image: img, Digest: digestB, PodNamespace: "team-a", PodName: "static-user", PodUID: "uid-static"})
 	// A static PV published twice on this node.
 	for _, p := range []string{"p1", "p2"} {
-		writeRecord(t, root, "k-shared-"+p, volumes.Record{VolumeID: "shared-1", TargetPath: kubeletTarget("uid-"+p, "pv-shared"),
+		writeRecord(t, root, "k-shared-"+p, state.Record{VolumeID: "shared-1", TargetPath: kubeletTarget("uid-"+p, "pv-shared"),
 			Image: img, Digest: digestA, PodNamespace: "team-a", PodName: p, PodUID: "uid-" + p})
 	}
 	// A persistent clone of this node, and its publish for a pod.
-	if err := volumes.WriteClone(root, &volumes.Clone{VolumeID: "strata-clone1", CapacityBytes: 1 << 30,
-		Stack: []volumes.StackImage{{Image: img, Digest: digestB}}}); err != nil {
+	if err := state.WriteClone(root, &state.Clone{VolumeID: "strata-clone1", CapacityBytes: 1 << 30,
+		Stack: []state.StackImage{{Image: img, Digest: digestB}}}); err != nil {
 		t.Fatal(err)
 	}
-	writeRecord(t, root, "k-clone", volumes.Record{VolumeID: "strata-clone1", TargetPath: kubeletTarget("uid-cloneuser", "pv-clone"),
+	writeRecord(t, root, "k-clone", state.Record{VolumeID: "strata-clone1", TargetPath: kubeletTarget("uid-cloneuser", "pv-clone"),
 		Image: img, Digest: digestB, PodUID: "uid-cloneuser", Clone: true, StagingPath: "/staging/x"})
 
 	objs := []runtime.Object{
@@ -159,7 +159,7 @@ func TestLocate(t *testing.T) {
 	// Team B's static PV, published read-write on this node for team B's
 	// pod. Team A names it in claims of its own, which the API server
 	// accepts (spec.volumeName is the user's to set) but never binds.
-	writeRecord(t, root, "k-team-b", volumes.Record{VolumeID: "static-b", TargetPath: kubeletTarget("uid-bpod", "pv-b"),
+	writeRecord(t, root, "k-team-b", state.Record{VolumeID: "static-b", TargetPath: kubeletTarget("uid-bpod", "pv-b"),
 		Image: img, Digest: digestA, PodNamespace: "team-b", PodName: "b-user", PodUID: "uid-bpod"})
 	pvB := csiPV("pv-b", testDriver, "static-b", "")
 	pvB.Spec.ClaimRef = &corev1.ObjectReference{Kind: "PersistentVolumeClaim", Namespace: "team-b", Name: "data", UID: "uid-b-data"}
@@ -197,7 +197,7 @@ func TestLocate(t *testing.T) {
 		digest  v1.Hash // when here
 		words   []string
 	}{
-		{"inline volume of a pod of this node", podSource("trainer", "data"), here, volumes.Upper(root, "k-inline"), digestA, nil},
+		{"inline volume of a pod of this node", podSource("trainer", "data"), here, state.Upper(root, "k-inline"), digestA, nil},
 		{"pod on another node", podSource("elsewhere", "data"), notHere, "", v1.Hash{}, []string{"node-2"}},
 		{"pod not scheduled", podSource("unscheduled", "data"), notHere, "", v1.Hash{}, nil},
 		{"pod not created yet", podSource("later", "data"), notHere, "", v1.Hash{}, []string{"does not exist"}},
@@ -207,11 +207,11 @@ func TestLocate(t *testing.T) {
 		{"volume of another CSI driver", podSource("trainer", "scratch"), refused, "", v1.Hash{}, []string{"other.csi.io"}},
 		{"volume not CSI", podSource("trainer", "cfg"), refused, "", v1.Hash{}, []string{"not a strata.csi.dev volume"}},
 		{"read-only volume", podSource("reader", "data"), refused, "", v1.Hash{}, []string{"read-only"}},
-		{"pod's claim of a static PV", podSource("static-user", "data"), here, volumes.Upper(root, "k-static"), digestB, nil},
-		{"pod's claim of a persistent clone", podSource("cloneuser", "data"), here, volumes.CloneUpper(root, "strata-clone1"), digestB, nil},
+		{"pod's claim of a static PV", podSource("static-user", "data"), here, state.Upper(root, "k-static"), digestB, nil},
+		{"pod's claim of a persistent clone", podSource("cloneuser", "data"), here, state.CloneUpper(root, "strata-clone1"), digestB, nil},
 		{"pod's claim of another driver's PV", podSource("nfs-user", "data"), refused, "", v1.Hash{}, []string{"pv-nfs", "not a strata.csi.dev volume"}},
-		{"claim of a persistent clone", claimSource("clone-claim"), here, volumes.CloneUpper(root, "strata-clone1"), digestB, nil},
-		{"claim of a static PV published once", claimSource("static-claim"), here, volumes.Upper(root, "k-static"), digestB, nil},
+		{"claim of a persistent clone", claimSource("clone-claim"), here, state.CloneUpper(root, "strata-clone1"), digestB, nil},
+		{"claim of a static PV published once", claimSource("static-claim"), here, state.Upper(root, "k-static"), digestB, nil},
 		{"claim published twice here", claimSource("shared-claim"), refused, "", v1.Hash{}, []string{"2 times", "team-a/p1, team-a/p2", "spec.source.pod"}},
 		{"claim of another driver", claimSource("nfs-claim"), refused, "", v1.Hash{}, []string{"pv-nfs"}},
 		{"claim whose volume is on another node", claimSource("remote-claim"), notHere, "", v1.Hash{}, []string{"not published on this node"}},

@@ -37,7 +37,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/strata-csi/strata/driver/credentials"
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache"
 	"github.com/strata-csi/strata/test/testimage"
 )
@@ -111,10 +111,10 @@ func newNode(t *testing.T) *nodeEnv {
 // publishUpper writes a publish record whose upper holds a new file and
 // the deletion of data/b.txt (a 0/0 character device, as overlayfs writes
 // it).
-func publishUpper(t *testing.T, root, key string, rec volumes.Record) {
+func publishUpper(t *testing.T, root, key string, rec state.Record) {
 	t.Helper()
 	writeRecord(t, root, key, rec)
-	upper := volumes.Upper(root, key)
+	upper := state.Upper(root, key)
 	if err := os.MkdirAll(filepath.Join(upper, "data"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -146,8 +146,8 @@ func TestWatcher(t *testing.T) {
 	pushes.n.Store(0)
 
 	n1, n2 := newNode(t), newNode(t)
-	rec := func(id, uid, dir string, ro bool) volumes.Record {
-		return volumes.Record{VolumeID: id, TargetPath: kubeletTarget(uid, dir), Image: base, Digest: baseDigest, ReadOnly: ro, PodUID: uid}
+	rec := func(id, uid, dir string, ro bool) state.Record {
+		return state.Record{VolumeID: id, TargetPath: kubeletTarget(uid, dir), Image: base, Digest: baseDigest, ReadOnly: ro, PodUID: uid}
 	}
 	publishUpper(t, n1.root, "k-trainer", rec("csi-trainer", "uid-trainer", "data", false))
 	publishUpper(t, n1.root, "k-reader", rec("csi-reader", "uid-reader", "data", true))
@@ -465,9 +465,9 @@ func TestWatcherPushCredentials(t *testing.T) {
 	targetLog.mu.Unlock()
 
 	n := newNode(t)
-	publishUpper(t, n.root, "k-trainer", volumes.Record{VolumeID: "csi-trainer", TargetPath: kubeletTarget("uid-trainer", "data"),
+	publishUpper(t, n.root, "k-trainer", state.Record{VolumeID: "csi-trainer", TargetPath: kubeletTarget("uid-trainer", "data"),
 		Image: base, Digest: baseDigest, PodUID: "uid-trainer"})
-	publishUpper(t, n.root, "k-local", volumes.Record{VolumeID: "csi-local", TargetPath: kubeletTarget("uid-local", "data"),
+	publishUpper(t, n.root, "k-local", state.Record{VolumeID: "csi-local", TargetPath: kubeletTarget("uid-local", "data"),
 		Image: sameBase, Digest: sameDigest, PodUID: "uid-local"})
 
 	// The driver's ServiceAccount holds the node's credentials, for both

@@ -30,11 +30,6 @@ import (
 	"sigs.k8s.io/sig-storage-lib-external-provisioner/v13/controller"
 )
 
-// DefaultTopologyKey is the node label (and CSI topology segment key) whose
-// value names the node a clone lives on: the node plugin reports it in
-// NodeGetInfo, and kubelet copies it into the Node's labels.
-const DefaultTopologyKey = "topology.strata.csi.dev/node"
-
 // Keys of StorageClass parameters under csi.storage.k8s.io/, the prefix
 // csi-provisioner reserves. The provisioner consumes them: they never reach
 // CreateVolume.
@@ -70,17 +65,6 @@ func WithNodes(get NodeGetter) Option {
 	return func(p *Provisioner) error { p.nodes = get; return nil }
 }
 
-// WithTopologyKey sets the topology key (DefaultTopologyKey).
-func WithTopologyKey(key string) Option {
-	return func(p *Provisioner) error {
-		if key == "" {
-			return errors.New("empty topology key: leave the option out for " + DefaultTopologyKey)
-		}
-		p.topologyKey = key
-		return nil
-	}
-}
-
 // Provisioner provisions and deletes the PVs of one CSI driver by calling
 // its controller service.
 type Provisioner struct {
@@ -97,14 +81,20 @@ var (
 
 // New returns a Provisioner for driver (the StorageClasses' provisioner
 // name and the PVs' CSI driver) that calls cs, usually the *driver.Driver.
-func New(driver string, cs csi.ControllerServer, opts ...Option) (*Provisioner, error) {
+// topologyKey is the node label (and CSI topology segment key) whose value
+// names the node a clone lives on: driver.TopologyKey, which the node
+// plugin reports in NodeGetInfo and kubelet copies into the Node's labels.
+func New(driver, topologyKey string, cs csi.ControllerServer, opts ...Option) (*Provisioner, error) {
 	if driver == "" {
 		return nil, errors.New("provisioner needs the CSI driver name")
+	}
+	if topologyKey == "" {
+		return nil, errors.New("provisioner needs the topology key")
 	}
 	if cs == nil {
 		return nil, errors.New("provisioner needs a CSI controller service")
 	}
-	p := &Provisioner{driver: driver, cs: cs, topologyKey: DefaultTopologyKey}
+	p := &Provisioner{driver: driver, cs: cs, topologyKey: topologyKey}
 	for _, o := range opts {
 		if err := o(p); err != nil {
 			return nil, err

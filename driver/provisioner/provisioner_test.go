@@ -58,7 +58,7 @@ func node(name string, labels map[string]string) *v1.Node {
 
 func newProvisioner(t *testing.T, opts ...Option) *Provisioner {
 	t.Helper()
-	p, err := New(driver.DefaultName, newDriver(t), opts...)
+	p, err := New(driver.DefaultName, driver.TopologyKey, newDriver(t), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,18 +93,10 @@ func options(sc *storagev1.StorageClass, pvc *v1.PersistentVolumeClaim, node str
 	return controller.ProvisionOptions{StorageClass: sc, PVC: pvc, PVName: "pvc-" + string(pvc.UID), SelectedNodeName: node}
 }
 
-// TestTopologyKeyMatchesDriver: the provisioner and the node plugin agree
-// on the label that names a node.
-func TestTopologyKeyMatchesDriver(t *testing.T) {
-	if DefaultTopologyKey != driver.TopologyKey {
-		t.Fatalf("DefaultTopologyKey %q, the driver reports %q", DefaultTopologyKey, driver.TopologyKey)
-	}
-}
-
 // TestProvisionClone: a writable claim on the node the scheduler selected
 // becomes a clone PV bound to that node by its topology label.
 func TestProvisionClone(t *testing.T) {
-	p := newProvisioner(t, WithNodes(nodes(node("worker-1", map[string]string{DefaultTopologyKey: "n1"}))))
+	p := newProvisioner(t, WithNodes(nodes(node("worker-1", map[string]string{driver.TopologyKey: "n1"}))))
 	sc := class(map[string]string{"pullPolicy": "Always", "subPath": "train"})
 	retain := v1.PersistentVolumeReclaimRetain
 	sc.ReclaimPolicy = &retain
@@ -161,8 +153,8 @@ func checkAffinity(t *testing.T, pv *v1.PersistentVolume, value string) {
 		t.Fatalf("nodeAffinity %+v, want one required term", na)
 	}
 	exprs := na.Required.NodeSelectorTerms[0].MatchExpressions
-	if len(exprs) != 1 || exprs[0].Key != DefaultTopologyKey || exprs[0].Operator != v1.NodeSelectorOpIn || !slices.Equal(exprs[0].Values, []string{value}) {
-		t.Errorf("node selector %+v, want %s In [%s]", exprs, DefaultTopologyKey, value)
+	if len(exprs) != 1 || exprs[0].Key != driver.TopologyKey || exprs[0].Operator != v1.NodeSelectorOpIn || !slices.Equal(exprs[0].Values, []string{value}) {
+		t.Errorf("node selector %+v, want %s In [%s]", exprs, driver.TopologyKey, value)
 	}
 }
 
@@ -173,9 +165,9 @@ func TestProvisionSelectedNode(t *testing.T) {
 		nodes Option
 		want  string
 	}{
-		{"label", WithNodes(nodes(node("worker-1", map[string]string{DefaultTopologyKey: "n1"}))), "n1"},
+		{"label", WithNodes(nodes(node("worker-1", map[string]string{driver.TopologyKey: "n1"}))), "n1"},
 		{"no label: the node name", WithNodes(nodes(node("worker-1", nil))), "worker-1"},
-		{"no node reader: the node name", WithTopologyKey(DefaultTopologyKey), "worker-1"},
+		{"no node reader: the node name", WithNodes(nil), "worker-1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newProvisioner(t, tc.nodes)
@@ -208,12 +200,12 @@ func TestProvisionReadOnly(t *testing.T) {
 // binding), the class's allowedTopologies place the clone; a selected node
 // outside them is refused.
 func TestProvisionAllowedTopologies(t *testing.T) {
-	p := newProvisioner(t, WithNodes(nodes(node("worker-1", map[string]string{DefaultTopologyKey: "n1"}))))
+	p := newProvisioner(t, WithNodes(nodes(node("worker-1", map[string]string{driver.TopologyKey: "n1"}))))
 	sc := class(nil)
 	immediate := storagev1.VolumeBindingImmediate
 	sc.VolumeBindingMode = &immediate
 	sc.AllowedTopologies = []v1.TopologySelectorTerm{{MatchLabelExpressions: []v1.TopologySelectorLabelRequirement{
-		{Key: DefaultTopologyKey, Values: []string{"n2", "n3"}},
+		{Key: driver.TopologyKey, Values: []string{"n2", "n3"}},
 	}}}
 	pv, _, err := p.Provision(context.Background(), options(sc, claim(v1.ReadWriteMany), ""))
 	if err != nil {
@@ -342,8 +334,8 @@ func TestCreateVolumeRequest(t *testing.T) {
 		t.Errorf("access modes %v, want %v (one capability per claim mode)", modes, want)
 	}
 	top := req.GetAccessibilityRequirements()
-	if len(top.GetPreferred()) != 1 || top.GetPreferred()[0].GetSegments()[DefaultTopologyKey] != "worker-1" ||
-		len(top.GetRequisite()) != 1 || top.GetRequisite()[0].GetSegments()[DefaultTopologyKey] != "worker-1" {
+	if len(top.GetPreferred()) != 1 || top.GetPreferred()[0].GetSegments()[driver.TopologyKey] != "worker-1" ||
+		len(top.GetRequisite()) != 1 || top.GetRequisite()[0].GetSegments()[driver.TopologyKey] != "worker-1" {
 		t.Errorf("accessibility %v, want worker-1 preferred and requisite", top)
 	}
 
@@ -425,13 +417,13 @@ func TestLeaseName(t *testing.T) {
 
 // TestNew refuses an incomplete configuration.
 func TestNew(t *testing.T) {
-	if _, err := New("", newDriver(t)); err == nil {
+	if _, err := New("", driver.TopologyKey, newDriver(t)); err == nil {
 		t.Error("New without a driver name succeeded")
 	}
-	if _, err := New(driver.DefaultName, nil); err == nil {
-		t.Error("New without a controller service succeeded")
+	if _, err := New(driver.DefaultName, "", newDriver(t)); err == nil {
+		t.Error("New without a topology key succeeded")
 	}
-	if _, err := New(driver.DefaultName, newDriver(t), WithTopologyKey("")); err == nil {
-		t.Error("New with an empty topology key succeeded")
+	if _, err := New(driver.DefaultName, driver.TopologyKey, nil); err == nil {
+		t.Error("New without a controller service succeeded")
 	}
 }

@@ -23,7 +23,7 @@ func TestRun(t *testing.T) {
 		"volume.kubernetes.io/storage-provisioner": "strata.csi.dev",
 		"volume.kubernetes.io/selected-node":       "worker-1",
 	}
-	kube := fake.NewClientset(sc, pvc, node("worker-1", map[string]string{DefaultTopologyKey: "worker-1"}))
+	kube := fake.NewClientset(sc, pvc, node("worker-1", map[string]string{"topology.strata.csi.dev/node": "worker-1"}))
 	p := newProvisioner(t, WithNodes(NodesFrom(kube)))
 
 	ctx, cancel := context.WithCancel(context.Background())

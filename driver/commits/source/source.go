@@ -9,7 +9,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache/commit"
 )
 
@@ -17,12 +17,12 @@ import (
 // own upper directory, or, when v publishes a persistent clone, the
 // clone's. A read-only publish has no writes to commit; the caller checks
 // v.ReadOnly first to say so in its own terms.
-func OfPublish(root string, v *volumes.Volume) (commit.Source, error) {
+func OfPublish(root string, v *state.Volume) (commit.Source, error) {
 	if v.Clone {
 		return OfClone(root, v.VolumeID)
 	}
 	return commit.Source{
-		VolumeID: v.VolumeID, Upper: volumes.Upper(root, v.Key),
+		VolumeID: v.VolumeID, Upper: state.Upper(root, v.Key),
 		Images: v.Refs(), Digest: v.Digest, CreatedBy: createdBy(v.VolumeID, v.Pod()),
 	}, nil
 }
@@ -32,14 +32,14 @@ func OfPublish(root string, v *volumes.Volume) (commit.Source, error) {
 // no such clone. Its upper exists only while the clone is staged (a pod
 // that uses it runs on this node); commit.Volume says so when it is not.
 func OfClone(root, id string) (commit.Source, error) {
-	c, err := volumes.ReadClone(root, id)
+	c, err := state.ReadClone(root, id)
 	if err != nil {
 		return commit.Source{}, fmt.Errorf("persistent clone %q: %w", id, err)
 	}
 	if c == nil {
 		return commit.Source{}, fmt.Errorf("persistent clone %q: %w", id, ErrNoClone)
 	}
-	src := commit.Source{VolumeID: id, Upper: volumes.CloneUpper(root, id), Images: c.Refs(), CreatedBy: createdBy(id, "")}
+	src := commit.Source{VolumeID: id, Upper: state.CloneUpper(root, id), Images: c.Refs(), CreatedBy: createdBy(id, "")}
 	if len(c.Stack) > 0 {
 		src.Digest = c.Stack[0].Digest
 	}
@@ -48,10 +48,10 @@ func OfClone(root, id string) (commit.Source, error) {
 
 // HasClone reports whether this node holds persistent clone id.
 func HasClone(root, id string) (bool, error) {
-	if volumes.CheckCloneID(id) != nil {
+	if state.CheckCloneID(id) != nil {
 		return false, nil // not a name a clone can have
 	}
-	c, err := volumes.ReadClone(root, id)
+	c, err := state.ReadClone(root, id)
 	return c != nil, err
 }
 

@@ -1,4 +1,4 @@
-package driver
+package clones
 
 import (
 	"context"
@@ -20,33 +20,29 @@ func TestCloneSweeperForgetsHandledDeletions(t *testing.T) {
 	requireRoot(t)
 	pv := func(name, handle string) *corev1.PersistentVolume {
 		return &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.PersistentVolumeSpec{
-			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{Driver: DefaultName, VolumeHandle: handle}}}}
+			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{Driver: testDriver, VolumeHandle: handle}}}}
 	}
 	kube := fake.NewClientset(pv("pv-a", "strata-a"), pv("pv-c", "strata-c"))
-	d, err := New(Config{Mode: ModeNode, NodeID: "node-1", Root: t.TempDir(), Kube: kube})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	c := newTestClones(t)
 	old := time.Now().Add(-time.Hour)
-	fakeClone(t, d, "strata-a", old, false)
-	fakeClone(t, d, "strata-c", old, false)
-	defer startCloneSweeper(d)()
+	fakeClone(t, c, "strata-a", old, false)
+	fakeClone(t, c, "strata-c", old, false)
+	defer startCloneSweeper(c, kube)()
 	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-a", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the clone of the deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+	waitUntil(t, "the clone of the deleted PV is removed", func() bool { return cloneGone(t, c, "strata-a") })
 
 	// The PV is made again with the same handle, and its first stage makes
 	// the clone before this node's watch has seen the new PV.
-	fakeClone(t, d, "strata-a", time.Now(), false)
+	fakeClone(t, c, "strata-a", time.Now(), false)
 	// Another deletion triggers a sweep; its own clone going shows the
 	// sweep ran.
 	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-c", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the clone of the other deleted PV is removed", func() bool { return cloneGone(t, d, "strata-c") })
-	if !cloneExists(t, d, "strata-a") {
+	waitUntil(t, "the clone of the other deleted PV is removed", func() bool { return cloneGone(t, c, "strata-c") })
+	if !cloneExists(t, c, "strata-a") {
 		t.Fatal("the young clone of a re-created PersistentVolume was removed without its grace period, " +
 			"for a deletion of the same handle that the sweeper had already handled")
 	}
@@ -59,5 +55,5 @@ func TestCloneSweeperForgetsHandledDeletions(t *testing.T) {
 	if err := kube.CoreV1().PersistentVolumes().Delete(context.Background(), "pv-a2", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the clone of the re-created and deleted PV is removed", func() bool { return cloneGone(t, d, "strata-a") })
+	waitUntil(t, "the clone of the re-created and deleted PV is removed", func() bool { return cloneGone(t, c, "strata-a") })
 }

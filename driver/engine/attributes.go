@@ -1,4 +1,4 @@
-package driver
+package engine
 
 import (
 	"encoding/json"
@@ -19,7 +19,7 @@ import (
 	"github.com/strata-csi/strata/layercache"
 )
 
-// Volume attribute keys (volumeAttributes of an inline volume or PV,
+// Volume attribute keys (Attributes of an inline volume or PV,
 // parameters of a StorageClass).
 const (
 	attrImage      = "image"
@@ -30,38 +30,38 @@ const (
 	// that one line of a StorageClass parameter or a YAML block of one
 	// reference per line both work.
 	attrStackImages = "stackImages"
-	// attrSize caps the writable upper of an inline volume or a static
+	// AttrSize caps the writable upper of an inline volume or a static
 	// PersistentVolume, as a Kubernetes quantity (e.g. 1Gi); without it
 	// the plugin's --default-upper-size applies. A clone's cap is its
-	// claim's size (attrCapacity), so size is refused on clones and in a
+	// claim's size (AttrCapacity), so size is refused on clones and in a
 	// StorageClass.
-	attrSize = "size"
-	// kubePrefix marks keys set by kubelet and the provisioner (pod name,
+	AttrSize = "size"
+	// KubePrefix marks keys set by kubelet and the provisioner (pod name,
 	// namespace, ephemeral, PV/PVC names): read where useful, never
 	// rejected.
-	kubePrefix = "csi.storage.k8s.io/"
+	KubePrefix = "csi.storage.k8s.io/"
 	// The pod the volume is published for, passed by kubelet when the
 	// CSIDriver sets podInfoOnMount.
-	attrPodName      = kubePrefix + "pod.name"
-	attrPodNamespace = kubePrefix + "pod.namespace"
-	attrPodUID       = kubePrefix + "pod.uid"
+	attrPodName      = KubePrefix + "pod.name"
+	attrPodNamespace = KubePrefix + "pod.namespace"
+	attrPodUID       = KubePrefix + "pod.uid"
 	// The pod's ServiceAccount (podInfoOnMount) and its tokens, as JSON
 	// {"<audience>": {"token": "...", "expirationTimestamp": "..."}}, passed
 	// when the CSIDriver has tokenRequests: in the volume context, or in
 	// the secrets when it sets serviceAccountTokenInSecrets. The tokens are
 	// credentials: they are never logged (see sanitize) nor stored.
-	attrServiceAccount = kubePrefix + "serviceAccount.name"
-	attrTokens         = kubePrefix + "serviceAccount.tokens"
-	// reservedPrefix marks the keys that the controller sets in the volume
+	attrServiceAccount = KubePrefix + "serviceAccount.name"
+	AttrTokens         = KubePrefix + "serviceAccount.tokens"
+	// ReservedPrefix marks the keys that the controller sets in the volume
 	// context of a volume it provisions: a StorageClass must not set them,
 	// a static PersistentVolume may (to name a clone made beforehand).
-	reservedPrefix = "strata.csi.dev/"
-	// attrClone "true" makes the volume a persistent clone: its writes
+	ReservedPrefix = "strata.csi.dev/"
+	// AttrClone "true" makes the volume a persistent clone: its writes
 	// live in clones/<volumeID>/ on the node until the volume is deleted.
-	attrClone = reservedPrefix + "clone"
-	// attrCapacity is a clone's size in bytes, a positive integer: its
+	AttrClone = ReservedPrefix + "clone"
+	// AttrCapacity is a clone's size in bytes, a positive integer: its
 	// writes fail with ENOSPC beyond it.
-	attrCapacity = reservedPrefix + "capacity"
+	AttrCapacity = ReservedPrefix + "capacity"
 	// attrProvisionerIdentity is added to the volume attributes of the PVs
 	// that the upstream csi-provisioner sidecar creates: accepted, unused.
 	attrProvisionerIdentity = "storage.kubernetes.io/csiProvisionerIdentity"
@@ -103,19 +103,21 @@ func ParseUpperSize(s string) (int64, error) {
 	return n, nil
 }
 
-// identityOf returns the pod identity of a publish from its volume context
-// and secrets, and the secrets without the tokens (what is left is the
-// volume's node-publish secret).
-func identityOf(volumeContext, secrets map[string]string) (credentials.Pod, map[string]string, error) {
+// PodOf returns the pod of a publish, parsed once from its volume context
+// (podInfoOnMount) and its secrets (the ServiceAccount tokens, when the
+// CSIDriver has tokenRequests), and the secrets without the tokens: what is
+// left is the volume's node-publish secret. Fields kubelet did not pass are
+// empty.
+func PodOf(volumeContext, secrets map[string]string) (credentials.Pod, map[string]string, error) {
 	pod := credentials.Pod{
 		Namespace: volumeContext[attrPodNamespace], Name: volumeContext[attrPodName], UID: volumeContext[attrPodUID],
 		ServiceAccount: volumeContext[attrServiceAccount],
 	}
-	raw := volumeContext[attrTokens]
-	if s, ok := secrets[attrTokens]; ok {
+	raw := volumeContext[AttrTokens]
+	if s, ok := secrets[AttrTokens]; ok {
 		raw = s
 		secrets = maps.Clone(secrets)
-		delete(secrets, attrTokens)
+		delete(secrets, AttrTokens)
 	}
 	if raw == "" {
 		return pod, secrets, nil
@@ -126,7 +128,7 @@ func identityOf(volumeContext, secrets map[string]string) (credentials.Pod, map[
 	}
 	if err := json.Unmarshal([]byte(raw), &tokens); err != nil {
 		// Not the decoder's message: it could quote part of a token.
-		return pod, secrets, invalid("%s is not kubelet's JSON map of audience to token: check the CSIDriver's tokenRequests", attrTokens)
+		return pod, secrets, invalid("%s is not kubelet's JSON map of audience to token: check the CSIDriver's tokenRequests", AttrTokens)
 	}
 	pod.Tokens = make(map[string]string, len(tokens))
 	for aud, t := range tokens {
@@ -135,38 +137,32 @@ func identityOf(volumeContext, secrets map[string]string) (credentials.Pod, map[
 	return pod, secrets, nil
 }
 
-// podOf returns the pod named in a volume context; empty fields when kubelet
-// did not pass them.
-func podOf(attrs map[string]string) podRef {
-	return podRef{Namespace: attrs[attrPodNamespace], Name: attrs[attrPodName], UID: attrs[attrPodUID]}
-}
-
-// volumeAttributes is the parsed user-facing contract of a volume.
-type volumeAttributes struct {
+// Attributes is the parsed user-facing contract of a volume.
+type Attributes struct {
 	Image string // the bottom image of the stack
 	// StackImages are the images above Image, bottom first; nil for a
 	// volume of one image.
 	StackImages []string
 	PullPolicy  layercache.PullPolicy
 	SubPath     string // cleaned, relative; "" for the whole image
-	// Clone is a persistent clone of the stack (attrClone), of
-	// CloneCapacity bytes (attrCapacity; 0 when not given).
+	// Clone is a persistent clone of the stack (AttrClone), of
+	// CloneCapacity bytes (AttrCapacity; 0 when not given).
 	Clone         bool
 	CloneCapacity int64
-	// Size caps the writable upper (attrSize), in bytes; 0 when not
+	// Size caps the writable upper (AttrSize), in bytes; 0 when not
 	// given.
 	Size int64
 }
 
 // Images returns the volume's whole stack of images, bottom first.
-func (v volumeAttributes) Images() []string {
+func (v Attributes) Images() []string {
 	return append([]string{v.Image}, v.StackImages...)
 }
 
-// parseAttributes validates a volume context. Unknown keys are an error that
+// ParseAttributes validates a volume context. Unknown keys are an error that
 // names them, so that a typo ("pullpolicy") is not silently ignored.
-func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
-	var v volumeAttributes
+func ParseAttributes(attrs map[string]string) (Attributes, error) {
+	var v Attributes
 	var unknown []string
 	for k, val := range attrs {
 		switch {
@@ -187,25 +183,25 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 		case k == attrSubPath:
 			sub := path.Clean("/" + val)[1:]
 			v.SubPath = sub
-		case k == attrClone:
+		case k == AttrClone:
 			b, err := strconv.ParseBool(val)
 			if err != nil {
-				return v, invalid("volume attribute %s: %q is not true or false", attrClone, val)
+				return v, invalid("volume attribute %s: %q is not true or false", AttrClone, val)
 			}
 			v.Clone = b
-		case k == attrSize:
+		case k == AttrSize:
 			n, err := ParseUpperSize(val)
 			if err != nil {
-				return v, invalid("volume attribute %s: %v", attrSize, err)
+				return v, invalid("volume attribute %s: %v", AttrSize, err)
 			}
 			v.Size = n
-		case k == attrCapacity:
+		case k == AttrCapacity:
 			n, err := strconv.ParseInt(strings.TrimSpace(val), 10, 64)
 			if err != nil || n <= 0 {
-				return v, invalid("volume attribute %s: %q is not a positive number of bytes", attrCapacity, val)
+				return v, invalid("volume attribute %s: %q is not a positive number of bytes", AttrCapacity, val)
 			}
 			v.CloneCapacity = n
-		case strings.HasPrefix(k, kubePrefix), k == attrProvisionerIdentity:
+		case strings.HasPrefix(k, KubePrefix), k == attrProvisionerIdentity:
 		default:
 			unknown = append(unknown, k)
 		}
@@ -213,14 +209,14 @@ func parseAttributes(attrs map[string]string) (volumeAttributes, error) {
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
 		return v, invalid("unknown volume attribute %q: the attributes are %s, %s, %s, %s and %s",
-			strings.Join(unknown, `", "`), attrImage, attrStackImages, attrPullPolicy, attrSubPath, attrSize)
+			strings.Join(unknown, `", "`), attrImage, attrStackImages, attrPullPolicy, attrSubPath, AttrSize)
 	}
 	if v.CloneCapacity > 0 && !v.Clone {
-		return v, invalid("volume attribute %s is set but %s is not \"true\": a capacity applies to clones only", attrCapacity, attrClone)
+		return v, invalid("volume attribute %s is set but %s is not \"true\": a capacity applies to clones only", AttrCapacity, AttrClone)
 	}
 	if v.Size > 0 && v.Clone {
 		return v, invalid("volume attribute %s is set on a persistent clone: a clone's cap is its capacity, %s (its claim's storage request); remove %s",
-			attrSize, attrCapacity, attrSize)
+			AttrSize, AttrCapacity, AttrSize)
 	}
 	if v.Image == "" {
 		return v, invalid("volume attribute %q is required: name the OCI image to mount, e.g. registry.example.com/datasets/imagenet:v1", attrImage)

@@ -1,10 +1,8 @@
-package driver
+package engine
 
 import (
 	"context"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -15,6 +13,8 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/driver/credentials"
 )
 
 // Event reasons on the pod whose volume is published. They read like
@@ -54,20 +54,7 @@ type pullOutcome struct {
 
 // pullingEvent announces a pull that has layers to download.
 func pullingEvent(images []string, volumeID string) podEvent {
-	return podEvent{corev1.EventTypeNormal, reasonPulling, fmt.Sprintf("Pulling %s for volume %q", quoteImages(images), volumeID)}
-}
-
-// quoteImages names a volume's images in a message: `image "A"`, or
-// `images "A", "B"` (bottom first) for a stack.
-func quoteImages(images []string) string {
-	q := make([]string, len(images))
-	for i, im := range images {
-		q[i] = strconv.Quote(im)
-	}
-	if len(q) == 1 {
-		return "image " + q[0]
-	}
-	return "images " + strings.Join(q, ", ")
+	return podEvent{corev1.EventTypeNormal, reasonPulling, fmt.Sprintf("Pulling %s for volume %q", DescribeStack(images), volumeID)}
 }
 
 // outcomeEvent chooses the event that reports o; none when the call's
@@ -83,18 +70,18 @@ func outcomeEvent(o pullOutcome) (podEvent, bool) {
 			verb = "resolve"
 		}
 		return podEvent{corev1.EventTypeWarning, reasonPullFailed,
-			fmt.Sprintf("Failed to %s %s for volume %q: %v", verb, quoteImages(o.Images), o.VolumeID, o.Err)}, true
+			fmt.Sprintf("Failed to %s %s for volume %q: %v", verb, DescribeStack(o.Images), o.VolumeID, o.Err)}, true
 	case o.Downloaded == 0:
 		cached := "is already cached on the node"
 		if len(o.Images) > 1 {
 			cached = "are already cached on the node"
 		}
 		return podEvent{corev1.EventTypeNormal, reasonPulled,
-			fmt.Sprintf("%s for volume %q %s", capitalize(quoteImages(o.Images)), o.VolumeID, cached)}, true
+			fmt.Sprintf("%s for volume %q %s", capitalize(DescribeStack(o.Images)), o.VolumeID, cached)}, true
 	}
 	return podEvent{corev1.EventTypeNormal, reasonPulled,
 		fmt.Sprintf("Pulled %s for volume %q in %s (%s, %d of %d layers downloaded)",
-			quoteImages(o.Images), o.VolumeID, humanDuration(o.Duration), humanBytes(o.Bytes), o.Downloaded, o.Layers)}, true
+			DescribeStack(o.Images), o.VolumeID, humanDuration(o.Duration), humanBytes(o.Bytes), o.Downloaded, o.Layers)}, true
 }
 
 // capitalize upper-cases the first letter of an ASCII phrase.
@@ -144,15 +131,9 @@ func truncateMessage(s string) string {
 	return s + "…"
 }
 
-// podRef names the pod a volume is published for, as kubelet passes it
-// with podInfoOnMount.
-type podRef struct {
-	Namespace, Name, UID string
-}
-
-// reference is the event's involvedObject. The pod is not read from the
+// podReference is the event's involvedObject. The pod is not read from the
 // API: kubelet's word is enough, and the plugin needs no get on pods.
-func (p podRef) reference() *corev1.ObjectReference {
+func podReference(p credentials.Pod) *corev1.ObjectReference {
 	return &corev1.ObjectReference{Kind: "Pod", APIVersion: "v1", Namespace: p.Namespace, Name: p.Name, UID: types.UID(p.UID)}
 }
 
@@ -188,12 +169,12 @@ func newPodEvents(kube kubernetes.Interface, component, host string) *podEvents 
 
 // emit queues e on pod; it never blocks. Without a pod name (kubelet was
 // not asked for podInfoOnMount), there is nothing to record it on.
-func (p *podEvents) emit(pod podRef, e podEvent) {
+func (p *podEvents) emit(pod credentials.Pod, e podEvent) {
 	if p == nil || pod.Name == "" || pod.Namespace == "" {
 		return
 	}
 	klog.V(4).InfoS("Event on pod", "pod", klog.KRef(pod.Namespace, pod.Name), "type", e.Type, "reason", e.Reason, "message", e.Message)
-	p.recorder.Event(pod.reference(), e.Type, e.Reason, truncateMessage(e.Message))
+	p.recorder.Event(podReference(pod), e.Type, e.Reason, truncateMessage(e.Message))
 }
 
 // shutdown stops the broadcaster: queued events not yet written are lost,

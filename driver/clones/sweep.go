@@ -1,22 +1,22 @@
-package driver
+package clones
 
 import (
 	"context"
 	"errors"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
-	"google.golang.org/grpc/codes"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
 
-	"github.com/strata-csi/strata/driver/volumes"
+	"github.com/strata-csi/strata/driver/engine"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // DeleteVolume is answered by the controller, which cannot reach a node's
@@ -45,62 +45,66 @@ const (
 // PersistentVolume pvDeleted (nil: none) says was seen deleted. A clone
 // that is staged, or busy with another call, waits for a later sweep. It
 // returns how many it removed.
-func (d *Driver) sweepClones(ctx context.Context, pvExists, pvDeleted func(volumeHandle string) bool, grace time.Duration) int {
+func (c *Clones) sweep(ctx context.Context, pvExists, pvDeleted func(volumeHandle string) bool, grace time.Duration) int {
 	logger := klog.FromContext(ctx)
-	entries, err := os.ReadDir(filepath.Join(d.root, volumes.ClonesDir))
-	if err != nil {
-		if !errors.Is(err, fs.ErrNotExist) {
-			logger.Error(err, "Cannot list the clones on this node")
-		}
-		return 0
-	}
 	removed := 0
-	for _, e := range entries {
-		id := e.Name()
-		if !e.IsDir() || volumes.CheckCloneID(id) != nil || pvExists(id) {
-			continue
+	err := state.EachClone(c.root, func(id string, clone *state.Clone, _ error) error {
+		if pvExists(id) {
+			return nil
 		}
 		l := logger.WithValues("volumeID", id)
-		if (pvDeleted == nil || !pvDeleted(id)) && young(d.root, id, grace) {
+		if (pvDeleted == nil || !pvDeleted(id)) && young(c.root, id, clone, grace) {
 			l.V(4).Info("Clone without a PersistentVolume is too recent to remove yet", "grace", grace)
-			continue
+			return nil
 		}
-		err := d.deleteLocalClone(l, id, "its PersistentVolume no longer exists")
-		var se *statusError
+		err := c.lockAndDelete(l, id, "its PersistentVolume no longer exists")
 		switch {
 		case err == nil:
 			removed++
-		case errors.As(err, &se) && (se.code == codes.FailedPrecondition || se.code == codes.Aborted):
+		case errors.Is(err, ErrInUse), errors.Is(err, engine.ErrBusy):
 			l.V(2).Info("Clone without a PersistentVolume is still in use; removing it later", "reason", err.Error())
 		default:
 			l.Error(err, "Could not remove a clone whose PersistentVolume is gone")
 		}
+		return nil
+	})
+	if err != nil {
+		logger.Error(err, "Cannot list the clones on this node")
 	}
 	return removed
 }
 
+// lockAndDelete removes clone id under its lock, as a call would.
+func (c *Clones) lockAndDelete(logger klog.Logger, id, why string) error {
+	unlock, err := c.locks.TryLock(engine.CloneLock(id), "volume "+id)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return c.Delete(logger, id, why)
+}
+
 // young reports whether clone id was created less than grace ago (by its
 // record, or its directory when it has none).
-func young(root, id string, grace time.Duration) bool {
+func young(root, id string, clone *state.Clone, grace time.Duration) bool {
 	if grace <= 0 {
 		return false
 	}
 	created := time.Time{}
-	if c, err := volumes.ReadClone(root, id); err == nil && c != nil {
-		created = c.Created
-	} else if info, err := os.Stat(volumes.CloneDir(root, id)); err == nil {
+	if clone != nil {
+		created = clone.Created
+	} else if info, err := os.Stat(state.CloneDir(root, id)); err == nil {
 		created = info.ModTime()
 	}
 	return time.Since(created) < grace
 }
 
-// runCloneSweeper watches PersistentVolumes and sweeps this node's clones
-// until ctx ends. Nothing is removed before the informer's first list has
-// completed: an empty cache is not an empty cluster.
-func (d *Driver) runCloneSweeper(ctx context.Context) {
-	logger := klog.FromContext(ctx).WithValues("component", "clone-sweeper")
-	ctx = klog.NewContext(ctx, logger)
-	factory := informers.NewSharedInformerFactory(d.kube, 0)
+// RunSweeper watches PersistentVolumes through kube and sweeps this node's
+// clones until ctx ends. Nothing is removed before the informer's first
+// list has completed: an empty cache is not an empty cluster.
+func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
+	logger := klog.FromContext(ctx)
+	factory := informers.NewSharedInformerFactory(kube, 0)
 	inf := factory.Core().V1().PersistentVolumes().Informer()
 	// Only the CSI source matters: keep that of each PV in memory, not
 	// the whole object.
@@ -108,7 +112,7 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
 		return
 	}
-	if err := inf.AddIndexers(cache.Indexers{pvHandleIndex: d.pvHandles}); err != nil {
+	if err := inf.AddIndexers(cache.Indexers{pvHandleIndex: c.pvHandles}); err != nil {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
 		return
 	}
@@ -122,7 +126,7 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 	deleted := map[string]bool{}
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
-			if hs, _ := d.pvHandles(obj); len(hs) > 0 {
+			if hs, _ := c.pvHandles(obj); len(hs) > 0 {
 				mu.Lock()
 				delete(deleted, hs[0])
 				mu.Unlock()
@@ -132,7 +136,7 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 				obj = t.Obj
 			}
-			if hs, _ := d.pvHandles(obj); len(hs) > 0 {
+			if hs, _ := c.pvHandles(obj); len(hs) > 0 {
 				mu.Lock()
 				deleted[hs[0]] = true
 				mu.Unlock()
@@ -164,14 +168,14 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 			defer mu.Unlock()
 			return deleted[handle]
 		}
-		if n := d.sweepClones(ctx, exists, seenDeleted, cloneSweepGrace); n > 0 {
+		if n := c.sweep(ctx, exists, seenDeleted, cloneSweepGrace); n > 0 {
 			logger.Info("Removed the clones of deleted PersistentVolumes", "clones", n)
 		}
 		mu.Lock()
 		for h := range deleted {
-			if volumes.CheckCloneID(h) != nil {
+			if state.CheckCloneID(h) != nil {
 				delete(deleted, h) // never a clone of this node
-			} else if _, err := os.Lstat(volumes.CloneDir(d.root, h)); errors.Is(err, fs.ErrNotExist) {
+			} else if _, err := os.Lstat(state.CloneDir(c.root, h)); errors.Is(err, fs.ErrNotExist) {
 				delete(deleted, h) // handled: its clone is gone
 			}
 		}
@@ -187,9 +191,9 @@ func (d *Driver) runCloneSweeper(ctx context.Context) {
 
 // pvHandles is the index function of pvHandleIndex: the volume handle of a
 // PersistentVolume of this driver.
-func (d *Driver) pvHandles(obj any) ([]string, error) {
+func (c *Clones) pvHandles(obj any) ([]string, error) {
 	pv, ok := obj.(*corev1.PersistentVolume)
-	if !ok || pv.Spec.CSI == nil || pv.Spec.CSI.Driver != d.name {
+	if !ok || pv.Spec.CSI == nil || pv.Spec.CSI.Driver != c.driverName {
 		return nil, nil
 	}
 	return []string{pv.Spec.CSI.VolumeHandle}, nil

@@ -1,4 +1,4 @@
-package driver
+package engine
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/layercache"
 )
@@ -126,10 +127,10 @@ func TestPullTracker(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			kube := fake.NewClientset()
-			ev := newPodEvents(kube, DefaultName, "node-1")
+			ev := newPodEvents(kube, "strata.csi.dev", "node-1")
 			defer ev.shutdown()
 			m := metrics.New(metrics.Sources{})
-			tr := newPullTracker(m, ev, podRef{Namespace: "ns", Name: "p", UID: "u"}, []string{"r/x:v1"}, "vol")
+			tr := newPullTracker(m, ev, credentials.Pod{Namespace: "ns", Name: "p", UID: "u"}, []string{"r/x:v1"}, "vol")
 			for _, e := range tc.progress {
 				tr.progress(e)
 			}
@@ -167,10 +168,10 @@ func matchGlob(pattern, s string) bool {
 // duration (nothing was downloaded).
 func TestResolveFailureIsCounted(t *testing.T) {
 	kube := fake.NewClientset()
-	ev := newPodEvents(kube, DefaultName, "node-1")
+	ev := newPodEvents(kube, "strata.csi.dev", "node-1")
 	defer ev.shutdown()
 	m := metrics.New(metrics.Sources{})
-	tr := newPullTracker(m, ev, podRef{Namespace: "ns", Name: "p"}, []string{"r/missing:v1"}, "vol")
+	tr := newPullTracker(m, ev, credentials.Pod{Namespace: "ns", Name: "p"}, []string{"r/missing:v1"}, "vol")
 	tr.finish(stepResolve, 0, fmt.Errorf("%w: manifest unknown", layercache.ErrNotFound))
 	e := waitEvents(t, kube, "ns", 1)[0]
 	if e.Type != "Warning" || e.Reason != "PullFailed" || e.Message != `Failed to resolve image "r/missing:v1" for volume "vol": not found in registry: manifest unknown` {

@@ -1,4 +1,4 @@
-package driver
+package engine
 
 import (
 	"slices"
@@ -6,9 +6,8 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
+	"github.com/strata-csi/strata/internal/fault"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -88,7 +87,7 @@ func TestCheckDepth(t *testing.T) {
 		t.Errorf("500 layers: %v", err)
 	}
 	err := checkDepth([]string{"r/a:v1", "r/b:v1"}, 550)
-	if status.Code(toStatus(err)) != codes.InvalidArgument {
+	if fault.Of(err) != fault.Invalid {
 		t.Fatalf("550 layers: %v, want InvalidArgument", err)
 	}
 	for _, w := range []string{"the stack of 2 images has 550 layers; overlayfs stacks at most 500", "r/a:v1", "r/b:v1"} {

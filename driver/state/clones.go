@@ -1,4 +1,4 @@
-package volumes
+package state
 
 import (
 	"encoding/json"
@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -24,22 +23,9 @@ import (
 //	clones/<volumeID>/fs/          its mount point, while staged
 //	clones/<volumeID>/fs/upper     the overlay upper: the clone's writes
 //	clones/<volumeID>/fs/work      overlayfs's work directory
-const (
-	ClonesDir      = "clones"
-	CloneFile      = "clone.json"
-	CloneStageFile = "stage.json"
-	// CloneFSDir is where the clone's filesystem is mounted in its
-	// directory (clonefs.MountDir); CloneUpperDir and CloneWorkDir are in
-	// that filesystem.
-	CloneFSDir    = "fs"
-	CloneUpperDir = "upper"
-	CloneWorkDir  = "work"
-	// CloneOwnerPrefix starts the layer-cache owner that holds a clone's
-	// layers for as long as the clone exists, staged or not.
-	CloneOwnerPrefix = "clone/"
-	// maxCloneID bounds a clone's volume id, a directory name.
-	maxCloneID = 128
-)
+
+// maxCloneID bounds a clone's volume id, a directory name.
+const maxCloneID = 128
 
 // Clone is clones/<volumeID>/clone.json. It is written once, when the
 // clone is first staged, before anything it describes exists, and never
@@ -72,9 +58,6 @@ func (c *Clone) Refs() []string {
 // Owner is the layer-cache owner of the clone's references.
 func (c *Clone) Owner() string { return CloneOwner(c.VolumeID) }
 
-// CloneOwner is the layer-cache owner of the references of clone id.
-func CloneOwner(id string) string { return CloneOwnerPrefix + id }
-
 // CloneStage is clones/<volumeID>/stage.json: where the clone is staged.
 // It says nothing once the staging path is no longer mounted (a reboot).
 type CloneStage struct {
@@ -100,21 +83,6 @@ func CheckCloneID(id string) error {
 	return nil
 }
 
-// CloneDir is the directory of clone id under the state root. The id must
-// pass CheckCloneID (it is joined into a path).
-func CloneDir(root, id string) string { return filepath.Join(root, ClonesDir, id) }
-
-// CloneUpper is the overlay upper directory of clone id: the clone's
-// writes. It exists only while the clone's filesystem is mounted (staged).
-func CloneUpper(root, id string) string {
-	return filepath.Join(CloneDir(root, id), CloneFSDir, CloneUpperDir)
-}
-
-// CloneWork is overlayfs's work directory of clone id, beside its upper.
-func CloneWork(root, id string) string {
-	return filepath.Join(CloneDir(root, id), CloneFSDir, CloneWorkDir)
-}
-
 // ReadClone loads clone id's record; nil if there is none. A record that
 // does not decode is an error: it pins the base of a clone's writes, and is
 // fsynced, so it is never torn by a crash.
@@ -122,7 +90,7 @@ func ReadClone(root, id string) (*Clone, error) {
 	if err := CheckCloneID(id); err != nil {
 		return nil, err
 	}
-	p := filepath.Join(CloneDir(root, id), CloneFile)
+	p := ClonePathsOf(root, id).Record
 	data, err := os.ReadFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -152,7 +120,7 @@ func WriteClone(root string, c *Clone) error {
 	if err != nil {
 		return err
 	}
-	if err := writeSynced(filepath.Join(dir, CloneFile), append(data, '\n')); err != nil {
+	if err := writeSynced(ClonePathsOf(root, c.VolumeID).Record, append(data, '\n')); err != nil {
 		return fmt.Errorf("write clone record: %w", err)
 	}
 	// The clones/ directory gained an entry.
@@ -165,7 +133,7 @@ func ReadCloneStage(root, id string) (*CloneStage, error) {
 	if err := CheckCloneID(id); err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(filepath.Join(CloneDir(root, id), CloneStageFile))
+	data, err := os.ReadFile(ClonePathsOf(root, id).Stage)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -189,7 +157,7 @@ func WriteCloneStage(root, id string, s *CloneStage) error {
 	if err != nil {
 		return err
 	}
-	p := filepath.Join(CloneDir(root, id), CloneStageFile)
+	p := ClonePathsOf(root, id).Stage
 	if err := os.WriteFile(p+".tmp", append(data, '\n'), 0o600); err != nil {
 		return err
 	}
@@ -201,39 +169,51 @@ func RemoveCloneStage(root, id string) error {
 	if err := CheckCloneID(id); err != nil {
 		return err
 	}
-	err := os.Remove(filepath.Join(CloneDir(root, id), CloneStageFile))
+	err := os.Remove(ClonePathsOf(root, id).Stage)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	return err
 }
 
-// ListClones reads every clone's record under the state root, sorted by
-// volume id. A directory without a record (a first stage that crashed
-// before writing it) is left out; a root without clones/ has none.
-func ListClones(root string) ([]Clone, error) {
+// EachClone calls fn with every clone directory under the state root, in
+// volume id order: the id, and its record, nil when there is none (a first
+// stage that crashed before writing it, or a removal that crashed half-way)
+// or, with readErr, when it cannot be read. Directories whose name is no
+// clone id are skipped; a root without clones/ has none. It is the one
+// listing of clones.
+func EachClone(root string, fn func(id string, c *Clone, readErr error) error) error {
 	entries, err := os.ReadDir(filepath.Join(root, ClonesDir))
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+		return nil
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var out []Clone
-	for _, e := range entries {
+	for _, e := range entries { // ReadDir sorts by name
 		if !e.IsDir() || CheckCloneID(e.Name()) != nil {
 			continue
 		}
 		c, err := ReadClone(root, e.Name())
-		if err != nil {
-			return nil, err
+		if err := fn(e.Name(), c, err); err != nil {
+			return err
 		}
+	}
+	return nil
+}
+
+// ListClones reads every clone's record under the state root, sorted by
+// volume id. A directory without a record is left out; an unreadable
+// record is an error.
+func ListClones(root string) ([]Clone, error) {
+	var out []Clone
+	err := EachClone(root, func(_ string, c *Clone, err error) error {
 		if c != nil {
 			out = append(out, *c)
 		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].VolumeID < out[j].VolumeID })
-	return out, nil
+		return err
+	})
+	return out, err
 }
 
 // writeSynced replaces path with data: temp file, fsync, rename.

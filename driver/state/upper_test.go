@@ -1,4 +1,4 @@
-package volumes
+package state
 
 import (
 	"os"
@@ -11,7 +11,7 @@ import (
 // before caps existed, at upper.
 func TestUpperLayout(t *testing.T) {
 	root := t.TempDir()
-	for key, dir := range map[string]string{"capped": filepath.Join(UpperFSDir, UpperDir), "uncapped": UpperDir} {
+	for key, dir := range map[string]string{"capped": filepath.Join(FSDir, UpperDir), "uncapped": UpperDir} {
 		want := filepath.Join(root, Dir, key, dir)
 		if err := os.MkdirAll(want, 0o755); err != nil {
 			t.Fatal(err)

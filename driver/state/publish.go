@@ -1,11 +1,4 @@
-// Package volumes reads and writes the record of one publish,
-// volumes/<key>/volume.json under the node state root, and the records of
-// persistent clones, clones/<volumeID>/ (see clones.go).
-//
-// It stands apart from package driver so that the strata CLI can tell which
-// pods hold which cached layers without linking the CSI server and the
-// Kubernetes client. The driver is the only writer.
-package volumes
+package state
 
 import (
 	"encoding/json"
@@ -14,36 +7,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/klog/v2"
 )
-
-// Dir is the directory under the state root that holds one directory per
-// publish; RecordFile is the record's name in it, and UpperDir the
-// publish's writable overlay upper directory (none for a read-only publish).
-// A capped upper (Record.UpperBytes) is UpperDir in the publish's own
-// filesystem, mounted at UpperFSDir.
-const (
-	Dir        = "volumes"
-	RecordFile = "volume.json"
-	UpperDir   = "upper"
-	UpperFSDir = "fs"
-)
-
-// Upper returns the upper directory of the publish key under root:
-// volumes/<key>/fs/upper when the publish has a filesystem of its own for
-// its writes (a size cap), else volumes/<key>/upper. A clone's publish
-// (Record.Clone) has none: its writes are in CloneUpper(root, VolumeID).
-func Upper(root, key string) string {
-	capped := filepath.Join(root, Dir, key, UpperFSDir, UpperDir)
-	if _, err := os.Lstat(capped); err == nil {
-		return capped
-	}
-	return filepath.Join(root, Dir, key, UpperDir)
-}
 
 // Record is volumes/<key>/volume.json: everything needed to recognise a
 // repeated publish and to undo a publish after a restart, and the pod it was
@@ -177,30 +145,43 @@ type Volume struct {
 	Record
 }
 
-// List reads every publish's record under the state root, sorted by key. A
+// Each calls fn with every publish directory under the state root, in
+// key order: its key, and its record (nil when there is none, or it is
+// torn: a publish that crashed before writing it, or a power failure). A
 // root without a volumes directory (the plugin never ran there) has none.
-func List(root string) ([]Volume, error) {
-	dir := filepath.Join(root, Dir)
-	entries, err := os.ReadDir(dir)
+// It is the one listing of publishes.
+func Each(root string, fn func(key string, rec *Record) error) error {
+	entries, err := os.ReadDir(filepath.Join(root, Dir))
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+		return nil
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var out []Volume
-	for _, e := range entries {
+	for _, e := range entries { // ReadDir sorts by name
 		if !e.IsDir() {
 			continue
 		}
-		rec, err := Read(filepath.Join(dir, e.Name(), RecordFile))
+		rec, err := Read(Publish(root, e.Name()).Record)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if rec != nil {
-			out = append(out, Volume{Key: e.Name(), Record: *rec})
+		if err := fn(e.Name(), rec); err != nil {
+			return err
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
-	return out, nil
+	return nil
+}
+
+// List reads every publish's record under the state root, sorted by key;
+// publishes without a record are left out.
+func List(root string) ([]Volume, error) {
+	var out []Volume
+	err := Each(root, func(key string, rec *Record) error {
+		if rec != nil {
+			out = append(out, Volume{Key: key, Record: *rec})
+		}
+		return nil
+	})
+	return out, err
 }

@@ -1,14 +1,12 @@
-package driver
+package engine
 
 import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
-
-	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/strata-csi/strata/driver/clonefs"
+	"github.com/strata-csi/strata/driver/state"
 )
 
 // The writable upper of an inline volume or a static PersistentVolume is
@@ -34,18 +32,14 @@ import (
 // of a publish is undone by the next unpublish or start: the loop device
 // goes with the unmount (autoclear), the files with the directory.
 
-// upperTemplatesDir holds, under the state root, the template images of
-// the capped uppers' filesystems, one per size, remade at each start.
-const upperTemplatesDir = "upper-templates"
-
 // openUppers prepares capped uppers: the templates directory, and the
 // template for the default cap, so that a node without mkfs.ext4 or loop
 // devices fails at start rather than at every publish.
-func (d *Driver) openUppers(root string, defaultSize int64) error {
+func (e *Engine) openUppers(defaultSize int64) error {
 	if defaultSize < 0 || (defaultSize > 0 && defaultSize < MinUpperSize) {
 		return fmt.Errorf("default upper size %d bytes: give 0 (no cap) or at least 1Mi", defaultSize)
 	}
-	t, err := clonefs.NewTemplates(filepath.Join(root, upperTemplatesDir))
+	t, err := clonefs.NewTemplates(state.UpperTemplates(e.root))
 	if err != nil {
 		return err
 	}
@@ -57,52 +51,33 @@ func (d *Driver) openUppers(root string, defaultSize int64) error {
 			return fmt.Errorf("capped writable uppers (--default-upper-size) need loop devices: %w (modprobe loop; the node plugin must see the host's /dev, privileged), or set --default-upper-size=0", err)
 		}
 	}
-	d.uppers, d.defaultUpperSize = t, defaultSize
+	e.uppers, e.defaultUpperSize = t, defaultSize
 	return nil
 }
 
 // upperSize is the cap on the upper of a publish whose size attribute is
 // size (0: not given): size, else the default; 0 for none.
-func (d *Driver) upperSize(size int64) int64 {
+func (e *Engine) upperSize(size int64) int64 {
 	if size > 0 {
 		return size
 	}
-	return d.defaultUpperSize
+	return e.defaultUpperSize
 }
 
 // mountUpper makes the capped upper's filesystem of the publish in dir and
 // mounts it at dir/fs; it returns the upper and work directories in it.
-func (d *Driver) mountUpper(ctx context.Context, dirs volumeDirs, size int64) (upper, work string, err error) {
-	if err := d.uppers.Create(ctx, dirs.dir, size); err != nil {
+func (e *Engine) mountUpper(ctx context.Context, paths state.PublishPaths, size int64) (upper, work string, err error) {
+	if err := e.uppers.Create(ctx, paths.Dir, size); err != nil {
 		return "", "", fmt.Errorf("make the writable upper's filesystem of %d bytes: %w", size, err)
 	}
-	if _, err := clonefs.MountScratch(ctx, dirs.dir); err != nil {
+	if _, err := clonefs.MountScratch(ctx, paths.Dir); err != nil {
 		return "", "", fmt.Errorf("mount the writable upper's filesystem: %w", err)
 	}
-	return dirs.cappedUpper, dirs.cappedWork, nil
+	return paths.CappedUpper, paths.CappedWork, nil
 }
 
 // unmountUpper unmounts the capped upper's filesystem of the publish in
 // dir, if mounted (the loop device goes with it).
-func unmountUpper(dirs volumeDirs) error {
-	return clonefs.Unmount(dirs.dir)
-}
-
-// upperStats reports the capped upper's own filesystem.
-func upperStats(dirs volumeDirs) (*csi.NodeGetVolumeStatsResponse, error) {
-	return fsStats(dirs.dir)
-}
-
-// fsStats reports the filesystem of a clone or a capped upper (clonefs, in
-// dir): bytes and inodes used, available and in all, as its pod sees them
-// (df in the pod shows the same).
-func fsStats(dir string) (*csi.NodeGetVolumeStatsResponse, error) {
-	u, err := clonefs.Stat(dir)
-	if err != nil {
-		return nil, err
-	}
-	return &csi.NodeGetVolumeStatsResponse{Usage: []*csi.VolumeUsage{
-		{Unit: csi.VolumeUsage_BYTES, Used: u.UsedBytes, Available: u.AvailableBytes, Total: u.TotalBytes},
-		{Unit: csi.VolumeUsage_INODES, Used: u.UsedInodes, Available: u.FreeInodes, Total: u.TotalInodes},
-	}}, nil
+func unmountUpper(paths state.PublishPaths) error {
+	return clonefs.Unmount(paths.Dir)
 }

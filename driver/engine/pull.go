@@ -1,4 +1,4 @@
-package driver
+package engine
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/layercache"
 )
@@ -19,7 +20,7 @@ import (
 type pullTracker struct {
 	metrics  *metrics.Metrics // nil: metrics off
 	events   *podEvents       // nil: no API access
-	pod      podRef
+	pod      credentials.Pod
 	images   []string // the volume's stack, bottom first
 	volumeID string
 	start    time.Time
@@ -29,7 +30,7 @@ type pullTracker struct {
 	missing map[string]int64 // compressed sizes of the layers the cache lacked
 }
 
-func newPullTracker(m *metrics.Metrics, events *podEvents, pod podRef, images []string, volumeID string) *pullTracker {
+func newPullTracker(m *metrics.Metrics, events *podEvents, pod credentials.Pod, images []string, volumeID string) *pullTracker {
 	return &pullTracker{
 		metrics: m, events: events, pod: pod, images: images, volumeID: volumeID, start: time.Now(),
 		joined: map[string]bool{}, missing: map[string]int64{},

@@ -1,4 +1,4 @@
-package driver
+package engine
 
 import (
 	"context"
@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
+	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -106,18 +107,16 @@ func TestTruncateMessage(t *testing.T) {
 }
 
 func TestPodOf(t *testing.T) {
-	got := podOf(map[string]string{"image": "r/x", "csi.storage.k8s.io/pod.name": "web-0",
-		"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/pod.uid": "1234-5678"})
-	if want := (podRef{Namespace: "shop", Name: "web-0", UID: "1234-5678"}); got != want {
-		t.Errorf("podOf = %+v, want %+v", got, want)
+	got, _, err := PodOf(map[string]string{"image": "r/x", "csi.storage.k8s.io/pod.name": "web-0",
+		"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/pod.uid": "1234-5678"}, nil)
+	if want := (credentials.Pod{Namespace: "shop", Name: "web-0", UID: "1234-5678"}); err != nil || got.Namespace != want.Namespace || got.Name != want.Name || got.UID != want.UID {
+		t.Errorf("PodOf = %+v, %v; want %+v", got, err, want)
 	}
-	if got := podOf(map[string]string{"image": "r/x"}); got != (podRef{}) {
-		t.Errorf("podOf without kubelet's keys = %+v, want none", got)
+	if got, _, err := PodOf(map[string]string{"image": "r/x"}, nil); err != nil || got.Name != "" || got.Namespace != "" || got.UID != "" {
+		t.Errorf("PodOf without kubelet's keys = %+v, %v; want none", got, err)
 	}
 }
 
-// waitEvents lists the events in ns until there are n, oldest first (their
-// names end in the time they were made, in hex).
 func waitEvents(t *testing.T, kube *fake.Clientset, ns string, n int) []corev1.Event {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -141,11 +140,11 @@ func waitEvents(t *testing.T, kube *fake.Clientset, ns string, n int) []corev1.E
 // into a fake clientset: what the API server would store.
 func TestPodEventsReachTheAPI(t *testing.T) {
 	kube := fake.NewClientset()
-	ev := newPodEvents(kube, DefaultName, "node-1")
+	ev := newPodEvents(kube, "strata.csi.dev", "node-1")
 	defer ev.shutdown()
-	pod := podRef{Namespace: "shop", Name: "web-0", UID: "1234-5678"}
+	pod := credentials.Pod{Namespace: "shop", Name: "web-0", UID: "1234-5678"}
 	ev.emit(pod, podEvent{"Normal", "Pulled", "Image x is already cached on the node"})
-	ev.emit(podRef{Namespace: "shop"}, podEvent{"Normal", "Pulled", "no pod name: dropped"})
+	ev.emit(credentials.Pod{Namespace: "shop"}, podEvent{"Normal", "Pulled", "no pod name: dropped"})
 
 	e := waitEvents(t, kube, "shop", 1)[0]
 	io := e.InvolvedObject
@@ -155,8 +154,8 @@ func TestPodEventsReachTheAPI(t *testing.T) {
 	if e.Type != "Normal" || e.Reason != "Pulled" || e.Message != "Image x is already cached on the node" {
 		t.Errorf("event = %s %s %q", e.Type, e.Reason, e.Message)
 	}
-	if e.Source.Component != DefaultName || e.Source.Host != "node-1" || e.ReportingController != DefaultName || e.ReportingInstance != "node-1" {
-		t.Errorf("source = %+v, reporting %s/%s; want %s on node-1", e.Source, e.ReportingController, e.ReportingInstance, DefaultName)
+	if e.Source.Component != "strata.csi.dev" || e.Source.Host != "node-1" || e.ReportingController != "strata.csi.dev" || e.ReportingInstance != "node-1" {
+		t.Errorf("source = %+v, reporting %s/%s; want %s on node-1", e.Source, e.ReportingController, e.ReportingInstance, "strata.csi.dev")
 	}
 }
 
@@ -170,8 +169,8 @@ func TestPodEventsNeverBlock(t *testing.T) {
 		<-hang
 		return true, nil, errors.New("API server down")
 	})
-	ev := newPodEvents(kube, DefaultName, "node-1")
-	pod := podRef{Namespace: "shop", Name: "web-0", UID: "u"}
+	ev := newPodEvents(kube, "strata.csi.dev", "node-1")
+	pod := credentials.Pod{Namespace: "shop", Name: "web-0", UID: "u"}
 	start := time.Now()
 	for i := range 5000 { // more than the broadcaster queues
 		ev.emit(pod, podEvent{"Warning", "PullFailed", fmt.Sprint("failure ", i)})
@@ -189,9 +188,9 @@ func TestPodEventsNeverBlock(t *testing.T) {
 
 func TestNilPodEvents(t *testing.T) {
 	var ev *podEvents // no API access
-	ev.emit(podRef{Namespace: "a", Name: "b"}, podEvent{"Normal", "Pulled", "x"})
+	ev.emit(credentials.Pod{Namespace: "a", Name: "b"}, podEvent{"Normal", "Pulled", "x"})
 	ev.shutdown()
-	if newPodEvents(nil, DefaultName, "n") != nil {
+	if newPodEvents(nil, "strata.csi.dev", "n") != nil {
 		t.Error("newPodEvents(nil) is not nil")
 	}
 }
