@@ -1,16 +1,13 @@
 package driver
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"syscall"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/strata-csi/strata/driver/mount"
-	"github.com/strata-csi/strata/layercache"
+	"github.com/strata-csi/strata/internal/fault"
 )
 
 // statusError carries a gRPC code chosen where the situation is understood
@@ -50,29 +47,35 @@ func toStatus(err error) error {
 	if errors.As(err, &se) {
 		return status.Error(se.code, err.Error())
 	}
-	code := codes.Internal
-	switch {
-	case errors.Is(err, context.DeadlineExceeded):
-		code = codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled), errors.Is(err, layercache.ErrLayerMissing):
-		// ErrLayerMissing: a prune took a layer between Ensure and Acquire
-		// every time the call tried; kubelet's retry ensures it again.
-		code = codes.Aborted
-	case errors.Is(err, layercache.ErrInvalidReference), errors.Is(err, layercache.ErrUnsupported),
-		errors.Is(err, mount.ErrTooManyLayers):
-		code = codes.InvalidArgument
-	case errors.Is(err, layercache.ErrNotFound), errors.Is(err, layercache.ErrNotCached):
-		code = codes.NotFound
-	case errors.Is(err, layercache.ErrUnauthorized):
-		code = codes.PermissionDenied
-	case errors.Is(err, layercache.ErrUnavailable):
-		code = codes.Unavailable
-	case errors.Is(err, layercache.ErrDigestMismatch), errors.Is(err, layercache.ErrCorruptLayer):
-		code = codes.DataLoss
-	case errors.Is(err, layercache.ErrUnsafeLayer):
-		code = codes.FailedPrecondition
-	case errors.Is(err, layercache.ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
-		code = codes.ResourceExhausted
+	return status.Error(codeOf(fault.Of(err)), err.Error())
+}
+
+// codeOf is the gRPC code of an error of kind k.
+func codeOf(k fault.Kind) codes.Code {
+	switch k {
+	case fault.Invalid:
+		return codes.InvalidArgument
+	case fault.NotFound, fault.NotCached:
+		return codes.NotFound
+	case fault.Denied:
+		return codes.PermissionDenied
+	case fault.Unavailable:
+		return codes.Unavailable
+	case fault.Corrupt:
+		return codes.DataLoss
+	case fault.Unsafe, fault.Precondition:
+		return codes.FailedPrecondition
+	case fault.NoSpace:
+		return codes.ResourceExhausted
+	case fault.Exists:
+		return codes.AlreadyExists
+	case fault.Busy, fault.Canceled:
+		// Busy: another operation holds the volume, or a race was lost (a
+		// prune took a layer between Ensure and Acquire every time the call
+		// tried, ErrLayerMissing); kubelet's retry ensures it again.
+		return codes.Aborted
+	case fault.Deadline:
+		return codes.DeadlineExceeded
 	}
-	return status.Error(code, err.Error())
+	return codes.Internal // fault.IO, fault.Internal
 }
