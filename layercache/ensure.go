@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/internal/atomicfile"
 	"github.com/strata-csi/strata/layercache/unpack"
 )
 
@@ -383,7 +384,7 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, pull *pullMeter, l 
 		}
 		return nil, fmt.Errorf("commit %s: %w", what, err)
 	}
-	if err := syncDir(filepath.Dir(dst)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(dst)); err != nil {
 		return nil, err
 	}
 	return meta, nil

@@ -1,80 +1,34 @@
 package layercache
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sync"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
-)
 
-// writeFileAtomic replaces path with data so that a reader, or a process
-// started after a crash of this one at any instant, sees either the old
-// content or all of data: write a temporary file in stage (a directory on
-// the same filesystem) and rename it over path.
-//
-// Nothing is fsynced: a process crash loses nothing that reached the page
-// cache, and what a power failure loses or tears is a reference or record of
-// a mount that the power failure took with it. readJSON treats a torn file
-// as absent. (Layers, which are content, are made durable before they are
-// committed: see fetchLayer.) An fsync here would double a publish's cost.
-func writeFileAtomic(path string, data []byte, stage string) error {
-	f, err := os.CreateTemp(stage, filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			_ = f.Close()
-			_ = os.Remove(tmp)
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Chmod(0o644); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	ok = true
-	return nil
-}
+	"github.com/strata-csi/strata/internal/atomicfile"
+)
 
 // readJSON decodes the JSON file at path into v. A file that is empty or
 // does not decode, as a power failure can leave a state file written without
-// fsync, is reported as absent (fs.ErrNotExist) and logged.
+// fsync (see Store.writeAtomic), is reported as absent (fs.ErrNotExist) and
+// logged.
 func readJSON(path string, v any) error {
-	data, err := os.ReadFile(path)
-	if err != nil {
+	found, err := atomicfile.ReadJSON(path, v)
+	switch {
+	case found && err != nil:
+		klog.ErrorS(err, "Ignoring a torn state file (left by a power failure?)", "path", path)
+		return fmt.Errorf("%w: %w", err, fs.ErrNotExist)
+	case err != nil:
 		return err
-	}
-	if err := json.Unmarshal(data, v); err != nil {
-		klog.ErrorS(err, "Ignoring a torn state file (left by a power failure?)", "path", path, "bytes", len(data))
-		return fmt.Errorf("decode %s: %w", path, fs.ErrNotExist)
+	case !found:
+		return &fs.PathError{Op: "open", Path: path, Err: fs.ErrNotExist}
 	}
 	return nil
-}
-
-// syncDir fsyncs a directory, making the renames and creations in it durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // syncFS flushes the whole filesystem holding path: one syncfs(2) per

@@ -14,6 +14,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/internal/atomicfile"
 )
 
 // ownerRecord is what refs/<sha256(owner)>.json holds.
@@ -178,7 +180,7 @@ func (s *Store) evict(ctx context.Context, choose func(unused []LayerInfo, total
 		}
 	}
 	if len(res.Layers) > 0 {
-		if err := syncDir(filepath.Join(s.root, layersDir)); err != nil {
+		if err := atomicfile.SyncDir(filepath.Join(s.root, layersDir)); err != nil {
 			return res, err
 		}
 	}

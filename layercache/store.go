@@ -16,6 +16,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/internal/atomicfile"
 )
 
 // DefaultConcurrency is the default number of layers fetched and unpacked at
@@ -298,8 +300,16 @@ func (s *Store) lock() (*fileLock, error) {
 	return l, nil
 }
 
-// writeAtomic writes a state file durably, staging it in the work directory
-// so that a crash leaves debris only under tmp/.
+// writeAtomic replaces a state file so that a reader, or a process started
+// after a crash of this one at any instant, sees either the old content or
+// all of data, staging it in the work directory so that a crash leaves
+// debris only under tmp/.
+//
+// Nothing is fsynced: a process crash loses nothing that reached the page
+// cache, and what a power failure loses or tears is a reference or record of
+// a mount that the power failure took with it. readJSON treats a torn file
+// as absent. (Layers, which are content, are made durable before they are
+// committed: see fetchLayer.) An fsync here would double a publish's cost.
 func (s *Store) writeAtomic(path string, data []byte) error {
-	return writeFileAtomic(path, data, s.work)
+	return atomicfile.Write(path, data, 0o644, atomicfile.Options{TempDir: s.work})
 }

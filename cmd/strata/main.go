@@ -21,6 +21,7 @@ import (
 	"golang.org/x/term"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/internal/fault"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -56,28 +57,32 @@ const exitCodesHelp = `Exit codes:
   130  interrupted (SIGINT or SIGTERM)
 `
 
-// exitCode maps an error to the process exit code, by the layercache
-// sentinel it wraps.
+// exitCode maps an error to the process exit code, by its fault.Kind.
 func exitCode(err error) int {
-	var uerr usageError
-	switch {
-	case err == nil:
+	if err == nil {
 		return exitOK
-	case errors.As(err, &uerr), errors.Is(err, layercache.ErrInvalidReference):
+	}
+	if errors.As(err, new(usageError)) {
 		return exitUsage
-	case errors.Is(err, context.Canceled):
+	}
+	switch fault.Of(err) {
+	case fault.Invalid:
+		// A reference that does not parse is a mistake in the command
+		// line; an image strata cannot use (ErrUnsupported) is not.
+		if errors.Is(err, layercache.ErrInvalidReference) {
+			return exitUsage
+		}
+	case fault.Canceled:
 		return exitInterrupted
-	case errors.Is(err, layercache.ErrNotFound):
+	case fault.NotFound:
 		return exitNotFound
-	case errors.Is(err, layercache.ErrUnauthorized):
+	case fault.Denied:
 		return exitUnauthorize
-	case errors.Is(err, layercache.ErrUnavailable):
+	case fault.Unavailable:
 		return exitUnavailable
-	case errors.Is(err, layercache.ErrDigestMismatch),
-		errors.Is(err, layercache.ErrCorruptLayer),
-		errors.Is(err, layercache.ErrUnsafeLayer):
+	case fault.Corrupt, fault.Unsafe:
 		return exitCorrupt
-	case errors.Is(err, layercache.ErrNotCached):
+	case fault.NotCached:
 		return exitNotCached
 	}
 	return exitFailure

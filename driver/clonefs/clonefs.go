@@ -57,6 +57,7 @@ import (
 
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/driver/state"
+	"github.com/strata-csi/strata/internal/atomicfile"
 )
 
 // Usage is what Stat reports about a mounted clone.
@@ -196,7 +197,11 @@ func Remove(dir string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove clone %s: %w", dir, err)
 	}
-	return syncDir(filepath.Dir(dir))
+	// A parent that is gone too has no entry to make durable.
+	if err := atomicfile.SyncDir(filepath.Dir(dir)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove clone %s: %w", dir, err)
+	}
+	return nil
 }
 
 // Stat reports the bytes and inodes used and available inside the mounted
@@ -245,20 +250,4 @@ func statImage(img string) (*unix.Stat_t, error) {
 		return nil, fmt.Errorf("not a regular file")
 	}
 	return &st, nil
-}
-
-// syncDir fsyncs a directory, making renames and removals in it durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
 }

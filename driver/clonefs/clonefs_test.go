@@ -597,3 +597,18 @@ func TestMountRefusesOtherMount(t *testing.T) {
 		t.Errorf("Mount over a tmpfs: %v, want an error saying another filesystem is mounted", err)
 	}
 }
+
+// TestRemoveMissing: a clone whose directory, or even whose parent, is gone
+// is removed already.
+func TestRemoveMissing(t *testing.T) {
+	requireLoop(t)
+	parent := filepath.Join(t.TempDir(), "clones")
+	for _, dir := range []string{filepath.Join(t.TempDir(), "clone"), filepath.Join(parent, "clone")} {
+		if err := Remove(dir); err != nil {
+			t.Errorf("Remove(%s) = %v, want success", dir, err)
+		}
+	}
+	if _, err := os.Stat(parent); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Remove created %s: %v", parent, err)
+	}
+}

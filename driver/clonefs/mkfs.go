@@ -18,6 +18,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver/state"
+	"github.com/strata-csi/strata/internal/atomicfile"
 )
 
 const (
@@ -161,7 +162,7 @@ func format(ctx context.Context, dir, img string, want int64, scratch bool) (err
 	if err := os.Rename(tmp, img); err != nil {
 		return err
 	}
-	if err := syncDir(dir); err != nil {
+	if err := atomicfile.SyncDir(dir); err != nil {
 		return err
 	}
 	klog.FromContext(ctx).V(4).Info("Created clone filesystem", "image", img, "sizeMiB", want,

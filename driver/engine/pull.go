@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
+	"github.com/strata-csi/strata/internal/fault"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -125,22 +125,26 @@ func callEnded(err error) bool {
 // pull policy Never, a full cache, a full or failing disk, a cancelled call): those have
 // kind other.
 func registryErrorKind(err error) (kind string, registry bool) {
-	switch {
-	case errors.Is(err, layercache.ErrInvalidReference), errors.Is(err, layercache.ErrNotCached),
-		errors.Is(err, layercache.ErrNoSpace), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT),
-		errors.Is(err, syscall.EIO), errors.Is(err, syscall.EROFS), errors.Is(err, context.Canceled):
+	switch fault.Of(err) {
+	case fault.Invalid:
+		// A reference that does not parse is the user's; an image this
+		// node cannot use (ErrUnsupported) is the registry's.
+		return metrics.KindOther, !errors.Is(err, layercache.ErrInvalidReference)
+	case fault.NotCached, fault.NoSpace, fault.IO, fault.Canceled:
+		// Pull policy Never; the cache budget, a layer limit
+		// (ErrLayerTooLarge) or a full disk; a failing disk; a cancelled call.
 		return metrics.KindOther, false
-	case errors.Is(err, layercache.ErrNotFound):
+	case fault.NotFound:
 		return metrics.KindNotFound, true
-	case errors.Is(err, layercache.ErrUnauthorized):
+	case fault.Denied:
 		return metrics.KindUnauthorized, true
-	case errors.Is(err, layercache.ErrUnavailable):
+	case fault.Unavailable:
 		return metrics.KindUnavailable, true
-	case errors.Is(err, context.DeadlineExceeded):
+	case fault.Deadline:
 		return metrics.KindDeadline, true
-	case errors.Is(err, layercache.ErrDigestMismatch), errors.Is(err, layercache.ErrCorruptLayer):
+	case fault.Corrupt:
 		return metrics.KindBadBlob, true
-	case errors.Is(err, layercache.ErrUnsafeLayer):
+	case fault.Unsafe:
 		return metrics.KindUnsafeLayer, true
 	}
 	return metrics.KindOther, true

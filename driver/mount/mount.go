@@ -14,6 +14,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/strata-csi/strata/internal/fault"
 )
 
 // MaxLowers is overlayfs's cap on lower layers. The kernel refuses a deeper
@@ -23,16 +25,16 @@ const MaxLowers = 500
 
 // ErrTooManyLayers is wrapped when a stack exceeds MaxLowers or, on the
 // classic mount(2) fallback, when its mount options do not fit in a page.
-var ErrTooManyLayers = errors.New("too many layers")
+var ErrTooManyLayers = fault.New(fault.Invalid, "too many layers")
 
 // ErrRepeatedLower is wrapped when a directory is given twice as a lower:
 // overlayfs refuses that with ELOOP. The driver mounts a layer that a stack
 // repeats once, at its topmost place, which shows the same tree.
-var ErrRepeatedLower = errors.New("repeated lower directory")
+var ErrRepeatedLower = fault.New(fault.Invalid, "repeated lower directory")
 
 // ErrNotDir is wrapped when a path that must be a directory (the source of a
 // bind, a sub directory for BindBeneath, an overlay layer) is something else.
-var ErrNotDir = errors.New("not a directory")
+var ErrNotDir = fault.New(fault.Invalid, "not a directory")
 
 // openDirPath opens path as an O_PATH directory fd. An O_PATH fd is all the
 // mount API needs, and it needs no read permission on the directory.

@@ -34,12 +34,14 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/internal/fault"
 )
 
 // ErrUnsafe is wrapped by every error caused by a hostile entry: a name, a
 // hardlink target or a symlinked parent that leads out of the layer, or a
 // whiteout name that escapes its directory.
-var ErrUnsafe = errors.New("unsafe layer")
+var ErrUnsafe = fault.New(fault.Unsafe, "unsafe layer")
 
 // UnsafeError names the hostile entry of a layer and what is wrong with it.
 // errors.Is(err, ErrUnsafe) is true for it.
