@@ -267,7 +267,7 @@ func (d *Driver) resolveStack(ctx context.Context, logger klog.Logger, refs []st
 			return nil, err
 		}
 		opts := o
-		opts.Credentials = creds.Credentials
+		opts.Keychain = creds.Keychain
 		if creds.From != "" {
 			logger.V(4).Info("Pull credentials chosen", "stackImage", ref, "source", creds.From)
 		}

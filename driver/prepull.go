@@ -87,6 +87,6 @@ func (d *Driver) pullForPrepull(ctx context.Context, ref string, pull *pullTrack
 	if creds.From != "" {
 		klog.V(4).InfoS("Prepull credentials chosen", "image", ref, "source", creds.From)
 	}
-	img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress, Credentials: creds.Credentials})
+	img, err := d.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress, Keychain: creds.Keychain})
 	return img, creds.Explain(err)
 }
