@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
@@ -73,7 +74,7 @@ func (s *Store) recordAccess(repo name.Repository, d v1.Hash, key string) error 
 	return s.writeAtomic(p, data)
 }
 
-// checkAccess decides whether a caller with creds may use the cached image
+// checkAccess decides whether a caller with the credentials of kc may use the cached image
 // repo@d: yes if the image needed no credentials or the caller's are on
 // record; otherwise, unless the policy forbids asking (Never), the registry
 // (through its mirrors, as a pull would) is asked whether it accepts the
@@ -88,7 +89,7 @@ func (s *Store) recordAccess(repo name.Repository, d v1.Hash, key string) error 
 // would get it from there too. An image that only the registry gave, to
 // credentials, stays private: a caller without them is refused, unless a
 // configured mirror or the registry serves it to the caller now.
-func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name.Repository, d v1.Hash, creds *Credentials, policy PullPolicy) error {
+func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name.Repository, d v1.Hash, kc authn.Keychain, policy PullPolicy) error {
 	if s.opts.noCredentialCheck {
 		return nil
 	}
@@ -96,7 +97,7 @@ func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name
 	if err := readJSON(s.accessPath(repo, d), &rec); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	src := s.newSource(h, repo, creds)
+	src := s.newSource(h, repo, kc)
 	ok, err := onRecord(rec, src)
 	if err != nil || ok {
 		return err
@@ -139,7 +140,7 @@ func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name
 		}
 		return fmt.Errorf("verify access to cached %s: %w", ref, err)
 	}
-	key, err := ep.accessKey(creds)
+	key, err := ep.accessKey(kc)
 	if err != nil {
 		return err
 	}
@@ -187,7 +188,7 @@ func onRecord(rec accessRecord, src *source) (bool, error) {
 		if ep.mirror && slices.Contains(rec.Accepted, mirrorAnonymous(ep.host())) {
 			return true, nil
 		}
-		key, err := ep.accessKey(src.creds)
+		key, err := ep.accessKey(src.kc)
 		if err != nil {
 			return false, err
 		}

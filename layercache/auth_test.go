@@ -2,9 +2,7 @@ package layercache
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
-	"fmt"
 	"net/http"
 	"sync/atomic"
 	"testing"
@@ -16,9 +14,32 @@ import (
 	"github.com/strata-csi/strata/test/testimage"
 )
 
-func dockerConfig(host, user, pass string) []byte {
-	auth := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
-	return fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, host, auth)
+// hostKeychain holds credentials by registry host, or by repository
+// (host/path), and is anonymous for anything else, as the keychains of the
+// driver's credential chain are.
+type hostKeychain map[string]authn.AuthConfig
+
+func (k hostKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
+	if c, ok := k[r.String()]; ok {
+		return authn.FromConfig(c), nil
+	}
+	if c, ok := k[r.RegistryStr()]; ok {
+		return authn.FromConfig(c), nil
+	}
+	return authn.Anonymous, nil
+}
+
+// basicFor is a keychain with user:pass for key (a host or a repository)
+// alone.
+func basicFor(key, user, pass string) hostKeychain {
+	return hostKeychain{key: {Username: user, Password: pass}}
+}
+
+// brokenKeychain fails, as a credential helper that cannot run does.
+type brokenKeychain struct{}
+
+func (brokenKeychain) Resolve(authn.Resource) (authn.Authenticator, error) {
+	return nil, errors.New("credential helper failed")
 }
 
 func TestPullWithCredentials(t *testing.T) {
@@ -28,20 +49,21 @@ func TestPullWithCredentials(t *testing.T) {
 
 	for _, tc := range []struct {
 		name    string
-		creds   *Credentials
+		kc      authn.Keychain
 		wantErr error
 	}{
-		{"dockerconfigjson", &Credentials{DockerConfigJSON: dockerConfig(reg, "alice", "s3cret")}, nil},
-		{"dockerconfigjson with URL key", &Credentials{DockerConfigJSON: dockerConfig("http://"+reg+"/v1/", "alice", "s3cret")}, nil},
-		{"username and password", &Credentials{Username: "alice", Password: "s3cret"}, nil},
-		{"wrong password", &Credentials{Username: "alice", Password: "guess"}, ErrUnauthorized},
-		{"secret for another registry", &Credentials{DockerConfigJSON: dockerConfig("example.com", "alice", "s3cret")}, ErrUnauthorized},
-		{"no credentials", nil, ErrUnauthorized},
-		{"malformed secret", &Credentials{DockerConfigJSON: []byte("{")}, ErrUnauthorized},
+		{"keychain for the registry", basicFor(reg, "alice", "s3cret"), nil},
+		{"keychain for the repository", basicFor(reg+"/private", "alice", "s3cret"), nil},
+		{"wrong password", basicFor(reg, "alice", "guess"), ErrUnauthorized},
+		{"keychain for another registry", basicFor("example.com", "alice", "s3cret"), ErrUnauthorized},
+		{"keychain for another repository", basicFor(reg+"/other", "alice", "s3cret"), ErrUnauthorized},
+		{"no keychain", nil, ErrUnauthorized},
+		{"anonymous keychain", authn.NewMultiKeychain(), ErrUnauthorized},
+		{"keychain that fails", brokenKeychain{}, ErrUnauthorized},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := openStore(t, t.TempDir())
-			img, err := s.Pull(context.Background(), ref, PullOptions{Credentials: tc.creds})
+			img, err := s.Pull(context.Background(), ref, PullOptions{Keychain: tc.kc})
 			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil && err != nil) {
 				t.Fatalf("Pull = %v, want %v", err, tc.wantErr)
 			}
@@ -49,6 +71,46 @@ func TestPullWithCredentials(t *testing.T) {
 				t.Errorf("got %d layers, want 2", len(img.Layers))
 			}
 		})
+	}
+}
+
+// TestAccessKeyStable: the access key of credentials a keychain resolves is
+// the hash that access records on disk already hold for the same
+// credentials (the values were computed by the store before keychains,
+// from a username and password, and from a dockerconfigjson entry with an
+// identity token), so a cached private image still serves the pull secret
+// that pulled it, offline, after an upgrade.
+func TestAccessKeyStable(t *testing.T) {
+	t.Parallel()
+	reg, err := name.NewRegistry("127.0.0.1:5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const alice = "sha256:25d9f88d9cf6a3c654d712fa056111f4ba97a55d14e526041e4e8f8addc247b3"
+	const token = "sha256:ea950083ffe672cc26f492cc0f0509b6248d5c5235a1d691acde5be4e17a0400"
+	for _, tc := range []struct {
+		name   string
+		kc     authn.Keychain
+		mirror bool
+		want   string
+	}{
+		{"username and password", basicFor("127.0.0.1:5000", "alice", "s3cret"), false, alice},
+		{"username and password, at a mirror", basicFor("127.0.0.1:5000", "alice", "s3cret"), true, alice},
+		{"identity token", hostKeychain{"127.0.0.1:5000": {IdentityToken: "tok"}}, false, token},
+		{"no keychain", nil, false, anonymous},
+		{"no keychain, at a mirror", nil, true, "anonymous:127.0.0.1:5000"},
+		{"anonymous keychain", authn.NewMultiKeychain(), false, anonymous},
+		{"empty credentials", hostKeychain{"127.0.0.1:5000": {}}, false, anonymous},
+		{"keychain for another host", basicFor("example.com", "alice", "s3cret"), false, anonymous},
+	} {
+		ep := &endpoint{repo: reg.Repo("private/data"), mirror: tc.mirror}
+		got, err := ep.accessKey(tc.kc)
+		if err != nil || got != tc.want {
+			t.Errorf("%s: access key %q (%v), want %q", tc.name, got, err, tc.want)
+		}
+	}
+	if _, err := (&endpoint{repo: reg.Repo("private/data")}).accessKey(brokenKeychain{}); !errors.Is(err, ErrUnauthorized) {
+		t.Errorf("a keychain that fails: %v, want ErrUnauthorized", err)
 	}
 }
 
@@ -85,37 +147,6 @@ func TestPlainHTTPOnlyForLoopbackAndInsecureRegistries(t *testing.T) {
 	}
 }
 
-func TestDockerConfigMatchesRegistryHost(t *testing.T) {
-	hub, _ := name.NewRegistry("docker.io")
-	local, _ := name.NewRegistry("127.0.0.1:5000")
-	for _, tc := range []struct {
-		name string
-		key  string
-		reg  name.Registry
-		want bool
-	}{
-		{"docker hub URL key", "https://index.docker.io/v1/", hub, true},
-		{"docker.io key", "docker.io", hub, true},
-		{"host:port", "127.0.0.1:5000", local, true},
-		{"URL with path", "http://127.0.0.1:5000/v2/", local, true},
-		{"other port", "127.0.0.1:5001", local, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			a, err := dockerConfigAuth(dockerConfig(tc.key, "u", "p"), tc.reg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg, err := a.Authorization()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got := cfg.Username == "u"; got != tc.want {
-				t.Errorf("key %q for %s: matched=%v, want %v", tc.key, tc.reg, got, tc.want)
-			}
-		})
-	}
-}
-
 // A cached image is no way around its registry's credentials (KEP-2535):
 // pod A pulls a private image with the right secret; pod B, with no secret
 // or a secret the registry refuses, is refused under IfNotPresent and Never,
@@ -134,21 +165,21 @@ func TestCachedPrivateImageNeedsCredentials(t *testing.T) {
 			h.ServeHTTP(w, r)
 		})
 	})
-	alice := &Credentials{DockerConfigJSON: dockerConfig(reg, "alice", "s3cret")}
-	bob := &Credentials{Username: "bob", Password: "hunter2"}
-	eve := &Credentials{Username: "eve", Password: "guess"}
+	alice := basicFor(reg, "alice", "s3cret")
+	bob := basicFor(reg, "bob", "hunter2")
+	eve := basicFor(reg, "eve", "guess")
 	tag := reg + "/private:v1"
 	dig := testimage.Push(t, tag, sampleImage(t, testimage.Gzip), remote.WithAuth(&authn.Basic{Username: "alice", Password: "s3cret"}))
 	byDigest := reg + "/private@" + dig.String()
 
 	s := openStore(t, t.TempDir())
-	if _, err := s.Pull(context.Background(), tag, PullOptions{Credentials: alice}); err != nil {
+	if _, err := s.Pull(context.Background(), tag, PullOptions{Keychain: alice}); err != nil {
 		t.Fatalf("pod A with the right secret: %v", err)
 	}
 	for _, tc := range []struct {
 		name   string
 		ref    string
-		creds  *Credentials
+		kc     authn.Keychain
 		policy PullPolicy
 		down   bool
 		want   error
@@ -168,7 +199,7 @@ func TestCachedPrivateImageNeedsCredentials(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			down.Store(tc.down)
 			defer down.Store(false)
-			_, err := s.Pull(context.Background(), tc.ref, PullOptions{Credentials: tc.creds, Policy: tc.policy})
+			_, err := s.Pull(context.Background(), tc.ref, PullOptions{Keychain: tc.kc, Policy: tc.policy})
 			if !errors.Is(err, tc.want) || (tc.want == nil && err != nil) {
 				t.Fatalf("Pull = %v, want %v", err, tc.want)
 			}
@@ -196,9 +227,9 @@ func TestCachedPublicImageServesAnyone(t *testing.T) {
 		t.Fatal(err)
 	}
 	down.Store(true)
-	for _, creds := range []*Credentials{nil, {Username: "someone", Password: "x"}} {
-		if _, err := s.Pull(context.Background(), ref, PullOptions{Credentials: creds, Policy: PullNever}); err != nil {
-			t.Errorf("cached public image with credentials %v, registry down: %v", creds, err)
+	for _, kc := range []authn.Keychain{nil, basicFor(reg, "someone", "x")} {
+		if _, err := s.Pull(context.Background(), ref, PullOptions{Keychain: kc, Policy: PullNever}); err != nil {
+			t.Errorf("cached public image with keychain %v, registry down: %v", kc, err)
 		}
 	}
 }
@@ -209,7 +240,7 @@ func TestCredentialCheckCanBeTurnedOff(t *testing.T) {
 	ref := reg + "/private:v1"
 	testimage.Push(t, ref, sampleImage(t, testimage.Gzip), remote.WithAuth(&authn.Basic{Username: "alice", Password: "s3cret"}))
 	s := openStore(t, t.TempDir(), WithoutCredentialCheck())
-	if _, err := s.Pull(context.Background(), ref, PullOptions{Credentials: &Credentials{Username: "alice", Password: "s3cret"}}); err != nil {
+	if _, err := s.Pull(context.Background(), ref, PullOptions{Keychain: basicFor(reg, "alice", "s3cret")}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Pull(context.Background(), ref, PullOptions{Policy: PullNever}); err != nil {

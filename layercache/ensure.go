@@ -139,7 +139,7 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	var src *source
 	connected := func() (*source, error) {
 		if src == nil {
-			src = s.newSource(h, r.Context(), o.Credentials)
+			src = s.newSource(h, r.Context(), o.Keychain)
 			if err := src.connect(ctx); err != nil {
 				return nil, err
 			}
@@ -359,7 +359,7 @@ func (s *Store) fetchLayer(ctx context.Context, src *source, pull *pullMeter, l 
 	release()
 	// The blob verified: its digest produces the diffID, and the
 	// repository holds it.
-	public, err := servedPublicly(ep, src.creds)
+	public, err := servedPublicly(ep, src.kc)
 	if err != nil {
 		return nil, err
 	}

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/klog/v2"
@@ -126,13 +127,13 @@ func (s *Store) writeLayerAccess(diffID v1.Hash, a *layerAccess) error {
 	return s.writeAtomic(filepath.Join(dir, accessFile), data)
 }
 
-// servedPublicly reports whether ep serving to creds makes a layer public:
-// the registry itself served it without credentials.
-func servedPublicly(ep *endpoint, creds *Credentials) (bool, error) {
+// servedPublicly reports whether ep serving to the credentials of kc makes a
+// layer public: the registry itself served it without credentials.
+func servedPublicly(ep *endpoint, kc authn.Keychain) (bool, error) {
 	if ep.mirror {
 		return false, nil
 	}
-	key, err := ep.accessKey(creds)
+	key, err := ep.accessKey(kc)
 	return key == anonymous, err
 }
 
@@ -207,7 +208,7 @@ func (s *Store) proveLayer(ctx context.Context, src *source, ref string, l Layer
 		}
 		return err
 	}
-	public, err := servedPublicly(ep, src.creds)
+	public, err := servedPublicly(ep, src.kc)
 	if err != nil {
 		return err
 	}

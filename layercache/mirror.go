@@ -52,25 +52,27 @@ func (ep *endpoint) attempts(s *Store) int {
 	return s.opts.retryAttempts
 }
 
-// authenticator picks the caller's credentials for this endpoint. A mirror
-// gets only the credentials that a dockerconfigjson holds for the mirror's
-// own host: the registry's credentials (and a bare username and password,
-// which are the registry's) are never sent to a mirror.
-func (ep *endpoint) authenticator(creds *Credentials) (authn.Authenticator, error) {
-	if !ep.mirror {
-		return creds.authenticator(ep.repo.Registry)
-	}
-	if creds == nil || len(creds.DockerConfigJSON) == 0 {
+// authenticator picks the caller's credentials for this endpoint: what kc
+// resolves for the endpoint's repository, on the endpoint's own host. A
+// mirror thus gets only what the keychain holds for the mirror's host, never
+// the registry's credentials. A nil keychain is anonymous.
+func (ep *endpoint) authenticator(kc authn.Keychain) (authn.Authenticator, error) {
+	if kc == nil {
 		return authn.Anonymous, nil
 	}
-	return dockerConfigAuth(creds.DockerConfigJSON, ep.repo.Registry)
+	auth, err := kc.Resolve(ep.repo)
+	if err != nil {
+		return nil, fmt.Errorf("%w: credentials for %s: %v", ErrUnauthorized, ep.repo.Name(), err)
+	}
+	return auth, nil
 }
 
 // accessKey is what an access record notes when this endpoint served an
-// image to creds: a hash of the credentials and the host, or "anonymous"
-// (the registry) or "anonymous:<mirror>" (a mirror) when there were none.
-func (ep *endpoint) accessKey(creds *Credentials) (string, error) {
-	auth, err := ep.authenticator(creds)
+// image to the credentials kc holds for it: a hash of those credentials and
+// the host, or "anonymous" (the registry) or "anonymous:<mirror>" (a mirror)
+// when there were none.
+func (ep *endpoint) accessKey(kc authn.Keychain) (string, error) {
+	auth, err := ep.authenticator(kc)
 	if err != nil {
 		return "", err
 	}
@@ -85,7 +87,10 @@ func (ep *endpoint) accessKey(creds *Credentials) (string, error) {
 // without credentials.
 func mirrorAnonymous(host string) string { return anonymous + ":" + host }
 
-// authKey hashes the credentials auth holds for host, or returns anon.
+// authKey hashes the credentials auth holds for host, or returns anon. The
+// fields hashed, and their order, are those of the access records already on
+// disk: changing them would make every cached private image ask its registry
+// again, and fail offline under the pull policy Never.
 func authKey(auth authn.Authenticator, host, anon string) (string, error) {
 	if auth == authn.Anonymous {
 		return anon, nil
@@ -110,13 +115,13 @@ func authKey(auth authn.Authenticator, host, anon string) (string, error) {
 type source struct {
 	s     *Store
 	hosts *hosts
-	creds *Credentials
-	eps   []*endpoint // the mirrors in order, then the registry
+	kc    authn.Keychain // nil: anonymous
+	eps   []*endpoint    // the mirrors in order, then the registry
 }
 
 // newSource lists where repo can be fetched from under the view h.
-func (s *Store) newSource(h *hosts, repo name.Repository, creds *Credentials) *source {
-	src := &source{s: s, hosts: h, creds: creds}
+func (s *Store) newSource(h *hosts, repo name.Repository, kc authn.Keychain) *source {
+	src := &source{s: s, hosts: h, kc: kc}
 	for _, m := range h.mirrors(repo.RegistryStr()) {
 		reg, err := h.registry(m)
 		if err != nil {
@@ -145,7 +150,7 @@ func (src *source) client(ctx context.Context, ep *endpoint) (*client, error) {
 	}
 	var c *client
 	err := src.s.retryN(ctx, "connect to "+ep.host(), ep.attempts(src.s), func() (err error) {
-		c, err = src.s.newClient(ctx, src.hosts, ep, src.creds)
+		c, err = src.s.newClient(ctx, src.hosts, ep, src.kc)
 		return err
 	})
 	if err != nil {

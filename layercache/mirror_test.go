@@ -244,7 +244,7 @@ func TestMirrorAndRegistryDown(t *testing.T) {
 	}
 }
 
-// A mirror gets the credentials that the pull secret holds for the mirror's
+// A mirror gets the credentials that the keychain holds for the mirror's
 // own host, never the registry's.
 func TestMirrorCredentials(t *testing.T) {
 	img := sampleImage(t, testimage.Gzip)
@@ -260,9 +260,9 @@ func TestMirrorCredentials(t *testing.T) {
 	t.Run("secret for both hosts: the mirror's entry goes to the mirror", func(t *testing.T) {
 		up.reset()
 		mirror.reset()
-		both := []byte(fmt.Sprintf(`{"auths":{%q:{"username":"alice","password":"up-pw"},%q:{"username":"bob","password":"mirror-pw"}}}`, upReg, mirrorReg))
+		both := hostKeychain{upReg: {Username: "alice", Password: "up-pw"}, mirrorReg: {Username: "bob", Password: "mirror-pw"}}
 		s := openStore(t, t.TempDir(), WithRegistryConfig(conf))
-		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Credentials: &Credentials{DockerConfigJSON: both}})
+		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Keychain: both})
 		if n := up.total(); n != 0 {
 			t.Errorf("the registry got %d requests, want none", n)
 		}
@@ -272,11 +272,11 @@ func TestMirrorCredentials(t *testing.T) {
 			}
 		}
 	})
-	t.Run("username and password are the registry's: the mirror is asked anonymously", func(t *testing.T) {
+	t.Run("a keychain for the registry alone: the mirror is asked anonymously", func(t *testing.T) {
 		up.reset()
 		mirror.reset()
 		s := openStore(t, t.TempDir(), WithRegistryConfig(conf))
-		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Credentials: &Credentials{Username: "alice", Password: "up-pw"}})
+		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Keychain: basicFor(upReg, "alice", "up-pw")})
 		if users := mirror.seenUsers(); len(users) != 0 {
 			t.Errorf("the mirror was sent users %q, want none", users)
 		}
@@ -294,19 +294,19 @@ func TestMirrorAccessRecords(t *testing.T) {
 	alice := authn.Basic{Username: "alice", Password: "s3cret"}
 	upReg := testimage.Server(t, testimage.BasicAuth(alice.Username, alice.Password))
 	testimage.Push(t, upReg+"/private:v1", img, remote.WithAuth(&alice))
-	creds := func() *Credentials { return &Credentials{DockerConfigJSON: dockerConfig(upReg, "alice", "s3cret")} }
+	creds := func() authn.Keychain { return basicFor(upReg, "alice", "s3cret") }
 
 	t.Run("pulled from the registry with credentials: a mirror that lacks it grants nothing", func(t *testing.T) {
 		emptyMirror := testimage.Registry(t)
 		conf := writeRegistryConfig(t, "", fmt.Sprintf("registries:\n  %q:\n    mirrors: [%q]\n", upReg, emptyMirror))
 		s := openStore(t, t.TempDir(), WithRegistryConfig(conf))
-		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Credentials: creds()})
+		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Keychain: creds()})
 		for _, p := range []PullPolicy{PullNever, PullIfNotPresent} {
 			if _, err := s.Pull(context.Background(), upReg+"/private:v1", PullOptions{Policy: p}); !errors.Is(err, ErrUnauthorized) {
 				t.Errorf("%s without credentials = %v, want ErrUnauthorized", p, err)
 			}
 		}
-		if _, err := s.Pull(context.Background(), upReg+"/private:v1", PullOptions{Policy: PullNever, Credentials: creds()}); err != nil {
+		if _, err := s.Pull(context.Background(), upReg+"/private:v1", PullOptions{Policy: PullNever, Keychain: creds()}); err != nil {
 			t.Errorf("Never with the credentials that pulled it: %v", err)
 		}
 	})
@@ -316,7 +316,7 @@ func TestMirrorAccessRecords(t *testing.T) {
 		testimage.Push(t, openMirror+"/private:v1", img)
 		path := writeRegistryConfig(t, "", fmt.Sprintf("registries:\n  %q:\n    mirrors: [%q]\n", upReg, openMirror))
 		s := openStore(t, t.TempDir(), WithRegistryConfig(path))
-		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Credentials: creds()})
+		pullAndCheck(t, s, upReg+"/private:v1", PullOptions{Keychain: creds()})
 		if _, err := s.Pull(context.Background(), upReg+"/private:v1", PullOptions{Policy: PullNever}); err != nil {
 			t.Fatalf("Never without credentials, the mirror serving anyone: %v", err)
 		}
@@ -330,7 +330,7 @@ func TestMirrorAccessRecords(t *testing.T) {
 			t.Fatalf("IfNotPresent without credentials after the mirror was removed = %v, want ErrUnauthorized", err)
 		}
 		// The registry confirms the credentials, as without mirrors.
-		if _, err := s.Pull(context.Background(), upReg+"/private:v1", PullOptions{Credentials: creds()}); err != nil {
+		if _, err := s.Pull(context.Background(), upReg+"/private:v1", PullOptions{Keychain: creds()}); err != nil {
 			t.Fatalf("IfNotPresent with accepted credentials: %v", err)
 		}
 	})

@@ -3,8 +3,6 @@ package layercache
 import (
 	"context"
 	"crypto/tls"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,82 +19,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"k8s.io/klog/v2"
 )
-
-// Credentials authenticate pulls. The zero value pulls anonymously. They are
-// always passed in by the caller: the node's own docker config is never read.
-type Credentials struct {
-	// Username and Password for basic (or token-exchange) auth.
-	Username, Password string
-	// DockerConfigJSON is the content of a kubernetes.io/dockerconfigjson
-	// secret ({"auths": {"registry": {"auth": ...}}}); the entry matching the
-	// image's registry is used. It takes precedence over Username/Password.
-	DockerConfigJSON []byte
-}
-
-// authenticator picks the credentials for one registry.
-func (c *Credentials) authenticator(reg name.Registry) (authn.Authenticator, error) {
-	if c == nil {
-		return authn.Anonymous, nil
-	}
-	if len(c.DockerConfigJSON) > 0 {
-		return dockerConfigAuth(c.DockerConfigJSON, reg)
-	}
-	if c.Username != "" || c.Password != "" {
-		return &authn.Basic{Username: c.Username, Password: c.Password}, nil
-	}
-	return authn.Anonymous, nil
-}
-
-// dockerConfigAuth finds reg's entry in a dockerconfigjson document. Keys may
-// be bare hosts, host:port, or URLs ("https://index.docker.io/v1/"), as
-// kubelet accepts them.
-func dockerConfigAuth(data []byte, reg name.Registry) (authn.Authenticator, error) {
-	var cfg struct {
-		Auths map[string]struct {
-			Auth          string `json:"auth"`
-			Username      string `json:"username"`
-			Password      string `json:"password"`
-			IdentityToken string `json:"identitytoken"`
-		} `json:"auths"`
-	}
-	if err := json.Unmarshal(data, &cfg); err != nil {
-		return nil, fmt.Errorf("%w: pull secret is not valid dockerconfigjson: %v", ErrUnauthorized, err)
-	}
-	want := reg.RegistryStr()
-	for key, e := range cfg.Auths {
-		if configHost(key) != want && !(want == name.DefaultRegistry && configHost(key) == "docker.io") {
-			continue
-		}
-		user, pass := e.Username, e.Password
-		if e.Auth != "" {
-			raw, err := base64.StdEncoding.DecodeString(e.Auth)
-			if err != nil {
-				return nil, fmt.Errorf("%w: pull secret entry %q: auth is not base64", ErrUnauthorized, key)
-			}
-			u, p, ok := strings.Cut(string(raw), ":")
-			if !ok {
-				return nil, fmt.Errorf("%w: pull secret entry %q: auth is not user:password", ErrUnauthorized, key)
-			}
-			user, pass = u, p
-		}
-		return authn.FromConfig(authn.AuthConfig{Username: user, Password: pass, IdentityToken: e.IdentityToken}), nil
-	}
-	return authn.Anonymous, nil
-}
-
-// configHost reduces a dockerconfig key to host[:port].
-func configHost(key string) string {
-	if strings.Contains(key, "://") {
-		if u, err := url.Parse(key); err == nil {
-			key = u.Host
-		}
-	}
-	key, _, _ = strings.Cut(key, "/")
-	if key == "index.docker.io" {
-		return name.DefaultRegistry
-	}
-	return key
-}
 
 // isLoopback reports whether host ("host" or "host:port") is a loopback
 // address, the only registries reached over plain HTTP without being listed
@@ -161,9 +83,10 @@ type client struct {
 }
 
 // newClient authenticates to an endpoint for pulling (a ping and, for token
-// auth, a token exchange), with the transports of the view h.
-func (s *Store) newClient(ctx context.Context, h *hosts, ep *endpoint, creds *Credentials) (*client, error) {
-	auth, err := ep.authenticator(creds)
+// auth, a token exchange) with what kc holds for it, with the transports of
+// the view h.
+func (s *Store) newClient(ctx context.Context, h *hosts, ep *endpoint, kc authn.Keychain) (*client, error) {
+	auth, err := ep.authenticator(kc)
 	if err != nil {
 		return nil, err
 	}

@@ -24,22 +24,26 @@ func (s *Store) ParseReference(ref string) (name.Reference, error) {
 // store does: plain HTTP only for loopback and insecure registries (never
 // go-containerregistry's default of plain HTTP for private-range addresses),
 // the per-host TLS settings of the registry config, the store's user agent,
-// and creds for every registry (nil: anonymous). Mirrors are not used: they
+// and what kc resolves for each repository (nil: anonymous). Mirrors are not used: they
 // serve pulls, and a push goes to the registry itself.
 //
 // wrap, if not nil, wraps the HTTP transport, for example to count the bytes
 // sent.
-func (s *Store) RemoteOptions(ctx context.Context, creds *Credentials, wrap func(http.RoundTripper) http.RoundTripper) []remote.Option {
+func (s *Store) RemoteOptions(ctx context.Context, kc authn.Keychain, wrap func(http.RoundTripper) http.RoundTripper) []remote.Option {
 	h := s.reg.refresh()
 	var rt http.RoundTripper = &httpsOnly{next: h, insecure: h.insecure, tlsHosts: h.tlsHosts}
 	if wrap != nil {
 		rt = wrap(rt)
 	}
+	auth := remote.WithAuth(authn.Anonymous)
+	if kc != nil {
+		auth = remote.WithAuthFromKeychain(kc)
+	}
 	return []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithTransport(rt),
 		remote.WithUserAgent(s.opts.userAgent),
-		remote.WithAuthFromKeychain(keychain{creds}),
+		auth,
 	}
 }
 
@@ -52,15 +56,3 @@ func ClassifyRegistryError(err error, what string) error { return classify(err, 
 // files there are on the store's filesystem, and are removed by Close or,
 // after a crash, by the next Open.
 func (s *Store) WorkDir() string { return s.work }
-
-// keychain hands out the caller's credentials by registry, as pulls pick
-// them (a dockerconfigjson entry per registry, or one username/password).
-type keychain struct{ creds *Credentials }
-
-func (k keychain) Resolve(res authn.Resource) (authn.Authenticator, error) {
-	reg, err := name.NewRegistry(res.RegistryStr(), name.WeakValidation)
-	if err != nil {
-		return nil, err
-	}
-	return k.creds.authenticator(reg)
-}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -44,8 +45,14 @@ func ParsePullPolicy(s string) (PullPolicy, error) {
 
 // PullOptions qualify one Resolve, Ensure or Pull.
 type PullOptions struct {
-	Policy      PullPolicy
-	Credentials *Credentials
+	Policy PullPolicy
+	// Keychain supplies the credentials: it is asked for each repository a
+	// request goes to, on the host it goes to (a mirror's, or the
+	// registry's), and must answer only for the hosts its credentials are
+	// meant for: a keychain that answers every host alike gives the
+	// registry's credentials to its mirrors. Nil pulls anonymously. The
+	// node's own docker config is never read.
+	Keychain authn.Keychain
 	// Progress, if set, is called (from several goroutines) as layers are
 	// fetched. A layer's completion may be reported after Ensure returned
 	// early because ctx ended: the fetch goes on.
@@ -109,7 +116,7 @@ func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image,
 	if policy != PullAlways || isDigest(r) {
 		img, err := s.resolveCached(ref, r)
 		if err == nil {
-			if err := s.checkAccess(ctx, h, ref, r.Context(), img.Digest, o.Credentials, policy); err != nil {
+			if err := s.checkAccess(ctx, h, ref, r.Context(), img.Digest, o.Keychain, policy); err != nil {
 				return nil, err
 			}
 			return img, nil
@@ -121,7 +128,7 @@ func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image,
 			return nil, fmt.Errorf("%w: %s is not in the node's cache and the pull policy is Never", ErrNotCached, ref)
 		}
 	}
-	return s.resolveRemote(ctx, h, ref, r, o.Credentials)
+	return s.resolveRemote(ctx, h, ref, r, o.Keychain)
 }
 
 func isDigest(r name.Reference) bool {
@@ -173,8 +180,8 @@ func (s *Store) resolveCached(ref string, r name.Reference) (*Image, error) {
 
 // resolveRemote resolves ref at the registry (or its mirrors), caching what
 // it fetches.
-func (s *Store) resolveRemote(ctx context.Context, h *hosts, ref string, r name.Reference, creds *Credentials) (*Image, error) {
-	src := s.newSource(h, r.Context(), creds)
+func (s *Store) resolveRemote(ctx context.Context, h *hosts, ref string, r name.Reference, kc authn.Keychain) (*Image, error) {
+	src := s.newSource(h, r.Context(), kc)
 	var data []byte
 	var top v1.Hash
 	fetchedPlatform := false
@@ -226,12 +233,12 @@ func (s *Store) resolveRemote(ctx context.Context, h *hosts, ref string, r name.
 		// The index came from the registry, but the platform's manifest
 		// it names from the cache: the repository has shown nothing about
 		// that manifest yet.
-		if err := s.checkAccess(ctx, h, ref, r.Context(), img.Digest, creds, PullIfNotPresent); err != nil {
+		if err := s.checkAccess(ctx, h, ref, r.Context(), img.Digest, kc, PullIfNotPresent); err != nil {
 			return nil, err
 		}
 	} else {
 		// The registry, or a mirror, served the manifest to these credentials.
-		key, err := servedBy.accessKey(creds)
+		key, err := servedBy.accessKey(kc)
 		if err != nil {
 			return nil, err
 		}

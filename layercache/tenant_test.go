@@ -21,7 +21,7 @@ type privateFixture struct {
 	reg, tag         string
 	digest           v1.Hash
 	digests, diffIDs []v1.Hash
-	bob              *Credentials
+	bob              authn.Keychain
 	spy              *spy
 }
 
@@ -33,8 +33,8 @@ func pullPrivate(t *testing.T, s *Store) privateFixture {
 	f.tag = f.reg + "/team-b/ds:v1"
 	img := sampleImage(t, testimage.Gzip)
 	f.digest = testimage.Push(t, f.tag, img, remote.WithAuth(&authn.Basic{Username: "bob", Password: "hunter2"}))
-	f.bob = &Credentials{DockerConfigJSON: dockerConfig(f.reg, "bob", "hunter2")}
-	pulled, err := s.Pull(context.Background(), f.tag, PullOptions{Credentials: f.bob})
+	f.bob = basicFor(f.reg, "bob", "hunter2")
+	pulled, err := s.Pull(context.Background(), f.tag, PullOptions{Keychain: f.bob})
 	if err != nil {
 		t.Fatalf("tenant B pulls its private image: %v", err)
 	}
@@ -89,7 +89,7 @@ func TestHostileRegistryCannotClaimCachedPrivateContent(t *testing.T) {
 
 	// Tenant B is untouched: its own repository and secret work offline.
 	b.spy.set(func(s *spy) { s.down = true })
-	if _, err := s.Pull(ctx, b.tag, PullOptions{Credentials: b.bob, Policy: PullNever}); err != nil {
+	if _, err := s.Pull(ctx, b.tag, PullOptions{Keychain: b.bob, Policy: PullNever}); err != nil {
 		t.Fatalf("tenant B, its own secret, Never, registry down: %v", err)
 	}
 }
@@ -136,7 +136,7 @@ func TestAnotherRepositoryEarnsPrivateLayersByServingThem(t *testing.T) {
 	for i, d := range b.digests {
 		before[i] = b.spy.count(d)
 	}
-	if _, err := s.Pull(context.Background(), copyTag, PullOptions{Credentials: b.bob}); err != nil {
+	if _, err := s.Pull(context.Background(), copyTag, PullOptions{Keychain: b.bob}); err != nil {
 		t.Fatalf("a second repository that holds the layers: %v", err)
 	}
 	for i, d := range b.digests {
@@ -149,7 +149,7 @@ func TestAnotherRepositoryEarnsPrivateLayersByServingThem(t *testing.T) {
 	}
 	s = openStore(t, root)
 	b.spy.set(func(s *spy) { s.down = true })
-	if _, err := s.Pull(context.Background(), copyTag, PullOptions{Credentials: b.bob, Policy: PullNever}); err != nil {
+	if _, err := s.Pull(context.Background(), copyTag, PullOptions{Keychain: b.bob, Policy: PullNever}); err != nil {
 		t.Fatalf("the second repository, on record, Never, registry down, after a restart: %v", err)
 	}
 }
@@ -164,7 +164,7 @@ func TestJoiningAFetchGrantsNoAccess(t *testing.T) {
 	img := sampleImage(t, testimage.Gzip)
 	tag := reg + "/team-b/ds:v1"
 	testimage.Push(t, tag, img, remote.WithAuth(&authn.Basic{Username: "bob", Password: "hunter2"}))
-	bob := &Credentials{DockerConfigJSON: dockerConfig(reg, "bob", "hunter2")}
+	bob := basicFor(reg, "bob", "hunter2")
 	digests := layerDigests(t, img)
 	var diffIDs []v1.Hash
 	ls, err := img.Layers()
@@ -186,7 +186,7 @@ func TestJoiningAFetchGrantsNoAccess(t *testing.T) {
 	sp.set(func(s *spy) { s.delay = 300 * time.Millisecond })
 	bobDone := make(chan error, 1)
 	go func() {
-		_, err := s.Pull(context.Background(), tag, PullOptions{Credentials: bob})
+		_, err := s.Pull(context.Background(), tag, PullOptions{Keychain: bob})
 		bobDone <- err
 	}()
 	// Wait until bob's fetch is in flight, then join it.

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+
 	"github.com/strata-csi/strata/driver/commits/source"
 	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache"
@@ -35,11 +37,11 @@ func commitFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if len(args) != 2 {
 			return usagef(cmd, "commit needs a volume and a target image reference, got %d arguments", len(args))
 		}
-		creds, err := credentials(cmd, e.stdin, *username, *passwordStdin, *dockerConfig)
+		vol, err := findVolume(cmd, e.root, args[0], *targetPath)
 		if err != nil {
 			return err
 		}
-		vol, err := findVolume(cmd, e.root, args[0], *targetPath)
+		creds, err := credentials(cmd, e.stdin, *username, *passwordStdin, *dockerConfig, vol.Image, args[1])
 		if err != nil {
 			return err
 		}
@@ -94,7 +96,7 @@ func findVolume(cmd *command, root, arg, targetPath string) (*state.Volume, erro
 
 // runCommit builds the layer from the volume's upper and pushes it to
 // targetRef (a tag), telling what it built and what it uploaded.
-func runCommit(ctx context.Context, cmd *command, e *env, s *layercache.Store, v *state.Volume, targetRef string, creds *layercache.Credentials) error {
+func runCommit(ctx context.Context, cmd *command, e *env, s *layercache.Store, v *state.Volume, targetRef string, creds authn.Keychain) error {
 	target, err := commit.ParseTarget(s, targetRef)
 	if err != nil {
 		return usagef(cmd, "TARGET_REF: %v", err)

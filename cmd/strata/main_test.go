@@ -427,6 +427,22 @@ func TestPullCredentials(t *testing.T) {
 	r = strata(t, t.TempDir(), "pull", "--docker-config", cfg, ref)
 	expectCode(t, "pull with --docker-config", r, 0)
 
+	// The file's keys match as the plugin matches a pull secret's (kubelet's
+	// keyring): a host glob with the port, or the repository's path prefix.
+	host, port, _ := strings.Cut(reg, ":")
+	glob := strings.Join(append(strings.Split(host, ".")[:3], "*"), ".") + ":" + port
+	for _, key := range []string{glob, reg + "/private", reg + "/other"} {
+		if err := os.WriteFile(cfg, fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, key, auth), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		want := 0
+		if key == reg+"/other" {
+			want = exitUnauthorize
+		}
+		r = strata(t, t.TempDir(), "pull", "--docker-config", cfg, ref)
+		expectCode(t, "pull with --docker-config key "+key, r, want)
+	}
+
 	r = strata(t, t.TempDir(), "pull", "--username", user, ref)
 	expectCode(t, "--username without --password-stdin", r, exitUsage)
 }

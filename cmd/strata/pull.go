@@ -8,6 +8,10 @@ import (
 	"os"
 	"strings"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+
+	"github.com/strata-csi/strata/driver/credentials/dockerconfig"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -55,7 +59,7 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if *concurrency < 1 {
 			return usagef(cmd, "--concurrency must be at least 1, got %d", *concurrency)
 		}
-		creds, err := credentials(cmd, e.stdin, *username, *passwordStdin, *dockerConfig)
+		creds, err := credentials(cmd, e.stdin, *username, *passwordStdin, *dockerConfig, ref)
 		if err != nil {
 			return err
 		}
@@ -70,7 +74,7 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if err != nil {
 			return err
 		}
-		o := layercache.PullOptions{Policy: pol, Credentials: creds}
+		o := layercache.PullOptions{Policy: pol, Keychain: creds}
 		img, err := s.Resolve(ctx, ref, o)
 		if err != nil {
 			return err
@@ -119,9 +123,11 @@ func pullBudget(cmd *command, root string, fs *flag.FlagSet, maxBytes string, pe
 	return b, layercache.Limits{MaxExpansion: expansion, ExpansionFloor: layercache.DefaultExpansionFloor, MaxLayerBytes: n}, nil
 }
 
-// credentials builds the registry credentials of cmd from its flags; nil
-// means anonymous.
-func credentials(cmd *command, stdin io.Reader, username string, passwordStdin bool, dockerConfig string) (*layercache.Credentials, error) {
+// credentials builds the registry keychain of cmd from its flags; nil
+// means anonymous. A docker config file is read as the plugin reads a pull
+// secret (package dockerconfig); a username and password are for the
+// registries of refs alone, never for their mirrors.
+func credentials(cmd *command, stdin io.Reader, username string, passwordStdin bool, dockerConfig string, refs ...string) (authn.Keychain, error) {
 	switch {
 	case dockerConfig != "" && (username != "" || passwordStdin):
 		return nil, usagef(cmd, "use either --docker-config or --username/--password-stdin, not both")
@@ -134,7 +140,12 @@ func credentials(cmd *command, stdin io.Reader, username string, passwordStdin b
 		if err != nil {
 			return nil, fmt.Errorf("read --docker-config: %w", err)
 		}
-		return &layercache.Credentials{DockerConfigJSON: data}, nil
+		kc := &dockerconfig.Keyring{}
+		if err := kc.AddDockerConfig(data, false, "--docker-config "+dockerConfig); err != nil {
+			// Refused, as the registry would refuse garbage.
+			return nil, fmt.Errorf("%w: --docker-config %s: %v", layercache.ErrUnauthorized, dockerConfig, err)
+		}
+		return kc, nil
 	case username != "":
 		data, err := io.ReadAll(stdin)
 		if err != nil {
@@ -144,7 +155,13 @@ func credentials(cmd *command, stdin io.Reader, username string, passwordStdin b
 		if pw == "" {
 			return nil, usagef(cmd, "--password-stdin: stdin holds no password")
 		}
-		return &layercache.Credentials{Username: username, Password: pw}, nil
+		var registries []string
+		for _, ref := range refs {
+			if r, err := name.ParseReference(ref); err == nil {
+				registries = append(registries, r.Context().RegistryStr())
+			}
+		}
+		return dockerconfig.ForRegistries(dockerconfig.Auth{Username: username, Password: pw}, registries...), nil
 	}
 	return nil, nil
 }

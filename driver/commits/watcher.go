@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -471,7 +472,7 @@ func (w *Watcher) credentials(ctx context.Context, vc *VolumeCommit, target, bas
 	for _, c := range []struct {
 		ref   string
 		chain Credentials
-		creds **layercache.Credentials
+		kc    *authn.Keychain
 	}{
 		{base, w.cfg.Credentials, &auth.Base},
 		{target, w.secretOnly, &auth.Target},
@@ -481,7 +482,7 @@ func (w *Watcher) credentials(ctx context.Context, vc *VolumeCommit, target, bas
 			return commit.Auth{}, fmt.Errorf("credentials for %s: %s", c.ref, strings.ReplaceAll(err.Error(),
 				"the volume's node-publish secret", "spec.pushSecretName "+vc.Spec.PushSecretName))
 		}
-		*c.creds = p.Credentials
+		*c.kc = p.Keychain
 	}
 	if auth.Target == nil {
 		klog.FromContext(ctx).V(2).Info("No push credentials for the target's registry in spec.pushSecretName: pushing anonymously",

@@ -27,16 +27,17 @@ package credentials
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/credentials/dockerconfig"
 	"github.com/strata-csi/strata/layercache"
 )
 
@@ -143,8 +144,11 @@ func (c *Chain) Close() {
 
 // Pull is what one publish pulls with.
 type Pull struct {
-	// Credentials for the layer cache; nil pulls anonymously.
-	Credentials *layercache.Credentials
+	// Keychain holds the credentials found for the image's registry, and
+	// nothing for any other host (a mirror of it, another registry): the
+	// layer cache asks it for each place it fetches from. Nil pulls
+	// anonymously.
+	Keychain authn.Keychain
 	// From names the source of the credentials ("the volume's node-publish
 	// secret", "service account secret NAME", "credential provider NAME");
 	// empty when anonymous. It never holds a secret.
@@ -299,19 +303,11 @@ func (c *Chain) fromProviders(ctx context.Context, im image, ps []*provider, acc
 	return auth{}, false, strings.Join(notes, ", ")
 }
 
-// with sets p's credentials to a, as a docker config of one entry for the
-// image's registry (the form that carries an identity token too).
+// with sets p's credentials to a, for the image's registry alone.
 func (p Pull) with(a auth) (Pull, error) {
-	cfg := map[string]map[string]dockerConfigEntry{"auths": {p.image.registry: {
-		Username: a.Username, Password: a.Password, IdentityToken: a.IdentityToken,
-	}}}
-	data, err := json.Marshal(cfg)
-	if err != nil {
-		return Pull{}, err
-	}
 	// denied stays: a secret the pod may not read explains a refusal of
 	// the credentials that came after it.
-	p.Credentials, p.From, p.tried = &layercache.Credentials{DockerConfigJSON: data}, a.from, nil
+	p.Keychain, p.From, p.tried = dockerconfig.ForRegistries(a, p.image.registry), a.From, nil
 	return p, nil
 }
 

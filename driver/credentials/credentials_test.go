@@ -3,13 +3,14 @@ package credentials
 import (
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -24,25 +25,25 @@ func dockerConfig(host, user, password string) string {
 	return fmt.Sprintf(`{"auths": {%q: {"auth": %q}}}`, host, auth)
 }
 
-// userOf decodes the user name of the synthesized credentials.
+// userOf is the user name that p's keychain gives the image's registry.
 func userOf(t *testing.T, p Pull) string {
 	t.Helper()
-	if p.Credentials == nil {
+	if p.Keychain == nil {
 		return ""
 	}
-	var cfg struct {
-		Auths map[string]dockerConfigEntry `json:"auths"`
-	}
-	if err := json.Unmarshal(p.Credentials.DockerConfigJSON, &cfg); err != nil {
+	reg, err := name.NewRegistry(p.image.registry)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if len(cfg.Auths) != 1 {
-		t.Fatalf("synthesized config has %d entries, want 1", len(cfg.Auths))
+	a, err := p.Keychain.Resolve(reg.Repo("some/repo"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, e := range cfg.Auths {
-		return e.Username
+	cfg, err := a.Authorization()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return ""
+	return cfg.Username
 }
 
 // staticProvider answers with user for every image under pattern.
@@ -189,8 +190,8 @@ func TestPullSecretsKeyring(t *testing.T) {
 	ring, problems := pullSecretsKeyring(sa, get, func(name string) string { return "service account secret " + name })
 	for ref, want := range map[string]string{"registry.io/team/app": "service account secret team", "registry.io/other/app": "service account secret all"} {
 		a, ok := ring.lookup(mustImage(t, ref))
-		if !ok || a.from != want {
-			t.Errorf("%s: from %q (found %v), want %q", ref, a.from, ok, want)
+		if !ok || a.From != want {
+			t.Errorf("%s: from %q (found %v), want %q", ref, a.From, ok, want)
 		}
 	}
 	if len(problems) != 2 || !strings.Contains(problems[0], "gone does not exist") || !strings.Contains(problems[1], "opaque is not a kubernetes.io/dockerconfigjson secret") {
@@ -222,5 +223,55 @@ func TestNewRejects(t *testing.T) {
 	defer c.Close()
 	if !strings.Contains(c.saOff, "no Kubernetes API access") {
 		t.Errorf("without API access the source says %q", c.saOff)
+	}
+}
+
+// TestPullKeychain: the keychain of a Pull answers for the image's registry
+// (any of its repositories) and for no other host, so that a mirror of the
+// registry never sees its credentials; Docker Hub is index.docker.io to the
+// layer cache and docker.io to pull secrets.
+func TestPullKeychain(t *testing.T) {
+	t.Parallel()
+	c := &Chain{}
+	for _, tc := range []struct {
+		name, ref, key string
+		resource       func(t *testing.T) authn.Resource
+		want           string
+	}{
+		{"the image's repository", "127.0.0.1:5000/private/data:v1", "127.0.0.1:5000", repoOf("127.0.0.1:5000/private/data"), "u"},
+		{"another repository of the registry", "127.0.0.1:5000/private/data:v1", "127.0.0.1:5000", repoOf("127.0.0.1:5000/other"), "u"},
+		{"a mirror", "127.0.0.1:5000/private/data:v1", "127.0.0.1:5000", repoOf("127.0.0.1:5001/private/data"), ""},
+		{"another registry", "127.0.0.1:5000/private/data:v1", "127.0.0.1:5000", repoOf("quay.io/private/data"), ""},
+		{"Docker Hub, docker.io key", "busybox", "docker.io", repoOf("index.docker.io/library/busybox"), "u"},
+		{"Docker Hub, legacy key", "someone/app", "https://index.docker.io/v1/", repoOf("docker.io/someone/app"), "u"},
+	} {
+		p, err := c.For(context.Background(), tc.ref, map[string]string{".dockerconfigjson": dockerConfig(tc.key, "u", "p")}, Pod{})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if p.Keychain == nil {
+			t.Fatalf("%s: no keychain", tc.name)
+		}
+		a, err := p.Keychain.Resolve(tc.resource(t))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		cfg, err := a.Authorization()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.Username != tc.want || (tc.want == "" && a != authn.Anonymous) {
+			t.Errorf("%s: user %q, want %q", tc.name, cfg.Username, tc.want)
+		}
+	}
+}
+
+func repoOf(s string) func(t *testing.T) authn.Resource {
+	return func(t *testing.T) authn.Resource {
+		r, err := name.NewRepository(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
 	}
 }

@@ -182,8 +182,8 @@ func TestTokenNotEchoed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.Credentials != nil || !strings.Contains(listing(p.tried), "cacheType: Token") {
-		t.Errorf("credentials %v, tried %q: want the echo refused", p.Credentials, p.tried)
+	if p.Keychain != nil || !strings.Contains(listing(p.tried), "cacheType: Token") {
+		t.Errorf("credentials %v, tried %q: want the echo refused", p.Keychain, p.tried)
 	}
 }
 
@@ -291,8 +291,8 @@ func TestPodSecretsDenied(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.Credentials != nil || len(s.reads) != 0 {
-		t.Fatalf("credentials %v from %q, secrets read %q: want none", p.Credentials, p.From, s.reads)
+	if p.Keychain != nil || len(s.reads) != 0 {
+		t.Fatalf("credentials %v from %q, secrets read %q: want none", p.Keychain, p.From, s.reads)
 	}
 	msg := p.Explain(fmt.Errorf("%w: denied", layercache.ErrUnauthorized)).Error()
 	for _, want := range []string{"the pod's service account b/borrower has no imagePullSecret for it that it may read", "secret pull-a", "may not get it"} {

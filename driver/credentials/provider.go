@@ -20,6 +20,8 @@ import (
 	configv1 "k8s.io/kubelet/config/v1"
 	providerv1 "k8s.io/kubelet/pkg/apis/credentialprovider/v1"
 	"sigs.k8s.io/yaml"
+
+	"github.com/strata-csi/strata/driver/credentials/dockerconfig"
 )
 
 // DefaultProviderTimeout bounds one run of a credential provider plugin.
@@ -146,7 +148,7 @@ func checkProvider(c configv1.CredentialProvider, seen map[string]bool, podIdent
 			"start the plugin with --pod-identity (chart: podIdentity.enabled=true, with the provider's serviceAccountTokenAudience in podIdentity.audiences)", c.Name)
 	}
 	for _, m := range c.MatchImages {
-		if _, err := parseSchemeless(m); err != nil {
+		if err := dockerconfig.CheckPattern(m); err != nil {
 			return fmt.Errorf("provider %s: matchImages %q: %v", c.Name, m, err)
 		}
 	}
@@ -248,7 +250,7 @@ func (p *provider) fetch(im image, id podToken) (*keyring, error) {
 	}
 	ring := &keyring{}
 	for pattern, a := range resp.Auth {
-		ring.add(pattern, auth{Username: a.Username, Password: a.Password, from: "credential provider " + p.name})
+		ring.add(pattern, auth{Username: a.Username, Password: a.Password, From: "credential provider " + p.name})
 	}
 	ttl := p.defaultTTL
 	if resp.CacheDuration != nil {

@@ -90,8 +90,8 @@ func TestProviderCache(t *testing.T) {
 				if want := "run" + string(rune('0'+tc.runs[i])); !ok || a.Username != want {
 					t.Errorf("%s (#%d): credentials of %q (found %v), want those of %s", ref, i, a.Username, ok, want)
 				}
-				if a.from != "credential provider counting" {
-					t.Errorf("source %q", a.from)
+				if a.From != "credential provider counting" {
+					t.Errorf("source %q", a.From)
 				}
 			}
 		})

@@ -57,6 +57,6 @@ func (e *Engine) pullForPrepull(ctx context.Context, logger klog.Logger, ref str
 	if creds.From != "" {
 		logger.V(4).Info("Prepull credentials chosen", "source", creds.From)
 	}
-	img, err := e.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress, Credentials: creds.Credentials})
+	img, err := e.store.Pull(ctx, ref, layercache.PullOptions{Progress: pull.progress, Keychain: creds.Keychain})
 	return img, creds.Explain(err)
 }

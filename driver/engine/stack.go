@@ -69,7 +69,7 @@ func (e *Engine) Resolve(ctx context.Context, logger klog.Logger, refs []string,
 			return nil, err
 		}
 		opts := o
-		opts.Credentials = creds.Credentials
+		opts.Keychain = creds.Keychain
 		if creds.From != "" {
 			logger.V(4).Info("Pull credentials chosen", "stackImage", ref, "source", creds.From)
 		}

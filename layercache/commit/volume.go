@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/klog/v2"
@@ -93,25 +94,25 @@ func Base(s *layercache.Store, src Source) (name.Digest, error) {
 
 // Volume commits src: it builds one layer of the upper directory's changes
 // in the store's work directory and pushes the base image (by digest) with
-// that layer appended to target, with creds for every registry (nil:
-// anonymous). Only the new layer, config and manifest are uploaded when the
+// that layer appended to target, with what kc resolves for each repository
+// (nil: anonymous). Only the new layer, config and manifest are uploaded when the
 // base is on the target's registry (see Push). Registry errors are wrapped
 // with layercache's sentinels (ErrUnauthorized, ErrNotFound, ...).
 //
 // built, if not nil, is called once the layer is built, before the push,
 // with the layer's part of the result.
-func Volume(ctx context.Context, s *layercache.Store, src Source, target name.Tag, creds *layercache.Credentials, built func(Result)) (Result, error) {
-	return VolumeAuth(ctx, s, src, target, Auth{Base: creds, Target: creds}, built)
+func Volume(ctx context.Context, s *layercache.Store, src Source, target name.Tag, kc authn.Keychain, built func(Result)) (Result, error) {
+	return VolumeAuth(ctx, s, src, target, Auth{Base: kc, Target: kc}, built)
 }
 
 // Auth is what a commit reaches registries with; nil is anonymous.
 type Auth struct {
 	// Base reads the base image: its manifest and config, and its layers
 	// when the target is on another registry.
-	Base *layercache.Credentials
+	Base authn.Keychain
 	// Target pushes, and is all that the target's registry sees: the base's
 	// layers are mounted into the target's repository with it.
-	Target *layercache.Credentials
+	Target authn.Keychain
 }
 
 // VolumeAuth is Volume with separate credentials for reading the base and
