@@ -102,7 +102,7 @@ func Create(ctx context.Context, dir string, size int64) error {
 	}
 	switch got, err := readImageMiB(img); {
 	case err == nil && got == want:
-		klog.FromContext(ctx).V(4).Info("Clone filesystem exists", "image", img, "sizeMiB", want)
+		klog.FromContext(ctx).V(4).Info("Clone filesystem exists", "diskImage", img, "sizeMiB", want)
 		return nil
 	case err == nil:
 		return fmt.Errorf("create clone filesystem %s: it exists and was made for %d MiB (%d bytes), not for the requested %d bytes (%d MiB); delete the volume to change its size",
@@ -135,7 +135,7 @@ func Mount(ctx context.Context, dir string) (string, error) {
 // a device that holds it.
 func mountDir(ctx context.Context, dir, data string, fresh bool) (string, error) {
 	img, target := imagePath(dir), mountPath(dir)
-	logger := klog.FromContext(ctx).WithValues("image", img, "targetPath", target)
+	logger := klog.FromContext(ctx).WithValues("diskImage", img, "targetPath", target)
 	st, err := statImage(img)
 	if err != nil {
 		return "", fmt.Errorf("mount clone filesystem %s: %w", img, err)

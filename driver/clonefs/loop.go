@@ -94,7 +94,7 @@ func mountImage(ctx context.Context, img string, st *unix.Stat_t, target, data s
 		}
 	}
 	if dev != nil {
-		klog.FromContext(ctx).V(4).Info("Image already on a loop device, mounting that device", "image", img, "device", name)
+		klog.FromContext(ctx).V(4).Info("Image already on a loop device, mounting that device", "diskImage", img, "device", name)
 	} else if dev, name, err = attach(img); err != nil {
 		return "", err
 	}

@@ -165,7 +165,7 @@ func format(ctx context.Context, dir, img string, want int64, scratch bool) (err
 	if err := atomicfile.SyncDir(dir); err != nil {
 		return err
 	}
-	klog.FromContext(ctx).V(4).Info("Created clone filesystem", "image", img, "sizeMiB", want,
+	klog.FromContext(ctx).V(4).Info("Created clone filesystem", "diskImage", img, "sizeMiB", want,
 		"imageBytes", total*blockSize, "availBytes", sb.availBlocks()*blockSize, "journalMiB", jMiB,
 		"passes", passes, "duration", time.Since(start))
 	return nil

@@ -15,7 +15,7 @@ func Bind(src, target string, readOnly bool) error {
 	if err := bind(src, target, readOnly); err != nil {
 		return err
 	}
-	klog.V(4).InfoS("Bind-mounted", "source", src, "target", target, "readOnly", readOnly)
+	klog.V(4).InfoS("Bind-mounted", "source", src, "targetPath", target, "readOnly", readOnly)
 	return nil
 }
 
@@ -58,7 +58,7 @@ func BindBeneath(root, sub, target string, readOnly bool) error {
 	if err := bindFd(fd, target, readOnly); err != nil {
 		return fmt.Errorf("bind %q beneath %q at %q: %w", sub, root, target, err)
 	}
-	klog.V(4).InfoS("Bind-mounted beneath root", "root", root, "sub", sub, "target", target, "readOnly", readOnly)
+	klog.V(4).InfoS("Bind-mounted beneath root", "root", root, "sub", sub, "targetPath", target, "readOnly", readOnly)
 	return nil
 }
 

@@ -28,7 +28,7 @@ func Unmount(target string) error {
 	err := unix.Unmount(target, unix.UMOUNT_NOFOLLOW)
 	switch {
 	case err == nil:
-		klog.V(4).InfoS("Unmounted", "target", target)
+		klog.V(4).InfoS("Unmounted", "targetPath", target)
 		return nil
 	case errors.Is(err, unix.ENOENT):
 		return nil

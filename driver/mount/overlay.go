@@ -193,7 +193,7 @@ func MountOverlay(o Overlay, target string) error {
 		if err := bind(o.Lowers[0], target, true); err != nil {
 			return fmt.Errorf("overlay of 1 layer (read-only bind) at %q: %w", target, err)
 		}
-		klog.V(4).InfoS("Mounted single-layer overlay as read-only bind", "target", target, "layers", 1, "lower", o.Lowers[0])
+		klog.V(4).InfoS("Mounted single-layer overlay as read-only bind", "targetPath", target, "layers", 1, "lower", o.Lowers[0])
 		return nil
 	}
 	api := currentAPI()
@@ -206,7 +206,7 @@ func MountOverlay(o Overlay, target string) error {
 	if err != nil {
 		return fmt.Errorf("overlay of %d layers at %q: %w", len(o.Lowers), target, err)
 	}
-	klog.V(4).InfoS("Mounted overlay", "target", target, "layers", len(o.Lowers), "upper", o.Upper, "readOnly", ro, "api", api.String())
+	klog.V(4).InfoS("Mounted overlay", "targetPath", target, "layers", len(o.Lowers), "upper", o.Upper, "readOnly", ro, "api", api.String())
 	return nil
 }
 

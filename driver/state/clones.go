@@ -1,7 +1,6 @@
 package state
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +9,8 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/strata-csi/strata/internal/atomicfile"
 )
 
 // A persistent clone is a volume provisioned through a StorageClass whose
@@ -90,17 +91,10 @@ func ReadClone(root, id string) (*Clone, error) {
 	if err := CheckCloneID(id); err != nil {
 		return nil, err
 	}
-	p := ClonePathsOf(root, id).Record
-	data, err := os.ReadFile(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var c Clone
-	if err := json.Unmarshal(data, &c); err != nil {
-		return nil, fmt.Errorf("clone record %s: %w", p, err)
+	found, err := atomicfile.ReadJSON(ClonePathsOf(root, id).Record, &c)
+	if !found || err != nil {
+		return nil, err
 	}
 	return &c, nil
 }
@@ -112,19 +106,15 @@ func WriteClone(root string, c *Clone) error {
 	if err := CheckCloneID(c.VolumeID); err != nil {
 		return err
 	}
-	dir := CloneDir(root, c.VolumeID)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	paths := ClonePathsOf(root, c.VolumeID)
+	if err := os.MkdirAll(paths.Dir, 0o700); err != nil {
 		return err
 	}
-	data, err := json.MarshalIndent(c, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := writeSynced(ClonePathsOf(root, c.VolumeID).Record, append(data, '\n')); err != nil {
+	if err := atomicfile.WriteJSON(paths.Record, c, 0o600, atomicfile.Options{Sync: true, SyncDir: true}); err != nil {
 		return fmt.Errorf("write clone record: %w", err)
 	}
 	// The clones/ directory gained an entry.
-	return syncDir(filepath.Dir(dir))
+	return atomicfile.SyncDir(filepath.Dir(paths.Dir))
 }
 
 // ReadCloneStage loads where clone id was last staged; nil if it is not
@@ -133,16 +123,13 @@ func ReadCloneStage(root, id string) (*CloneStage, error) {
 	if err := CheckCloneID(id); err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(ClonePathsOf(root, id).Stage)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var s CloneStage
-	if err := json.Unmarshal(data, &s); err != nil {
+	found, err := atomicfile.ReadJSON(ClonePathsOf(root, id).Stage, &s)
+	switch {
+	case found && err != nil:
 		return nil, nil // torn by a power failure, which took the mount too
+	case !found || err != nil:
+		return nil, err
 	}
 	return &s, nil
 }
@@ -153,15 +140,7 @@ func WriteCloneStage(root, id string, s *CloneStage) error {
 	if err := CheckCloneID(id); err != nil {
 		return err
 	}
-	data, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		return err
-	}
-	p := ClonePathsOf(root, id).Stage
-	if err := os.WriteFile(p+".tmp", append(data, '\n'), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(p+".tmp", p)
+	return atomicfile.WriteJSON(ClonePathsOf(root, id).Stage, s, 0o600, atomicfile.Options{})
 }
 
 // RemoveCloneStage forgets that clone id is staged.
@@ -214,38 +193,4 @@ func ListClones(root string) ([]Clone, error) {
 		return err
 	})
 	return out, err
-}
-
-// writeSynced replaces path with data: temp file, fsync, rename.
-func writeSynced(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-// syncDir fsyncs a directory, making a rename or a new entry in it durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
 }

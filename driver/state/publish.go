@@ -1,7 +1,6 @@
 package state
 
 import (
-	"encoding/json"
 	"errors"
 	"io/fs"
 	"os"
@@ -11,6 +10,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/internal/atomicfile"
 )
 
 // Record is volumes/<key>/volume.json: everything needed to recognise a
@@ -108,34 +109,23 @@ func (r *Record) Pod() string {
 // empty or does not decode, as a power failure can leave it, counts as none:
 // its mount went with the power.
 func Read(path string) (*Record, error) {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
 	var r Record
-	if err := json.Unmarshal(data, &r); err != nil {
-		klog.ErrorS(err, "Ignoring a torn volume record (left by a power failure?)", "path", path, "bytes", len(data))
+	found, err := atomicfile.ReadJSON(path, &r)
+	switch {
+	case found && err != nil:
+		klog.ErrorS(err, "Ignoring a torn volume record (left by a power failure?)", "path", path)
 		return nil, nil
+	case !found || err != nil:
+		return nil, err
 	}
 	return &r, nil
 }
 
-// Write replaces a record atomically: temp file, rename. It is not fsynced
-// (see layercache's writeFileAtomic for why): a process crash loses nothing,
-// and a power failure takes the mount the record describes with it.
+// Write replaces a record atomically: temp file, rename. It is not fsynced:
+// a process crash loses nothing, and a power failure takes the mount the
+// record describes with it.
 func Write(path string, r *Record) error {
-	data, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, append(data, '\n'), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.WriteJSON(path, r, 0o600, atomicfile.Options{})
 }
 
 // Volume is one publish on the node: its record and its key, the name of
