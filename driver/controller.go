@@ -186,7 +186,7 @@ func sameTopology(a, b []*csi.Topology) bool {
 // free. A clone's disk is on its node: a plugin that serves the node too
 // removes it here when it is on this node and not staged (FailedPrecondition
 // while it is); otherwise the node's sweep removes it once its
-// PersistentVolume is gone (see sweep.go).
+// PersistentVolume is gone (package clones, sweep.go).
 func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {

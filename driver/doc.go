@@ -1,20 +1,19 @@
-// Package driver implements Strata's CSI services: Identity, Node and
-// Controller.
+// Package driver is Strata's CSI front: the Identity, Node and Controller
+// services, the interceptor that logs each call (secrets stripped) and
+// records its metrics, and the one translation of domain errors into gRPC
+// status codes (toStatus, by their fault kind).
 //
-// A published volume is an image's layer stack, taken from the node's layer
-// cache (package layercache), overlay-mounted at the pod's target path with a
-// private writable upper directory under the state root:
+// A handler reads: validate the request, take the in-flight lock of its
+// volume (a second call on the same volume fails fast with Aborted), call
+// the flow that owns the work, return. The flows live in packages of their
+// own, each importing only downwards (docs/architecture.md):
 //
-//	volumes/<key>/volume.json   what was published: volume id, target, image, layers
-//	volumes/<key>/upper, work   the writable layer of an uncapped publish (absent for read-only publishes)
-//	volumes/<key>/disk.img      a capped publish's sparse ext4 image (volume attribute size), mounted at
-//	volumes/<key>/fs/           with the writable layer in fs/upper and fs/work
-//	volumes/<key>/mnt           the overlay itself, when only a subPath is bound to the target
+//	engine    publish, unpublish, stack planning, subPath, capped uppers, stats, recovery
+//	clones    persistent clones: stage, unstage, delete, the sweep of deleted volumes
+//	commits   the VolumeCommit watcher
+//	tasks     the runner of the background work (sweep, prepulls, commits)
+//	state     volumes/ and clones/ under the state root, and the owners of cache references
 //
-// <key> derives from the volume id and the target path, since one
-// PersistentVolume can be published to several pods on a node.
-//
-// The state on disk is the truth: a restarted plugin rebuilds everything from
-// volumes/*/volume.json and the mount table. Errors from the layer cache are
-// turned into gRPC status codes in one place, toStatus.
+// The state on disk is the truth: a restarted plugin rebuilds everything
+// from it and the mount table (Recover).
 package driver

@@ -1,7 +1,7 @@
 // Package source tells what a commit of a volume on this node starts from:
 // the overlay upper directory that holds the volume's writes and the image
 // it was mounted over, pinned by digest. It reads the node's volume records
-// (driver/volumes) and knows nothing of the Kubernetes API, so that both the
+// (driver/state) and knows nothing of the Kubernetes API, so that both the
 // strata CLI and the node plugin's VolumeCommit watcher use it.
 package source
 
