@@ -1,9 +1,9 @@
 // Package dockerconfig is Strata's one reader of docker configs, the data
 // of Kubernetes pull secrets (.dockerconfigjson, and the legacy .dockercfg),
 // and its one matcher of their keys against images, by the rules of
-// kubelet's keyring (k8s.io/kubernetes/pkg/credentialprovider): host globs,
-// ports, path prefixes, the most specific key first. A Keyring is an
-// authn.Keychain, the type the layer cache takes credentials as.
+// kubelet's credential keyring: host globs, ports, path prefixes, the most
+// specific key first. A Keyring is an authn.Keychain, the type the layer
+// cache takes credentials as.
 //
 // It depends on no Kubernetes package, so that the strata CLI reads a docker
 // config exactly as the plugin reads a pull secret, without linking
@@ -34,7 +34,7 @@ import (
 
 // Match reports whether image (host[:port]/path, Docker Hub as docker.io)
 // matches pattern, by the rules of kubelet's matchImages and of the keys of
-// its keyring (k8s.io/kubernetes/pkg/credentialprovider.URLsMatch):
+// its credential keyring:
 //   - the host has as many dot-separated parts as the pattern's, and each
 //     part matches the pattern's part as a glob (so "*.io" never matches
 //     "k8s.gcr.io", but "*.*.io" does);
