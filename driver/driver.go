@@ -164,7 +164,7 @@ func (d *Driver) openNode() error {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return fmt.Errorf("create state root: %w", err)
 	}
-	budget, err := cacheBudget(cfg.CacheBudget, cfg.CacheMaxPercent, root)
+	budget, err := layercache.BudgetOf(cfg.CacheBudget, cfg.CacheMaxPercent, root)
 	if err != nil {
 		return err
 	}

@@ -127,16 +127,3 @@ func TestSocketPath(t *testing.T) {
 		}
 	}
 }
-
-func TestCacheBudgetFromPercent(t *testing.T) {
-	b, err := cacheBudget(layercache.Budget{}, 50, t.TempDir())
-	if err != nil || b.MaxBytes <= 0 {
-		t.Fatalf("50%% of the test filesystem = %+v, %v", b, err)
-	}
-	if _, err := cacheBudget(layercache.Budget{MaxBytes: 1}, 50, t.TempDir()); err == nil {
-		t.Error("bytes and percentage together were accepted")
-	}
-	if _, err := cacheBudget(layercache.Budget{}, 150, t.TempDir()); err == nil {
-		t.Error("150% was accepted")
-	}
-}

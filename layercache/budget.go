@@ -52,6 +52,38 @@ func DiskShare(path string, percent float64) (int64, error) {
 	return int64(float64(st.Blocks) * float64(st.Bsize) * percent / 100), nil
 }
 
+// BudgetOf returns b with its byte count set to percent of the filesystem
+// that holds root, when percent is not 0 (the plugin's default is
+// DefaultMaxPercent); a budget given both ways is an error.
+func BudgetOf(b Budget, percent float64, root string) (Budget, error) {
+	if percent == 0 {
+		return b, nil
+	}
+	if b.MaxBytes != 0 {
+		return b, fmt.Errorf("give the cache budget as bytes or as a percentage of the disk, not both")
+	}
+	n, err := DiskShare(root, percent)
+	if err != nil {
+		return b, err
+	}
+	b.MaxBytes = n
+	return b, nil
+}
+
+// FormatBytes writes n as ParseBytes reads it back: with the largest binary
+// suffix (Ki, Mi, Gi, Ti) that divides it, e.g. "100Gi", else in bytes.
+func FormatBytes(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"Ti", 1 << 40}, {"Gi", 1 << 30}, {"Mi", 1 << 20}, {"Ki", 1 << 10}} {
+		if n != 0 && n%u.mult == 0 {
+			return strconv.FormatInt(n/u.mult, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
+}
+
 // ParseBytes parses a size as Kubernetes writes quantities: a plain number of
 // bytes, or one with a decimal (k, M, G, T) or binary (Ki, Mi, Gi, Ti)
 // suffix, e.g. "50Gi".

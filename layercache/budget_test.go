@@ -152,3 +152,28 @@ func TestParseBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestBudgetOf(t *testing.T) {
+	b, err := BudgetOf(Budget{}, 50, t.TempDir())
+	if err != nil || b.MaxBytes <= 0 {
+		t.Fatalf("50%% of the test filesystem = %+v, %v", b, err)
+	}
+	if _, err := BudgetOf(Budget{MaxBytes: 1}, 50, t.TempDir()); err == nil {
+		t.Error("bytes and percentage together were accepted")
+	}
+	if _, err := BudgetOf(Budget{}, 150, t.TempDir()); err == nil {
+		t.Error("150% was accepted")
+	}
+}
+
+func TestFormatBytes(t *testing.T) {
+	for n, want := range map[int64]string{0: "0", 1000: "1000", 1 << 10: "1Ki", 100 << 30: "100Gi", 3 << 40: "3Ti", 1<<20 + 1: "1048577"} {
+		got := FormatBytes(n)
+		if got != want {
+			t.Errorf("FormatBytes(%d) = %q, want %q", n, got, want)
+		}
+		if back, err := ParseBytes(got); err != nil || back != n {
+			t.Errorf("ParseBytes(FormatBytes(%d)) = %d, %v", n, back, err)
+		}
+	}
+}

@@ -74,7 +74,7 @@ func main() {
 		maxBytes    = flag.String("cache-max-bytes", "", "cache budget, e.g. 50Gi: unused layers are evicted, least recently used first, past the high watermark, and a pull that cannot fit fails as it unpacks; replaces --cache-max-percent (0 = unbounded)")
 		maxPercent  = flag.Float64("cache-max-percent", layercache.DefaultMaxPercent, "cache budget as a percentage of the state root's filesystem, unless --cache-max-bytes is given (0 = unbounded)")
 		maxExpand   = flag.Float64("layer-max-expansion", layercache.DefaultMaxExpansion, "most times its compressed size that one layer may take unpacked, never under 64 MiB: a decompression bomb stops there (0 = no ceiling)")
-		layerMax    = flag.String("layer-max-bytes", "100Gi", "most that one layer may take unpacked, e.g. 100Gi (0 = no limit)")
+		layerMax    = flag.String("layer-max-bytes", layercache.FormatBytes(layercache.DefaultMaxLayerBytes), "most that one layer may take unpacked, e.g. 100Gi (0 = no limit)")
 		highMark    = flag.Float64("cache-high-watermark", layercache.DefaultHighWatermark, "fraction of the budget past which unused layers are evicted")
 		lowMark     = flag.Float64("cache-low-watermark", layercache.DefaultLowWatermark, "fraction of the budget that eviction goes down to")
 		minAge      = flag.Duration("cache-min-age", layercache.DefaultMinAge, "layers used more recently than this are never evicted")

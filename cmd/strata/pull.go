@@ -44,7 +44,7 @@ func pullFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 	maxBytes := fs.String("cache-max-bytes", "", "cache budget, e.g. 50Gi, as the plugin's --cache-max-bytes: unused layers are evicted past it, and a pull that cannot fit fails as it unpacks; replaces --cache-max-percent (0 = unbounded)")
 	maxPercent := fs.Float64("cache-max-percent", layercache.DefaultMaxPercent, "cache budget as a percentage of the cache's filesystem, unless --cache-max-bytes is given (0 = unbounded)")
 	maxExpand := fs.Float64("layer-max-expansion", layercache.DefaultMaxExpansion, "most times its compressed size that one layer may take unpacked, never under 64 MiB (0 = no ceiling)")
-	layerMax := fs.String("layer-max-bytes", "100Gi", "most that one layer may take unpacked (0 = no limit)")
+	layerMax := fs.String("layer-max-bytes", layercache.FormatBytes(layercache.DefaultMaxLayerBytes), "most that one layer may take unpacked (0 = no limit)")
 
 	return func(ctx context.Context, e *env, args []string) error {
 		cmd := commands["pull"]
@@ -110,11 +110,10 @@ func pullBudget(cmd *command, root string, fs *flag.FlagSet, maxBytes string, pe
 		if err := os.MkdirAll(root, 0o700); err != nil {
 			return b, layercache.Limits{}, fmt.Errorf("create the cache root: %w", err)
 		}
-		n, err := layercache.DiskShare(root, percent)
-		if err != nil {
+		var err error
+		if b, err = layercache.BudgetOf(b, percent, root); err != nil {
 			return b, layercache.Limits{}, usagef(cmd, "--cache-max-percent: %v", err)
 		}
-		b.MaxBytes = n
 	}
 	n, err := layercache.ParseBytes(layerMax)
 	if err != nil {
