@@ -21,12 +21,13 @@ import (
 	"os"
 	"path/filepath"
 
+	"k8s.io/client-go/kubernetes"
+
 	"github.com/strata-csi/strata/driver/clonefs"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/layercache"
-	"k8s.io/client-go/kubernetes"
 )
 
 // Config configures an Engine.
