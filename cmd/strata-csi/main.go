@@ -324,7 +324,8 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 		if name == "" {
 			name = driver.DefaultName
 		}
-		p, err := provisioner.New(name, driver.TopologyKey, d, provisioner.WithNodes(provisioner.NodesFrom(cfg.Kube)))
+		p, err := provisioner.New(name, driver.TopologyKey, d, provisioner.WithNodes(provisioner.NodesFrom(cfg.Kube)),
+			provisioner.WithDriverNodes(provisioner.DriverNodesFrom(cfg.Kube, name, driver.TopologyKey)))
 		if err != nil {
 			return err
 		}

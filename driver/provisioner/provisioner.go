@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"maps"
 	"regexp"
 	"slices"
@@ -55,8 +56,54 @@ func NodesFrom(kube kubernetes.Interface) NodeGetter {
 	}
 }
 
+// DriverNodes returns the topology segments of the nodes where the node
+// plugin runs, for a claim whose class binds at once (no node selected).
+type DriverNodes func(ctx context.Context) ([]map[string]string, error)
+
+// DriverNodesFrom lists, through kube, the nodes whose CSINode registers
+// driver, each as its topology segment: the node's topologyKey label, or
+// its name when the label is missing (the RBAC needs list on csinodes and
+// nodes). This is the aggregate topology that external-provisioner builds
+// for a class with Immediate binding.
+func DriverNodesFrom(kube kubernetes.Interface, driver, topologyKey string) DriverNodes {
+	return func(ctx context.Context) ([]map[string]string, error) {
+		csiNodes, err := kube.StorageV1().CSINodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("list CSINodes: %w", err)
+		}
+		nodes, err := kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("list nodes: %w", err)
+		}
+		labels := map[string]map[string]string{}
+		for _, n := range nodes.Items {
+			labels[n.Name] = n.Labels
+		}
+		var out []map[string]string
+		for _, cn := range csiNodes.Items {
+			if !slices.ContainsFunc(cn.Spec.Drivers, func(d storagev1.CSINodeDriver) bool { return d.Name == driver }) {
+				continue
+			}
+			value := labels[cn.Name][topologyKey]
+			if value == "" {
+				value = cn.Name
+			}
+			out = append(out, map[string]string{topologyKey: value})
+		}
+		slices.SortFunc(out, func(a, b map[string]string) int { return strings.Compare(a[topologyKey], b[topologyKey]) })
+		return out, nil
+	}
+}
+
 // Option configures a Provisioner.
 type Option func(*Provisioner) error
+
+// WithDriverNodes places the clone of a claim whose class binds at once
+// (Immediate) on one of the nodes list returns. Without it such a claim
+// gets no node, and a writable one is refused: use WaitForFirstConsumer.
+func WithDriverNodes(list DriverNodes) Option {
+	return func(p *Provisioner) error { p.driverNodes = list; return nil }
+}
 
 // WithNodes reads the selected node's labels through get. Without it the
 // topology value of a selected node is its name, which is what the node
@@ -70,7 +117,8 @@ func WithNodes(get NodeGetter) Option {
 type Provisioner struct {
 	driver      string
 	cs          csi.ControllerServer
-	nodes       NodeGetter // nil: a selected node's topology value is its name
+	nodes       NodeGetter  // nil: a selected node's topology value is its name
+	driverNodes DriverNodes // nil: a claim that binds at once gets no node
 	topologyKey string
 }
 
@@ -423,15 +471,28 @@ func capacityRange(pvc *v1.PersistentVolumeClaim) (*csi.CapacityRange, error) {
 
 // accessibility is the topology the volume must be reachable from: the
 // node the scheduler selected (WaitForFirstConsumer), which must lie within
-// the class's allowedTopologies, or else the allowedTopologies themselves;
-// nil when there is neither.
+// the class's allowedTopologies; else (Immediate binding) the
+// allowedTopologies themselves, or every node the driver runs on; nil when
+// there is none of these. Among the driver's nodes the preferred order
+// starts at a node chosen by the claim's UID, as external-provisioner does,
+// so that the clones of a class that binds at once spread over the nodes.
 func (p *Provisioner) accessibility(ctx context.Context, opts controller.ProvisionOptions) (*csi.TopologyRequirement, error) {
 	allowed := allowedSegments(opts.StorageClass.AllowedTopologies)
 	if opts.SelectedNodeName == "" {
+		preferred := allowed
+		if len(allowed) == 0 && p.driverNodes != nil {
+			var err error
+			if allowed, err = p.driverNodes(ctx); err != nil {
+				return nil, err
+			}
+			if len(allowed) > 0 {
+				preferred = rotate(allowed, string(opts.PVC.UID))
+			}
+		}
 		if len(allowed) == 0 {
 			return nil, nil
 		}
-		return &csi.TopologyRequirement{Requisite: topologies(allowed), Preferred: topologies(allowed)}, nil
+		return &csi.TopologyRequirement{Requisite: topologies(allowed), Preferred: topologies(preferred)}, nil
 	}
 	seg, err := p.nodeSegment(ctx, opts.SelectedNodeName)
 	if err != nil {
@@ -501,6 +562,14 @@ func subset(a, b map[string]string) bool {
 		}
 	}
 	return true
+}
+
+// rotate returns segs starting at the one that key's hash picks.
+func rotate(segs []map[string]string, key string) []map[string]string {
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	i := int(h.Sum32() % uint32(len(segs)))
+	return append(slices.Clone(segs[i:]), segs[:i]...)
 }
 
 func topologies(segs []map[string]string) []*csi.Topology {

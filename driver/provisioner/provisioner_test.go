@@ -3,6 +3,7 @@ package provisioner
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strings"
@@ -17,6 +18,8 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
 	"sigs.k8s.io/sig-storage-lib-external-provisioner/v13/controller"
 
 	"github.com/strata-csi/strata/driver"
@@ -216,6 +219,53 @@ func TestProvisionAllowedTopologies(t *testing.T) {
 	_, state, err := p.Provision(context.Background(), options(sc, claim(v1.ReadWriteOnce), "worker-1"))
 	if status.Code(err) != codes.InvalidArgument || state != controller.ProvisioningFinished || !strings.Contains(err.Error(), "allowedTopologies") {
 		t.Errorf("selected node outside allowedTopologies: %v (%s), want a final InvalidArgument naming allowedTopologies", err, state)
+	}
+}
+
+// TestProvisionImmediateOnDriverNodes: a writable claim of a class that
+// binds at once, without allowedTopologies, becomes a clone on one of the
+// nodes whose CSINode registers the driver (its topology label, else its
+// name), chosen by the claim's UID; a node without the driver is never
+// chosen, and without any such node the claim is refused as before.
+func TestProvisionImmediateOnDriverNodes(t *testing.T) {
+	csiNode := func(name string, drivers ...string) *storagev1.CSINode {
+		cn := &storagev1.CSINode{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		for _, d := range drivers {
+			cn.Spec.Drivers = append(cn.Spec.Drivers, storagev1.CSINodeDriver{Name: d, NodeID: name})
+		}
+		return cn
+	}
+	kube := fake.NewClientset(
+		node("worker-1", map[string]string{driver.TopologyKey: "n1"}), node("worker-2", nil), node("worker-3", nil),
+		csiNode("worker-1", driver.DefaultName), csiNode("worker-2", "other.csi.dev", driver.DefaultName), csiNode("worker-3", "other.csi.dev"),
+	)
+	p := newProvisioner(t, WithDriverNodes(DriverNodesFrom(kube, driver.DefaultName, driver.TopologyKey)))
+	sc := class(nil)
+	immediate := storagev1.VolumeBindingImmediate
+	sc.VolumeBindingMode = &immediate
+	seen := map[string]bool{}
+	for i := range 16 {
+		pvc := claim(v1.ReadWriteOnce)
+		pvc.UID = types.UID(fmt.Sprint("uid-", i))
+		pv, _, err := p.Provision(context.Background(), options(sc, pvc, ""))
+		if err != nil {
+			t.Fatal(err)
+		}
+		value := pv.Spec.NodeAffinity.Required.NodeSelectorTerms[0].MatchExpressions[0].Values[0]
+		checkAffinity(t, pv, value)
+		again, _, err := p.Provision(context.Background(), options(sc, pvc, ""))
+		if err != nil || again.Spec.NodeAffinity.Required.NodeSelectorTerms[0].MatchExpressions[0].Values[0] != value {
+			t.Errorf("the same claim provisioned again lands elsewhere: %v", err)
+		}
+		seen[value] = true
+	}
+	if len(seen) != 2 || !seen["n1"] || !seen["worker-2"] {
+		t.Errorf("clones landed on %v, want both nodes with the driver (n1 by its label, worker-2 by its name) and never worker-3", seen)
+	}
+
+	none := newProvisioner(t, WithDriverNodes(DriverNodesFrom(fake.NewClientset(), driver.DefaultName, driver.TopologyKey)))
+	if _, _, err := none.Provision(context.Background(), options(sc, claim(v1.ReadWriteOnce), "")); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("no node runs the driver: %v, want InvalidArgument", err)
 	}
 }
 

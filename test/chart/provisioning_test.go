@@ -188,7 +188,8 @@ func TestControllerRBAC(t *testing.T) {
 		"/persistentvolumes":            {"create", "delete", "list", "patch", "watch"},
 		"/persistentvolumeclaims":       {"get", "list", "update", "watch"},
 		"storage.k8s.io/storageclasses": {"list", "watch"},
-		"/nodes":                        {"get"},
+		"/nodes":                        {"get", "list"},
+		"storage.k8s.io/csinodes":       {"list"},
 		"/events":                       {"create", "patch"},
 	}
 	checkRules(t, "ClusterRole "+controllerName, role.Rules, want)
