@@ -17,7 +17,7 @@ FUZZTIME_CI ?= 10000x
 # Where hack/install-deps puts staticcheck (go install's default).
 STATICCHECK = $(shell $(GO) env GOPATH)/bin/staticcheck
 
-.PHONY: all build test unit e2e lint bench demo deps fuzz fuzz-ci clean
+.PHONY: all build test unit e2e conformance lint bench demo deps fuzz fuzz-ci clean
 
 all: build
 
@@ -66,6 +66,13 @@ unit: lint
 ## then hack/cluster-down (see hack/e2e and test/e2e)
 e2e: deps image
 	hack/e2e
+
+## conformance: make e2e with every spec of Kubernetes' external-storage
+## suite that applies to a kind of Strata volume, [Slow], [Serial] and
+## [Disruptive] included (STRATA_CONFORMANCE=1); too long for CI, whose
+## make test runs the others (test/README.md gives the last result)
+conformance: deps image
+	STRATA_CONFORMANCE=1 hack/e2e
 
 ## fuzz: run the unpacker's fuzz test for FUZZTIME; what it finds is
 ## written to layercache/unpack/testdata/fuzz/FuzzApply (keep it in git)

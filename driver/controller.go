@@ -58,11 +58,16 @@ func volumeID(name string, params map[string]string) string {
 	return volumeIDPrefix + hex.EncodeToString(h.Sum(nil)[:16])
 }
 
-// ControllerGetCapabilities advertises CreateVolume/DeleteVolume.
+// ControllerGetCapabilities advertises CreateVolume/DeleteVolume and the
+// single-node access modes (ReadWriteOncePod).
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
-	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{{
-		Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME}},
-	}}}, nil
+	rpc := func(t csi.ControllerServiceCapability_RPC_Type) *csi.ControllerServiceCapability {
+		return &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}}
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{
+		rpc(csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME),
+		rpc(csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
+	}}, nil
 }
 
 // CreateVolume validates StorageClass parameters and returns them as the

@@ -13,9 +13,10 @@ import (
 )
 
 // NodeGetCapabilities advertises volume stats, volume health (CSI 1.13's
-// successor of the volume condition) and staging: kubelet then stages every
-// PersistentVolume before its publishes, which a clone needs (its overlay
-// is mounted once per node, at the staging path, and bound to each pod).
+// successor of the volume condition), staging (kubelet then stages every
+// PersistentVolume before its publishes, which a clone needs: its overlay
+// is mounted once per node, at the staging path, and bound to each pod) and
+// the single-node access modes (ReadWriteOncePod).
 func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
 	rpc := func(t csi.NodeServiceCapability_RPC_Type) *csi.NodeServiceCapability {
 		return &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}}}
@@ -24,6 +25,7 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_STATS),
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH),
 		rpc(csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME),
+		rpc(csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
 	}}, nil
 }
 
@@ -72,8 +74,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	defer unlock()
 	err = d.engine.Publish(ctx, engine.PublishRequest{
 		VolumeID: volID, TargetPath: target, StagingPath: req.GetStagingTargetPath(),
-		ReadOnly: req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()),
-		Attrs:    attrs, Pod: pod, Secrets: secrets,
+		ReadOnly:     req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()),
+		SingleWriter: req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
+		Attrs:        attrs, Pod: pod, Secrets: secrets,
 	})
 	if err != nil {
 		return nil, err

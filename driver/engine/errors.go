@@ -24,6 +24,9 @@ var (
 	// ErrBaseChanged: a clone's volume context names other images than
 	// the ones it was made from.
 	ErrBaseChanged = fault.New(fault.Precondition, "clone base changed")
+	// ErrSingleWriter: a single-writer volume is published at another
+	// target already.
+	ErrSingleWriter = fault.New(fault.Precondition, "single-writer volume in use")
 	// ErrNotPublished: no publish of the volume at the path on this node.
 	ErrNotPublished = fault.New(fault.NotFound, "volume not published")
 )

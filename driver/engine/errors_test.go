@@ -17,6 +17,7 @@ func TestSentinelKinds(t *testing.T) {
 		"ErrNotStaged":    {Err: ErrNotStaged, Kind: fault.Precondition},
 		"ErrBaseChanged":  {Err: ErrBaseChanged, Kind: fault.Precondition},
 		"ErrNotPublished": {Err: ErrNotPublished, Kind: fault.NotFound},
+		"ErrSingleWriter": {Err: ErrSingleWriter, Kind: fault.Precondition},
 	})
 }
 

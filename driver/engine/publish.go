@@ -26,7 +26,11 @@ type PublishRequest struct {
 	StagingPath string
 	// ReadOnly: the publish gets no writable upper.
 	ReadOnly bool
-	Attrs    Attributes
+	// SingleWriter: the access mode is SINGLE_NODE_SINGLE_WRITER
+	// (ReadWriteOncePod): no other target may have the volume at the same
+	// time.
+	SingleWriter bool
+	Attrs        Attributes
 	// Pod is the pod the volume is published for, as kubelet says;
 	// Secrets the volume's node-publish secret (without the pod's tokens).
 	Pod     credentials.Pod
@@ -41,6 +45,7 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 	want := &state.Record{
 		VolumeID: req.VolumeID, TargetPath: filepath.Clean(req.TargetPath), Image: req.Attrs.Image,
 		PullPolicy: string(req.Attrs.PullPolicy), SubPath: req.Attrs.SubPath, ReadOnly: req.ReadOnly, Size: req.Attrs.Size,
+		SingleWriter: req.SingleWriter,
 		PodNamespace: req.Pod.Namespace, PodName: req.Pod.Name, PodUID: req.Pod.UID,
 	}
 	if !want.ReadOnly && !req.Attrs.Clone {
@@ -90,6 +95,9 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 			return err
 		}
 	}
+	if err := e.checkSingleWriter(want); err != nil {
+		return err
+	}
 
 	start := time.Now()
 	if want.Clone {
@@ -106,6 +114,26 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 	}
 	logger.Info("Volume published", "digests", StackDigests(want.Images()), "layers", len(want.Layers), "readOnly", want.ReadOnly,
 		"subPath", want.SubPath, "upperBytes", want.UpperBytes, "duration", time.Since(start).Round(time.Microsecond))
+	return nil
+}
+
+// checkSingleWriter refuses a publish of a volume at a second target while
+// either publish is single-writer (SINGLE_NODE_SINGLE_WRITER, a claim of
+// access mode ReadWriteOncePod).
+func (e *Engine) checkSingleWriter(want *state.Record) error {
+	vols, err := state.List(e.root)
+	if err != nil {
+		return err
+	}
+	for _, v := range vols {
+		if v.VolumeID != want.VolumeID || v.TargetPath == want.TargetPath || (!v.SingleWriter && !want.SingleWriter) {
+			continue
+		}
+		if mounted, _ := mount.IsMountPoint(v.TargetPath); mounted {
+			return fault.Errorf(ErrSingleWriter, "volume %s is single-writer (ReadWriteOncePod) and already published at %s: one pod at a time may use it",
+				want.VolumeID, v.TargetPath)
+		}
+	}
 	return nil
 }
 

@@ -55,6 +55,9 @@ type Record struct {
 	// when there is no upper (read-only, clone).
 	Size       int64 `json:"size,omitempty"`
 	UpperBytes int64 `json:"upperBytes,omitempty"`
+	// SingleWriter: published with access mode SINGLE_NODE_SINGLE_WRITER
+	// (ReadWriteOncePod); no other target may have the volume meanwhile.
+	SingleWriter bool `json:"singleWriter,omitempty"`
 }
 
 // StackImage is one image of a volume's stack.
@@ -94,7 +97,7 @@ func (r *Record) Refs() []string {
 func (r *Record) SameRequest(o *Record) bool {
 	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && slices.Equal(r.Refs(), o.Refs()) &&
 		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly &&
-		r.Clone == o.Clone && r.StagingPath == o.StagingPath && r.Size == o.Size
+		r.Clone == o.Clone && r.StagingPath == o.StagingPath && r.Size == o.Size && r.SingleWriter == o.SingleWriter
 }
 
 // Pod returns "namespace/name" of the record's pod, or "" when unknown.
