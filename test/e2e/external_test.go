@@ -136,8 +136,29 @@ func conformance() bool { return os.Getenv("STRATA_CONFORMANCE") == "1" }
 // specs known to apply, and an explanation for every skip.
 func testExternalStorageSuite(t *testing.T) {
 	bin := e2eTestBin(t)
+	importSuiteImages(t, bin)
 	for _, k := range suiteKinds {
 		t.Run(strings.ReplaceAll(k.name, " ", "_"), func(t *testing.T) { runSuiteKind(t, bin, k) })
+	}
+}
+
+// importSuiteImages imports into the cluster's containerd the images that
+// the suite's specs run besides busybox (agnhost, and stand-ins for nginx
+// and glibc-dns-testing), which hack/cluster/build makes beside
+// e2e-storage.test: no registry serves them here.
+func importSuiteImages(t *testing.T, bin string) {
+	t.Helper()
+	tars, err := filepath.Glob(filepath.Join(filepath.Dir(filepath.Dir(bin)), "images", "*.tar"))
+	if err != nil || len(tars) < 3 {
+		t.Fatalf("the suite's images beside %s: %v (%v): rebuild with hack/cluster/build e2e", bin, tars, err)
+	}
+	for _, tar := range tars {
+		start := time.Now()
+		out, err := exec.Command(c.ctrBin, "images", "import", tar).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ctr images import %s: %v\n%s", tar, err, out)
+		}
+		t.Logf("imported %s in %.1f s", filepath.Base(tar), time.Since(start).Seconds())
 	}
 }
 
