@@ -54,7 +54,7 @@ HOST_PATHS=(/var/log/containers /var/lib/kubelet /var/lib/cni /run/containerd)
 export KUBECACHEDIR=$CLUSTER_DIR/kube-cache
 
 # Components in start order (pidfiles are $C_RUN/<name>.pid).
-COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet kube-proxy)
+COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet sshd kube-proxy)
 
 log() { printf '%s cluster: %s\n' "$(date +%T.%N | cut -c1-12)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
