@@ -194,7 +194,9 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		args = append(args, "-ginkgo.v")
 	}
 	cmd := exec.Command("ip", args...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.kubeconfig)
+	// The [Disruptive] specs restart the kubelet with ssh to the node, as
+	// root, with the key of the cluster's sshd (hack/cluster-up).
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.kubeconfig, "KUBE_SSH_KEY="+c.sshKey, "KUBE_SSH_USER=root")
 	start := time.Now()
 	out, runErr := cmd.CombinedOutput()
 	t.Logf("e2e-storage.test (%s, %s) ran %.1f s", k.name, k.definition, time.Since(start).Seconds())

@@ -52,7 +52,10 @@ const (
 type cluster struct {
 	dir, netns, kubeconfig, kubeletDir, stateDir, nodeName, k8sVersion string
 	kubectlBin, ctrBin                                                 string
-	pluginImage, e2eTest, e2eBuild, helm, repo                         string
+	// sshKey is the key of the cluster's sshd, which the suite's
+	// [Disruptive] specs use to restart the kubelet (make conformance).
+	sshKey                                     string
+	pluginImage, e2eTest, e2eBuild, helm, repo string
 }
 
 var (
@@ -84,7 +87,7 @@ func setup() error {
 	c = cluster{
 		dir: get("CLUSTER_DIR"), netns: get("CLUSTER_NETNS"), kubeconfig: get("KUBECONFIG"),
 		kubeletDir: get("KUBELET_DIR"), stateDir: get("STATE_DIR"), nodeName: get("NODE_NAME"),
-		k8sVersion:  get("K8S_VERSION"),
+		k8sVersion: get("K8S_VERSION"), sshKey: get("KUBE_SSH_KEY"),
 		pluginImage: os.Getenv("STRATA_E2E_IMAGE"), e2eTest: os.Getenv("STRATA_E2E_TEST_BIN"),
 		e2eBuild: os.Getenv("STRATA_E2E_TEST_BUILD"), helm: os.Getenv("HELM"),
 	}
