@@ -58,10 +58,13 @@ func volumeID(name string, params map[string]string) string {
 	return volumeIDPrefix + hex.EncodeToString(h.Sum(nil)[:16])
 }
 
-// ControllerGetCapabilities advertises CreateVolume/DeleteVolume.
+// ControllerGetCapabilities advertises CreateVolume/DeleteVolume and
+// GetCapacity (getcapacity.go).
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{{
 		Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME}},
+	}, {
+		Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: csi.ControllerServiceCapability_RPC_GET_CAPACITY}},
 	}}}, nil
 }
 

@@ -2,7 +2,6 @@ package capacity
 
 import (
 	"context"
-	"errors"
 
 	storagev1 "k8s.io/api/storage/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -11,10 +10,13 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
+
+	"github.com/strata-csi/strata/internal/fault"
 )
 
-// ErrNotSynced: the Reader has not listed the objects yet.
-var ErrNotSynced = errors.New("the CSIStorageCapacity objects are not listed yet: retry")
+// ErrNotSynced: the Reader has not listed the objects yet (Unavailable: a
+// retry soon succeeds).
+var ErrNotSynced = fault.New(fault.Unavailable, "the nodes' CSIStorageCapacity objects are not listed yet: retry in a moment")
 
 // Reader answers, in the controller, how much room the nodes have, from
 // the CSIStorageCapacity objects that their node plugins publish (an

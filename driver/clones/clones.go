@@ -47,6 +47,21 @@ type Clones struct {
 	engine                   *engine.Engine
 	store                    *layercache.Store
 	locks                    *engine.Locks
+	// onChange is told when a stage or a removal changed the node's
+	// disk use (SetOnChange); nil: no one listens.
+	onChange func()
+}
+
+// SetOnChange makes fn called (it must not block) after each stage and
+// each removal of a clone: the node's published storage capacity follows
+// them. Call it before the clones are used.
+func (c *Clones) SetOnChange(fn func()) { c.onChange = fn }
+
+// changed tells the onChange listener.
+func (c *Clones) changed() {
+	if c.onChange != nil {
+		c.onChange()
+	}
 }
 
 // New returns the clones of the node whose volume engine is e. locks are
@@ -116,6 +131,7 @@ func (c *Clones) Stage(ctx context.Context, req StageRequest) error {
 	}
 	logger.Info("Clone staged", "created", created, "digests", engine.StackDigests(clone.Stack), "layers", len(clone.Layers),
 		"capacityBytes", clone.CapacityBytes, "readOnly", readOnly, "duration", time.Since(start).Round(time.Microsecond))
+	c.changed()
 	return nil
 }
 
@@ -362,6 +378,7 @@ func (c *Clones) Delete(logger klog.Logger, id, why string) error {
 		images = clone.Refs()
 	}
 	logger.Info("Removed a persistent clone and its writes", "reason", why, "images", images, "bytesFreed", freed)
+	c.changed()
 	return nil
 }
 
