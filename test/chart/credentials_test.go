@@ -33,8 +33,9 @@ func pullSecretsRole(t *testing.T, objs objects) (object, clusterRole, clusterRo
 	t.Helper()
 	var role clusterRole
 	var binding clusterRoleBinding
-	o := objs.withoutController().one(t, "Role", &role)
-	b := objs.withoutController().one(t, "RoleBinding", &binding)
+	mine := objs.named("strata-node-pull-secrets")
+	o := mine.one(t, "Role", &role)
+	b := mine.one(t, "RoleBinding", &binding)
 	if b.Namespace != o.Namespace {
 		t.Errorf("RoleBinding in %q, Role in %q", b.Namespace, o.Namespace)
 	}
@@ -85,7 +86,7 @@ func TestPullSecretsServiceAccount(t *testing.T) {
 		if _, ok := flags(t, mustContainer(t, objs).Args)["pull-secrets-service-account"]; ok {
 			t.Error("--pull-secrets-service-account given while disabled")
 		}
-		for _, k := range objs.withoutController().kinds() {
+		for _, k := range objs.named("strata-node-pull-secrets").kinds() {
 			if k == "Role" || k == "RoleBinding" {
 				t.Errorf("a %s is rendered while the source is disabled", k)
 			}
