@@ -53,6 +53,7 @@ func TestStrata(t *testing.T) {
 		{"StackedVolume", testStackedVolume},
 		{"CloneStatefulSet", testCloneStatefulSet},
 		{"GenericEphemeralClone", testGenericEphemeralClone},
+		{"CloneCapacity", testCloneCapacity},
 		{"VolumeCommit", testVolumeCommit},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
@@ -114,7 +115,12 @@ func testInstall(t *testing.T) {
 		"--namespace", releaseNS, "--create-namespace", "--wait", "--timeout", "3m",
 		"--set", "image.repository="+repo, "--set-string", "image.tag="+tag, "--set", "image.pullPolicy=Never",
 		"--set", "kubeletDir="+c.kubeletDir, "--set", "stateDir="+c.stateDir,
-		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true")
+		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true",
+		// The state dir is on the host's shared disk: the default budget,
+		// half of that disk, may be more than is free, which would leave
+		// the node no room for clones (docs/clones.md) and keep every
+		// clone's claim Pending.
+		"--set", "cache.maxBytes=4Gi")
 	if err != nil {
 		t.Fatalf("helm install: %v\n%s", err, out)
 	}
