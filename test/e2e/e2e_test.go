@@ -496,6 +496,15 @@ func testHelmUpgradeUninstall(t *testing.T) {
 	if l, err := kube.CoreV1().ServiceAccounts(releaseNS).List(ctx(t), sel); err != nil || len(l.Items) != 0 {
 		t.Errorf("service accounts of the release left: %v %v", l, err)
 	}
+	// The node's CSIStorageCapacity objects belong to its Node and stay;
+	// the command docs/clones.md gives removes them.
+	capSel := metav1.ListOptions{LabelSelector: "csi.storage.k8s.io/drivername=" + driverName}
+	if out, err := kubectl("-n", releaseNS, "delete", "csistoragecapacities", "-l", capSel.LabelSelector); err != nil {
+		t.Errorf("delete the CSIStorageCapacity objects left after uninstall: %v\n%s", err, out)
+	}
+	if l, err := kube.StorageV1().CSIStorageCapacities(releaseNS).List(ctx(t), capSel); err != nil || len(l.Items) != 0 {
+		t.Errorf("CSIStorageCapacity objects left after their removal: %v %v", l, err)
+	}
 	got := cachedLayers(t)
 	for _, l := range datasetLayers {
 		if !slices.Contains(got, l) {
