@@ -59,6 +59,9 @@ type Publisher struct {
 	cfg       Config
 	managedBy string
 	trigger   chan struct{}
+	// full remembers that the last measurement found no room, so that
+	// the log says so once, not every pass. Only Sync touches it.
+	full bool
 }
 
 // NewPublisher checks cfg and returns a Publisher; Run runs it.
@@ -167,6 +170,15 @@ func (p *Publisher) Sync(ctx context.Context, classes []*storagev1.StorageClass)
 	if err != nil {
 		return err
 	}
+	if full := room.MaximumVolumeSize == 0; full != p.full {
+		p.full = full
+		if full {
+			logger.Info("This node has no room for a new persistent clone: the scheduler places none here", "node", p.cfg.NodeID,
+				"availableBytes", room.Available, "cacheReserveBytes", room.CacheReserve, "sparseReserveBytes", room.SparseReserve)
+		} else {
+			logger.Info("This node has room for new persistent clones again", "node", p.cfg.NodeID, "maximumVolumeSizeBytes", room.MaximumVolumeSize)
+		}
+	}
 	node, err := p.cfg.Kube.CoreV1().Nodes().Get(ctx, p.cfg.NodeID, metav1.GetOptions{})
 	if err != nil {
 		return fmt.Errorf("get node %s, the owner of its CSIStorageCapacity objects: %w", p.cfg.NodeID, err)
@@ -210,7 +222,8 @@ func (p *Publisher) Sync(ctx context.Context, classes []*storagev1.StorageClass)
 			continue
 		}
 		logger.V(4).Info("Updated the storage capacity", "storageClass", old.StorageClassName, "capacityBytes", room.Capacity,
-			"maximumVolumeSizeBytes", room.MaximumVolumeSize)
+			"maximumVolumeSizeBytes", room.MaximumVolumeSize, "availableBytes", room.Available,
+			"cacheReserveBytes", room.CacheReserve, "sparseReserveBytes", room.SparseReserve)
 	}
 	for class, w := range want {
 		if _, err := api.Create(ctx, w, metav1.CreateOptions{}); err != nil {
@@ -218,7 +231,8 @@ func (p *Publisher) Sync(ctx context.Context, classes []*storagev1.StorageClass)
 			continue
 		}
 		logger.V(2).Info("Published the storage capacity of a class", "storageClass", class, "object", w.Name,
-			"capacityBytes", room.Capacity, "maximumVolumeSizeBytes", room.MaximumVolumeSize)
+			"capacityBytes", room.Capacity, "maximumVolumeSizeBytes", room.MaximumVolumeSize, "availableBytes", room.Available,
+			"cacheReserveBytes", room.CacheReserve, "sparseReserveBytes", room.SparseReserve)
 	}
 	return errors.Join(errs...)
 }
