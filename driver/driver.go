@@ -212,12 +212,16 @@ func (d *Driver) openNode() error {
 	d.clones = clones.New(d.engine, &d.locks, cfg.NodeID, d.name)
 	d.cacheMax = budget.MaxBytes
 	if cfg.Kube != nil && cfg.CapacityNamespace != "" {
-		if d.capacity, err = capacity.NewPublisher(capacity.Config{Kube: cfg.Kube, DriverName: d.name, NodeID: cfg.NodeID,
-			TopologyKey: TopologyKey, Namespace: cfg.CapacityNamespace, Measure: d.measureRoom, Interval: cfg.CapacityInterval}); err != nil {
-			d.Close()
-			return err
+		// A node whose room cannot be published still serves its volumes:
+		// the scheduler then places no clone here.
+		p, err := capacity.NewPublisher(capacity.Config{Kube: cfg.Kube, DriverName: d.name, NodeID: cfg.NodeID,
+			TopologyKey: TopologyKey, Namespace: cfg.CapacityNamespace, Measure: d.measureRoom, Interval: cfg.CapacityInterval})
+		if err != nil {
+			klog.ErrorS(err, "This node's storage capacity is not published: the scheduler places no persistent clone here")
+		} else {
+			d.capacity = p
+			d.clones.SetOnChange(p.Refresh)
 		}
-		d.clones.SetOnChange(d.capacity.Refresh)
 	}
 	return nil
 }
