@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	storagev1 "k8s.io/api/storage/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/strata-csi/strata/driver/clonefs"
@@ -388,5 +390,27 @@ func waitFor(t *testing.T, what string, ok func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestManagedBy: the managed-by label names the node, or a hash of a name
+// too long for a label value, always a valid one.
+func TestManagedBy(t *testing.T) {
+	long := strings.Repeat("n", 60) + ".example.com"
+	for node, want := range map[string]string{"worker-1": "strata-csi-worker-1", long: ""} {
+		got := ManagedBy(node)
+		if errs := validation.IsValidLabelValue(got); len(errs) > 0 {
+			t.Errorf("ManagedBy(%q) = %q: %v", node, got, errs)
+		}
+		if want != "" && got != want {
+			t.Errorf("ManagedBy(%q) = %q, want %q", node, got, want)
+		}
+		if want == "" && (got == ManagedBy(long+"x") || !strings.HasPrefix(got, "strata-csi-")) {
+			t.Errorf("ManagedBy(%q) = %q: want strata-csi-<hash>, unique to the node", node, got)
+		}
+	}
+	if _, err := NewPublisher(Config{Kube: fake.NewClientset(), DriverName: testDriver, NodeID: long, TopologyKey: topoKey,
+		Namespace: ns, Measure: (&meter{}).measure}); err == nil || !strings.Contains(err.Error(), long) {
+		t.Errorf("NewPublisher for a node name that is no label value: %v, want an error naming it", err)
 	}
 }
