@@ -52,9 +52,10 @@ type Clones struct {
 	onChange func()
 }
 
-// SetOnChange makes fn called (it must not block) after each stage and
-// each removal of a clone: the node's published storage capacity follows
-// them. Call it before the clones are used.
+// SetOnChange makes fn called (it must not block) when a clone's first
+// stage has pinned its base, after each stage and after each removal of a
+// clone: the node's published storage capacity follows them. Call it
+// before the clones are used.
 func (c *Clones) SetOnChange(fn func()) { c.onChange = fn }
 
 // changed tells the onChange listener.
@@ -176,6 +177,9 @@ func (c *Clones) stage(ctx context.Context, logger klog.Logger, clone *state.Clo
 			return nil, fmt.Errorf("record clone %s: %w", volID, err)
 		}
 		logger.Info("Clone created: base pinned", "digests", engine.StackDigests(clone.Stack), "capacityBytes", capacity)
+		// Its record reserves its room (package capacity) while the
+		// layers are pulled.
+		c.changed()
 	} else if !slices.Equal(stack.Layers, clone.Layers) {
 		return nil, fmt.Errorf("clone %s: its pinned images %v now resolve to other layers than the %d it was made on: %w",
 			volID, refs, len(clone.Layers), layercache.ErrDigestMismatch)
