@@ -4,9 +4,12 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/strata-csi/strata/driver/clonefs"
 	"github.com/strata-csi/strata/test/testfs"
@@ -109,8 +112,19 @@ func TestGetCapacity(t *testing.T) {
 	}
 
 	e.unpublishAndUnstage(vol.VolumeId, staging, target)
-	if _, err := e.Controller.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: vol.VolumeId}); err != nil {
-		t.Fatal(err)
+	// The kernel detaches an autoclear loop device asynchronously (since
+	// Linux 5.17) after the last unmount: until it has, the clone is still
+	// in use, and DeleteVolume refuses it; the CO retries, and so does this.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := e.Controller.DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: vol.VolumeId})
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.FailedPrecondition || time.Now().After(deadline) {
+			t.Fatalf("DeleteVolume of an unstaged clone: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	// The clone's room is back; the image's layers stay cached, within
 	// the budget that was reserved for them.
