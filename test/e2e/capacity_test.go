@@ -103,7 +103,9 @@ func testCloneCapacity(t *testing.T) {
 	}
 	free := int64(st.Bavail) * st.Bsize
 	t.Logf("node %s: %d MiB free in %s; published room %d MiB, largest clone %d MiB", c.nodeName, free>>20, c.stateDir, room>>20, maxSize>>20)
-	if room > free+(256<<20) || maxSize > room {
+	// The disk is shared with the machine: allow for what others wrote
+	// since the node measured.
+	if room > free+(1<<30) || maxSize > room {
 		t.Errorf("published room %d (largest clone %d) is more than the %d bytes free on the node", room, maxSize, free)
 	}
 	const fits = 2 << 30
