@@ -58,14 +58,16 @@ func volumeID(name string, params map[string]string) string {
 	return volumeIDPrefix + hex.EncodeToString(h.Sum(nil)[:16])
 }
 
-// ControllerGetCapabilities advertises CreateVolume/DeleteVolume and the
-// single-node access modes (ReadWriteOncePod).
+// ControllerGetCapabilities advertises CreateVolume/DeleteVolume,
+// GetCapacity (getcapacity.go) and the single-node access modes
+// (ReadWriteOncePod).
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	rpc := func(t csi.ControllerServiceCapability_RPC_Type) *csi.ControllerServiceCapability {
 		return &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}}
 	}
 	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{
 		rpc(csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME),
+		rpc(csi.ControllerServiceCapability_RPC_GET_CAPACITY),
 		rpc(csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
 	}}, nil
 }

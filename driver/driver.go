@@ -8,12 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"sync/atomic"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/capacity"
 	"github.com/strata-csi/strata/driver/clones"
 	"github.com/strata-csi/strata/driver/commits"
 	"github.com/strata-csi/strata/driver/credentials"
@@ -82,6 +84,16 @@ type Config struct {
 	// Prepull lists the images the node keeps pulled (--prepull): Recover
 	// keeps their layers, Prepull pulls them.
 	Prepull []string
+	// CapacityNamespace is the namespace of the CSIStorageCapacity objects
+	// (--capacity-namespace, the driver's own): with API access, a node
+	// plugin publishes its node's room for clones there, and the
+	// controller's GetCapacity reads them. Empty: none are published, and
+	// the controller knows the room of no node but its own (--mode=all).
+	CapacityNamespace string
+	// CapacityInterval is how often a node measures and publishes its room
+	// besides after each clone's stage and removal (--capacity-poll-interval;
+	// 0: capacity.DefaultInterval).
+	CapacityInterval time.Duration
 }
 
 // Driver serves the CSI services: a thin front over the volume engine
@@ -105,9 +117,16 @@ type Driver struct {
 	clones  *clones.Clones     // nil in controller mode
 	locks   engine.Locks
 	metrics *metrics.Metrics
-	// tasks runs the background work: the clone sweep, prepulls and the
-	// VolumeCommit watcher.
+	// tasks runs the background work: the clone sweep, prepulls, the
+	// VolumeCommit watcher and the storage capacity.
 	tasks *tasks.Runner
+	// cacheMax is the node's cache budget in bytes (0: unbounded), which
+	// the room of clones leaves to the cache.
+	cacheMax int64
+	// capacity publishes the node's room (nil: not published); capReader
+	// reads what the nodes published, for GetCapacity (nil: not read).
+	capacity  *capacity.Publisher
+	capReader *capacity.Reader
 
 	controller controllerState
 }
@@ -136,6 +155,9 @@ func New(cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{cfg: cfg, name: cfg.Name, mode: cfg.Mode, tasks: tasks.New(context.Background())}
+	if d.serves(ModeController) && cfg.Kube != nil && cfg.CapacityNamespace != "" {
+		d.capReader = capacity.NewReader(cfg.Kube, cfg.CapacityNamespace, d.name, TopologyKey)
+	}
 	if !d.serves(ModeNode) {
 		d.metrics = metrics.New(metrics.Sources{})
 		return d, nil
@@ -188,7 +210,34 @@ func (d *Driver) openNode() error {
 		return err
 	}
 	d.clones = clones.New(d.engine, &d.locks, cfg.NodeID, d.name)
+	d.cacheMax = budget.MaxBytes
+	if cfg.Kube != nil && cfg.CapacityNamespace != "" {
+		// A node whose room cannot be published still serves its volumes:
+		// the scheduler then places no clone here.
+		p, err := capacity.NewPublisher(capacity.Config{Kube: cfg.Kube, DriverName: d.name, NodeID: cfg.NodeID,
+			TopologyKey: TopologyKey, Namespace: cfg.CapacityNamespace, Measure: d.measureRoom, Interval: cfg.CapacityInterval})
+		if err != nil {
+			klog.ErrorS(err, "This node's storage capacity is not published: the scheduler places no persistent clone here")
+		} else {
+			d.capacity = p
+			d.clones.SetOnChange(p.Refresh)
+		}
+	}
 	return nil
+}
+
+// measureRoom measures the room of a new clone on this node, leaving the
+// layer cache what its budget may still take.
+func (d *Driver) measureRoom() (capacity.Room, error) {
+	var reserve int64
+	if d.cacheMax > 0 {
+		u, err := d.store.Usage()
+		if err != nil {
+			return capacity.Room{}, fmt.Errorf("measure the room for clones: layer cache usage: %w", err)
+		}
+		reserve = d.cacheMax - u.Bytes
+	}
+	return capacity.Measure(d.cfg.Root, reserve)
 }
 
 // Recover rebuilds the node's state from disk after a start (engine's
@@ -203,10 +252,15 @@ func (d *Driver) Recover() error {
 	return nil
 }
 
-// Start runs the node plugin's background tasks until Close: the prepulls
-// of Config.Prepull, the sweep of the clones of deleted PersistentVolumes
-// (with API access) and, when VolumeCommits are on, their watcher.
+// Start runs the plugin's background tasks until Close: the prepulls of
+// Config.Prepull, the sweep of the clones of deleted PersistentVolumes and
+// the node's storage capacity (with API access) and, when VolumeCommits are
+// on, their watcher; in the controller, the reader of the nodes' storage
+// capacity.
 func (d *Driver) Start() error {
+	if d.capReader != nil {
+		d.tasks.Go("storage-capacity-reader", d.capReader.Run)
+	}
 	if d.engine == nil {
 		return nil
 	}
@@ -218,6 +272,11 @@ func (d *Driver) Start() error {
 		return nil
 	}
 	d.tasks.Go("clone-sweeper", func(ctx context.Context) { d.clones.RunSweeper(ctx, d.cfg.Kube) })
+	if d.capacity != nil {
+		d.tasks.Go("storage-capacity", d.capacity.Run)
+	} else {
+		klog.InfoS("No --capacity-namespace: this node's storage capacity is not published")
+	}
 	if !d.cfg.VolumeCommits {
 		return nil
 	}

@@ -27,6 +27,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver"
+	"github.com/strata-csi/strata/driver/capacity"
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/engine"
 	"github.com/strata-csi/strata/driver/health"
@@ -90,6 +91,8 @@ func main() {
 		leaderElect = flag.Bool("leader-election", false, "provision only while holding the Lease <driver name with dots as dashes> (e.g. strata-csi-dev), so that one of several controller replicas provisions at a time")
 		leaderNS    = flag.String("leader-election-namespace", "", "namespace of the leader election Lease (empty: the pod's own namespace, from $POD_NAMESPACE or its service account)")
 		commits     = flag.Bool("volume-commits", false, "in node mode with API access: carry out the VolumeCommits (strata.csi.dev/v1alpha1) of this node's volumes, reading the pods, claims, PersistentVolumes and push secrets they name in any namespace (needs the chart's volumeCommits RBAC); off: VolumeCommits are not watched")
+		capacityNS  = flag.String("capacity-namespace", "", "namespace of the CSIStorageCapacity objects (the driver's own): with API access, a node plugin publishes there its node's room for new clones, one object per StorageClass of the driver, which the scheduler reads (needs the CSIDriver's storageCapacity: true), and the controller's GetCapacity reads them (empty = none published)")
+		capacityInt = flag.Duration("capacity-poll-interval", capacity.DefaultInterval, "how often a node plugin measures its room for clones and updates its CSIStorageCapacity objects, besides after each clone's stage and removal")
 		upperSize   = flag.String("default-upper-size", resource.NewQuantity(engine.DefaultUpperSize, resource.BinarySI).String(), "cap on the writable upper of an inline volume or static PersistentVolume that sets no size attribute, a Kubernetes quantity such as 10Gi (at least 1Mi); 0: no default cap, such uppers are directories on the --root filesystem")
 		insecure    stringList
 		prepull     stringList
@@ -167,6 +170,7 @@ func main() {
 		CacheBudget: budget, CacheMaxPercent: percent,
 		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn, DefaultUpperSize: defaultUpper,
 		VolumeCommits: *commits, CommitAllowedRegistries: allowedRegs, CommitNamespaces: commitNS, Prepull: prepull,
+		CapacityNamespace: *capacityNS, CapacityInterval: *capacityInt,
 		PullCredentials: credentials.Config{
 			ServiceAccount: *pullSA, ProviderConfig: *providerCfg, ProviderBinDir: *providerBin, ProviderTimeout: *providerTTL,
 			PodIdentity: *podIdentity,

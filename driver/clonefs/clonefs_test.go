@@ -612,3 +612,26 @@ func TestRemoveMissing(t *testing.T) {
 		t.Errorf("Remove created %s: %v", parent, err)
 	}
 }
+
+// TestImageBytes: ImageBytes, which the node's capacity reports rely on,
+// is never less than the image Create makes, and not much more.
+func TestImageBytes(t *testing.T) {
+	for _, size := range []int64{1, 8 * miB, 100*miB + 1, 1 << 30} {
+		dir := newDir(t)
+		if err := Create(context.Background(), dir, size); err != nil {
+			t.Fatal(err)
+		}
+		st, err := os.Stat(filepath.Join(dir, state.ImageFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := ImageBytes(size)
+		t.Logf("clone of %d bytes: image %d bytes, ImageBytes %d", size, st.Size(), got)
+		if got < st.Size() || got > st.Size()+st.Size()/50+miB {
+			t.Errorf("ImageBytes(%d) = %d, want at least the image's %d bytes and within 2%% + 1 MiB of it", size, got, st.Size())
+		}
+	}
+	if got := ImageBytes(0); got != 0 {
+		t.Errorf("ImageBytes(0) = %d, want 0", got)
+	}
+}

@@ -283,3 +283,19 @@ func readSuperblock(r io.ReaderAt) (superblock, error) {
 		label:     string(bytes.TrimRight(b[0x78:0x88], "\x00")),
 	}, nil
 }
+
+// ImageBytes is the most of the node's disk that the image of a clone of
+// size bytes can take once its writes fill it: the size of the sparse file
+// Create makes (see the package comment), plus the growth margin of one
+// format pass. It is what a node must have free for a new clone of size
+// (package capacity).
+func ImageBytes(size int64) int64 {
+	if size <= 0 {
+		return 0
+	}
+	want := (size + miB - 1) / miB
+	total := estimateBlocks(want*miB/blockSize, journalMiB(want)*miB/blockSize)
+	// format grows a short image by its shortfall, which is a small part
+	// of the estimate's overhead: a 64th of it is more than any measured.
+	return (total + total/64 + 16) * blockSize
+}

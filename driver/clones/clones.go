@@ -47,6 +47,22 @@ type Clones struct {
 	engine                   *engine.Engine
 	store                    *layercache.Store
 	locks                    *engine.Locks
+	// onChange is told when a stage or a removal changed the node's
+	// disk use (SetOnChange); nil: no one listens.
+	onChange func()
+}
+
+// SetOnChange makes fn called (it must not block) when a clone's first
+// stage has pinned its base, after each stage and after each removal of a
+// clone: the node's published storage capacity follows them. Call it
+// before the clones are used.
+func (c *Clones) SetOnChange(fn func()) { c.onChange = fn }
+
+// changed tells the onChange listener.
+func (c *Clones) changed() {
+	if c.onChange != nil {
+		c.onChange()
+	}
 }
 
 // New returns the clones of the node whose volume engine is e. locks are
@@ -116,6 +132,7 @@ func (c *Clones) Stage(ctx context.Context, req StageRequest) error {
 	}
 	logger.Info("Clone staged", "created", created, "digests", engine.StackDigests(clone.Stack), "layers", len(clone.Layers),
 		"capacityBytes", clone.CapacityBytes, "readOnly", readOnly, "duration", time.Since(start).Round(time.Microsecond))
+	c.changed()
 	return nil
 }
 
@@ -160,6 +177,9 @@ func (c *Clones) stage(ctx context.Context, logger klog.Logger, clone *state.Clo
 			return nil, fmt.Errorf("record clone %s: %w", volID, err)
 		}
 		logger.Info("Clone created: base pinned", "digests", engine.StackDigests(clone.Stack), "capacityBytes", capacity)
+		// Its record reserves its room (package capacity) while the
+		// layers are pulled.
+		c.changed()
 	} else if !slices.Equal(stack.Layers, clone.Layers) {
 		return nil, fmt.Errorf("clone %s: its pinned images %v now resolve to other layers than the %d it was made on: %w",
 			volID, refs, len(clone.Layers), layercache.ErrDigestMismatch)
@@ -362,6 +382,7 @@ func (c *Clones) Delete(logger klog.Logger, id, why string) error {
 		images = clone.Refs()
 	}
 	logger.Info("Removed a persistent clone and its writes", "reason", why, "images", images, "bytesFreed", freed)
+	c.changed()
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver/clonefs"
 	"github.com/strata-csi/strata/driver/credentials"
@@ -208,5 +210,30 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting until %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestDeleteTellsOnChange: a removal tells the onChange listener (the
+// node's storage capacity), a refused one does not.
+func TestDeleteTellsOnChange(t *testing.T) {
+	requireRoot(t)
+	c := newTestClones(t)
+	old := time.Now().Add(-time.Hour)
+	fakeClone(t, c, "strata-free", old, false)
+	fakeClone(t, c, "strata-busy", old, true)
+	var calls atomic.Int32
+	c.SetOnChange(func() { calls.Add(1) })
+	logger := klog.Background()
+	if err := c.Delete(logger, "strata-busy", "test"); !errors.Is(err, ErrInUse) {
+		t.Fatalf("Delete of a staged clone: %v, want ErrInUse", err)
+	}
+	if n := calls.Load(); n != 0 {
+		t.Errorf("a refused removal told the listener %d times", n)
+	}
+	if err := c.Delete(logger, "strata-free", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if n := calls.Load(); n != 1 {
+		t.Errorf("a removal told the listener %d times, want once", n)
 	}
 }

@@ -1,7 +1,7 @@
-// Package tasks runs the node plugin's background work: the sweep of
-// deleted clones, the prepulls and the VolumeCommit watcher. A Runner
-// starts each task with one context, logs when it starts and ends, and
-// stops them all together.
+// Package tasks runs the plugin's background work: the sweep of deleted
+// clones, the prepulls, the VolumeCommit watcher and the storage capacity.
+// A Runner starts each task with one context, logs when it starts and
+// ends, and stops them all together.
 package tasks
 
 import (

@@ -25,8 +25,12 @@ func TestDefaultObjects(t *testing.T) {
 	objs := render(t, "")
 	got := objs.kinds()
 	slices.Sort(got)
-	want := []string{"CSIDriver", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "DaemonSet", "Deployment",
-		"Namespace", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount", "ServiceAccount", "ServiceAccount"}
+	// The storage capacity's RBAC (storageCapacity.enabled) is a
+	// ClusterRole and a Role of the node plugin and a Role of the
+	// controller, each with its binding.
+	want := []string{"CSIDriver", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ClusterRoleBinding",
+		"DaemonSet", "Deployment", "Namespace", "Role", "Role", "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding", "RoleBinding",
+		"ServiceAccount", "ServiceAccount", "ServiceAccount"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("kinds: got %v, want %v", got, want)
 	}

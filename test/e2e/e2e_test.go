@@ -53,6 +53,7 @@ func TestStrata(t *testing.T) {
 		{"StackedVolume", testStackedVolume},
 		{"CloneStatefulSet", testCloneStatefulSet},
 		{"GenericEphemeralClone", testGenericEphemeralClone},
+		{"CloneCapacity", testCloneCapacity},
 		{"VolumeCommit", testVolumeCommit},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
@@ -114,7 +115,12 @@ func testInstall(t *testing.T) {
 		"--namespace", releaseNS, "--create-namespace", "--wait", "--timeout", "3m",
 		"--set", "image.repository="+repo, "--set-string", "image.tag="+tag, "--set", "image.pullPolicy=Never",
 		"--set", "kubeletDir="+c.kubeletDir, "--set", "stateDir="+c.stateDir,
-		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true")
+		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true",
+		// The state dir is on the host's shared disk: the default budget,
+		// half of that disk, may be more than is free, which would leave
+		// the node no room for clones (docs/clones.md) and keep every
+		// clone's claim Pending.
+		"--set", "cache.maxBytes=4Gi")
 	if err != nil {
 		t.Fatalf("helm install: %v\n%s", err, out)
 	}
@@ -489,6 +495,15 @@ func testHelmUpgradeUninstall(t *testing.T) {
 	}
 	if l, err := kube.CoreV1().ServiceAccounts(releaseNS).List(ctx(t), sel); err != nil || len(l.Items) != 0 {
 		t.Errorf("service accounts of the release left: %v %v", l, err)
+	}
+	// The node's CSIStorageCapacity objects belong to its Node and stay;
+	// the command docs/clones.md gives removes them.
+	capSel := metav1.ListOptions{LabelSelector: "csi.storage.k8s.io/drivername=" + driverName}
+	if out, err := kubectl("-n", releaseNS, "delete", "csistoragecapacities", "-l", capSel.LabelSelector); err != nil {
+		t.Errorf("delete the CSIStorageCapacity objects left after uninstall: %v\n%s", err, out)
+	}
+	if l, err := kube.StorageV1().CSIStorageCapacities(releaseNS).List(ctx(t), capSel); err != nil || len(l.Items) != 0 {
+		t.Errorf("CSIStorageCapacity objects left after their removal: %v %v", l, err)
 	}
 	got := cachedLayers(t)
 	for _, l := range datasetLayers {
