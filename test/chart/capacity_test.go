@@ -105,3 +105,21 @@ func TestStorageCapacity(t *testing.T) {
 		}
 	}
 }
+
+// TestStorageCapacityReusedValues: a release made before storageCapacity
+// existed, upgraded with --reuse-values, keeps its old values and none of
+// the chart's new defaults: the chart renders with those defaults rather
+// than failing on a nil map.
+func TestStorageCapacityReusedValues(t *testing.T) {
+	t.Parallel()
+	objs := render(t, "storageCapacity: null")
+	var d csiDriverCapacity
+	objs.one(t, "CSIDriver", &d)
+	if d.Spec.StorageCapacity == nil || !*d.Spec.StorageCapacity {
+		t.Errorf("CSIDriver storageCapacity %s without the value, want the default true", ptrString(d.Spec.StorageCapacity))
+	}
+	_, c := nodePlugin(t, objs)
+	if got := flag(t, flags(t, c.Args), "capacity-poll-interval"); got != "1m" {
+		t.Errorf("node plugin --capacity-poll-interval=%s without the value, want the default 1m", got)
+	}
+}

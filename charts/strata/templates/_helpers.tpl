@@ -74,3 +74,15 @@ dedicated namespace; a NAME of yours is in that namespace too.
 {{- define "strata.credentialProviders" -}}
 {{- with .Values.registries.credentialProviders.config.providers }}true{{ end -}}
 {{- end }}
+
+{{/*
+storageCapacity.enabled and .pollInterval, with the chart's defaults when a
+release made before they existed is upgraded with --reuse-values (which
+keeps that release's values and none of the chart's new defaults).
+*/}}
+{{- define "strata.storageCapacity.enabled" -}}
+{{- dig "storageCapacity" "enabled" true .Values.AsMap -}}
+{{- end }}
+{{- define "strata.storageCapacity.pollInterval" -}}
+{{- dig "storageCapacity" "pollInterval" "1m" .Values.AsMap -}}
+{{- end }}
