@@ -55,6 +55,11 @@ func codeOf(k fault.Kind) codes.Code {
 		return codes.Aborted
 	case fault.Deadline:
 		return codes.DeadlineExceeded
+	case fault.OutOfRange:
+		// A capacity the volume cannot take (a shrink, a size for the
+		// image itself): the caller must change the request (CSI spec,
+		// ControllerExpandVolume and NodeExpandVolume errors).
+		return codes.OutOfRange
 	}
 	return codes.Internal
 }
