@@ -18,6 +18,7 @@ import (
 	"github.com/strata-csi/strata/driver/clones"
 	"github.com/strata-csi/strata/driver/engine"
 	"github.com/strata-csi/strata/driver/state"
+	"github.com/strata-csi/strata/internal/fault"
 )
 
 // controllerState remembers the volumes created since start, for the
@@ -58,11 +59,60 @@ func volumeID(name string, params map[string]string) string {
 	return volumeIDPrefix + hex.EncodeToString(h.Sum(nil)[:16])
 }
 
-// ControllerGetCapabilities advertises CreateVolume/DeleteVolume.
+// ControllerGetCapabilities advertises CreateVolume/DeleteVolume and
+// ControllerExpandVolume.
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
-	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{{
-		Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME}},
-	}}}, nil
+	rpc := func(t csi.ControllerServiceCapability_RPC_Type) *csi.ControllerServiceCapability {
+		return &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}}
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{
+		rpc(csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME),
+		rpc(csi.ControllerServiceCapability_RPC_EXPAND_VOLUME),
+	}}, nil
+}
+
+// ControllerExpandVolume answers the new size of a clone, which its node
+// grows (node_expansion_required: the controller cannot reach the node's
+// disk; NodeExpandVolume grows the clone's filesystem and refuses a
+// shrink). A volume that is the image itself (a read-only capability, or a
+// volume this controller created without a clone) has no size to grow:
+// OutOfRange, as the CSI spec answers a capacity range the volume cannot
+// take.
+func (d *Driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalid("ControllerExpandVolume: volume id is required")
+	}
+	required, limit := req.GetCapacityRange().GetRequiredBytes(), req.GetCapacityRange().GetLimitBytes()
+	if required <= 0 && limit <= 0 {
+		return nil, invalid("ControllerExpandVolume %s: a capacity range with required or limit bytes is required", id)
+	}
+	if required < 0 || limit < 0 || (limit > 0 && required > limit) {
+		return nil, invalid("ControllerExpandVolume %s: capacity range required %d, limit %d: both must be positive and required at most limit", id, required, limit)
+	}
+	size := required
+	if size == 0 {
+		size = limit
+	}
+	if c := req.GetVolumeCapability(); c != nil {
+		if err := checkCapability(c); err != nil {
+			return nil, err
+		}
+	}
+	clone := req.GetVolumeCapability() == nil || !readOnlyMode(req.GetVolumeCapability())
+	c := &d.controller
+	c.mu.Lock()
+	for _, v := range c.volumes {
+		if v.id == id && v.params[engine.AttrClone] != "true" {
+			clone = false
+		}
+	}
+	c.mu.Unlock()
+	if !clone {
+		return nil, fault.Errorf(clones.ErrNoCapacity, "ControllerExpandVolume %s: the volume is the image itself (read-only), not a persistent clone: it has no capacity to grow", id)
+	}
+	klog.InfoS("Expanding a persistent clone: its node grows it", "volumeID", id, "capacityBytes", size)
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: true}, nil
 }
 
 // CreateVolume validates StorageClass parameters and returns them as the

@@ -24,7 +24,54 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_STATS),
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH),
 		rpc(csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME),
+		rpc(csi.NodeServiceCapability_RPC_EXPAND_VOLUME),
 	}}, nil
+}
+
+// NodeExpandVolume grows a staged clone's filesystem online to the
+// requested size and records it (package clones, Expand): the pods see the
+// new size at once. A repeated call with the same size changes nothing; a
+// smaller size is OutOfRange, a size the node's disk cannot hold
+// ResourceExhausted, a volume that is the image itself OutOfRange, a volume
+// unknown on this node NotFound.
+func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	volID, p := req.GetVolumeId(), req.GetVolumePath()
+	if volID == "" {
+		return nil, invalid("NodeExpandVolume: volume id is required")
+	}
+	if p == "" {
+		return nil, invalid("NodeExpandVolume %s: volume path is required", volID)
+	}
+	if c := req.GetVolumeCapability(); c != nil {
+		if err := checkCapability(c); err != nil {
+			return nil, err
+		}
+	}
+	required, limit := req.GetCapacityRange().GetRequiredBytes(), req.GetCapacityRange().GetLimitBytes()
+	if required < 0 || limit < 0 || (limit > 0 && required > limit) {
+		return nil, invalid("NodeExpandVolume %s: capacity range required %d, limit %d: both must be positive and required at most limit", volID, required, limit)
+	}
+	size := required
+	if size == 0 {
+		size = limit
+	}
+	unlock, err := d.locks.TryLock(engine.CloneLock(volID), "volume "+volID)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if size == 0 {
+		// No size asked for: report the clone's own.
+		size, err = d.clones.Capacity(volID)
+		if err != nil {
+			return nil, err
+		}
+	}
+	capacity, err := d.clones.Expand(klog.NewContext(ctx, klog.FromContext(ctx).WithValues("volumeID", volID, "targetPath", p)), volID, size)
+	if err != nil {
+		return nil, err
+	}
+	return &csi.NodeExpandVolumeResponse{CapacityBytes: capacity}, nil
 }
 
 // NodeGetInfo returns the node id, and the node's topology: the clones
