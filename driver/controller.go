@@ -18,7 +18,6 @@ import (
 	"github.com/strata-csi/strata/driver/clones"
 	"github.com/strata-csi/strata/driver/engine"
 	"github.com/strata-csi/strata/driver/state"
-	"github.com/strata-csi/strata/internal/fault"
 )
 
 // controllerState remembers the volumes created since start, for the
@@ -109,7 +108,7 @@ func (d *Driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerEx
 	}
 	c.mu.Unlock()
 	if !clone {
-		return nil, fault.Errorf(clones.ErrNoCapacity, "ControllerExpandVolume %s: the volume is the image itself (read-only), not a persistent clone: it has no capacity to grow", id)
+		return nil, outOfRange("ControllerExpandVolume %s: the volume is the image itself (read-only), not a persistent clone: it has no capacity to grow", id)
 	}
 	klog.InfoS("Expanding a persistent clone: its node grows it", "volumeID", id, "capacityBytes", size)
 	return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: true}, nil
