@@ -53,6 +53,7 @@ func TestStrata(t *testing.T) {
 		{"StackedVolume", testStackedVolume},
 		{"CloneStatefulSet", testCloneStatefulSet},
 		{"GenericEphemeralClone", testGenericEphemeralClone},
+		{"CloneExpand", testCloneExpand},
 		{"VolumeCommit", testVolumeCommit},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
