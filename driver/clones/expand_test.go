@@ -10,6 +10,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-csi/strata/driver/state"
 )
@@ -73,5 +74,37 @@ func TestExpandUnstaged(t *testing.T) {
 	}
 	if clone, _ := state.ReadClone(c.root, "strata-u"); clone.CapacityBytes != 8<<20 {
 		t.Errorf("record after a refused grow: %d bytes, want 8 MiB", clone.CapacityBytes)
+	}
+}
+
+// TestExpandGrows: a staged clone grows, and its record holds the new size
+// once the filesystem does. Needs CAP_SYS_RESOURCE (hack/vm-test
+// ./driver/clones TestExpand runs it in a VM that has it).
+func TestExpandGrows(t *testing.T) {
+	requireRoot(t)
+	c := newTestClones(t)
+	fakeClone(t, c, "strata-g", time.Now(), true) // 8 MiB, staged
+	const size = 40 << 20
+	got, err := c.Expand(context.Background(), "strata-g", size)
+	if err != nil {
+		t.Fatalf("Expand to %d: %v", size, err)
+	}
+	if got != size {
+		t.Errorf("Expand answered %d, want %d", got, size)
+	}
+	clone, err := state.ReadClone(c.root, "strata-g")
+	if err != nil || clone.CapacityBytes != size {
+		t.Fatalf("record after the grow: %+v, %v; want %d bytes", clone, err, size)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(state.ClonePathsOf(c.root, "strata-g").FS, &st); err != nil {
+		t.Fatal(err)
+	}
+	if avail := int64(st.Bavail) * st.Bsize; avail < size {
+		t.Errorf("the grown clone has %d bytes free, want >= %d", avail, size)
+	}
+	// Idempotent.
+	if got, err := c.Expand(context.Background(), "strata-g", size); err != nil || got != size {
+		t.Errorf("repeated Expand = %d, %v", got, err)
 	}
 }
