@@ -62,7 +62,8 @@ type Resizer struct {
 	driver   string
 	cs       csi.ControllerServer
 	kube     kubernetes.Interface
-	recorder record.EventRecorder
+	recorder record.EventRecorder // WithRecorder's; nil: the API server's, per Run
+	events   record.EventRecorder // the one in use
 	pvcs     corelisters.PersistentVolumeClaimLister
 	pvs      corelisters.PersistentVolumeLister
 	queue    workqueue.TypedRateLimitingInterface[string]
@@ -93,11 +94,12 @@ func NewResizer(driver string, cs csi.ControllerServer, kube kubernetes.Interfac
 func (r *Resizer) Run(ctx context.Context) {
 	logger := klog.FromContext(ctx).WithValues("resizer", r.driver)
 	ctx = klog.NewContext(ctx, logger)
-	if r.recorder == nil {
+	r.events = r.recorder
+	if r.events == nil {
 		b := record.NewBroadcaster(record.WithContext(ctx))
 		b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: r.kube.CoreV1().Events("")})
 		defer b.Shutdown()
-		r.recorder = b.NewRecorder(scheme.Scheme, v1.EventSource{Component: "external-resizer " + r.driver})
+		r.events = b.NewRecorder(scheme.Scheme, v1.EventSource{Component: "external-resizer " + r.driver})
 	}
 	r.queue = workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: "strata-resizer"})
@@ -226,7 +228,7 @@ func (r *Resizer) sync(ctx context.Context, key string) error {
 			return fmt.Errorf("mark claim %s as resizing: %w", key, err)
 		}
 	}
-	r.recorder.Eventf(pvc, v1.EventTypeNormal, reasonResizing, "External resizer is resizing volume %s", pv.Name)
+	r.events.Eventf(pvc, v1.EventTypeNormal, reasonResizing, "External resizer is resizing volume %s", pv.Name)
 
 	resp, err := r.cs.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{
 		VolumeId:         pv.Spec.CSI.VolumeHandle,
@@ -235,7 +237,7 @@ func (r *Resizer) sync(ctx context.Context, key string) error {
 	})
 	if err != nil {
 		err = fmt.Errorf("resize volume %q by resizer %q failed: %w", pv.Name, r.driver, err)
-		r.recorder.Event(pvc, v1.EventTypeWarning, reasonResizeFailed, err.Error())
+		r.events.Event(pvc, v1.EventTypeWarning, reasonResizeFailed, err.Error())
 		if infeasible(err) {
 			next := pvc.DeepCopy()
 			setResizeStatus(next, v1.PersistentVolumeClaimControllerResizeInfeasible)
@@ -257,7 +259,7 @@ func (r *Resizer) sync(ctx context.Context, key string) error {
 	if got.Cmp(pvSize) > 0 {
 		if err := r.patchPVCapacity(ctx, pv, got); err != nil {
 			err = fmt.Errorf("update capacity of PV %q to %s: %w", pv.Name, got.String(), err)
-			r.recorder.Event(pvc, v1.EventTypeWarning, reasonResizeFailed, err.Error())
+			r.events.Event(pvc, v1.EventTypeWarning, reasonResizeFailed, err.Error())
 			return err
 		}
 	}
@@ -271,7 +273,7 @@ func (r *Resizer) sync(ctx context.Context, key string) error {
 		if _, err := r.patchClaimStatus(ctx, pvc, next); err != nil {
 			return fmt.Errorf("mark claim %s as waiting for its node's expansion: %w", key, err)
 		}
-		r.recorder.Event(pvc, v1.EventTypeNormal, reasonFSResizeNeeded, "Require file system resize of volume on node")
+		r.events.Event(pvc, v1.EventTypeNormal, reasonFSResizeNeeded, "Require file system resize of volume on node")
 		logger.Info("Volume resized; its node grows it next", "capacity", got.String())
 		return nil
 	}
@@ -287,7 +289,7 @@ func (r *Resizer) sync(ctx context.Context, key string) error {
 	if _, err := r.patchClaimStatus(ctx, pvc, next); err != nil {
 		return fmt.Errorf("mark claim %s as resized: %w", key, err)
 	}
-	r.recorder.Event(pvc, v1.EventTypeNormal, reasonResizeSucceeded, "Resize volume succeeded")
+	r.events.Event(pvc, v1.EventTypeNormal, reasonResizeSucceeded, "Resize volume succeeded")
 	logger.Info("Volume resized", "capacity", got.String())
 	return nil
 }
@@ -311,7 +313,7 @@ func (r *Resizer) plan(pvc *v1.PersistentVolumeClaim, pv *v1.PersistentVolume, t
 			// capacity; a claim that still asks for less than its volume
 			// (a PV grown by hand, or an edit the API let through) gets
 			// told once per change, and nothing shrinks.
-			r.recorder.Eventf(pvc, v1.EventTypeWarning, reasonResizeFailed,
+			r.events.Eventf(pvc, v1.EventTypeWarning, reasonResizeFailed,
 				"resize volume %s: the claim asks for %s, less than the volume's %s: a %s volume cannot shrink", pv.Name, spec.String(), pvSize.String(), r.driver)
 		}
 		return newSize, false
