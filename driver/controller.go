@@ -59,8 +59,8 @@ func volumeID(name string, params map[string]string) string {
 }
 
 // ControllerGetCapabilities advertises CreateVolume/DeleteVolume,
-// GetCapacity (getcapacity.go) and the single-node access modes
-// (ReadWriteOncePod).
+// ControllerExpandVolume (expand.go), GetCapacity (getcapacity.go) and the
+// single-node access modes (ReadWriteOncePod).
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	rpc := func(t csi.ControllerServiceCapability_RPC_Type) *csi.ControllerServiceCapability {
 		return &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}}
@@ -69,6 +69,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		rpc(csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME),
 		rpc(csi.ControllerServiceCapability_RPC_GET_CAPACITY),
 		rpc(csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
+		rpc(csi.ControllerServiceCapability_RPC_EXPAND_VOLUME),
 	}}, nil
 }
 

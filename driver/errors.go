@@ -15,6 +15,14 @@ func invalid(format string, args ...any) error {
 	return status.Error(codes.InvalidArgument, fmt.Sprintf(format, args...))
 }
 
+// outOfRange is an OutOfRange error of the front's own checks of a
+// request: a capacity the volume cannot take. The CSI front answers it as a
+// status itself (as invalid), so that an in-process caller (the resizer)
+// sees the code too.
+func outOfRange(format string, args ...any) error {
+	return status.Error(codes.OutOfRange, fmt.Sprintf(format, args...))
+}
+
 // toStatus turns an error into the gRPC status that kubelet and the operator
 // see. It is the only place where codes are chosen for the errors of the
 // engine, the clones, the layer cache and the kernel: by their kind
@@ -55,6 +63,11 @@ func codeOf(k fault.Kind) codes.Code {
 		return codes.Aborted
 	case fault.Deadline:
 		return codes.DeadlineExceeded
+	case fault.OutOfRange:
+		// A capacity the volume cannot take (a shrink, a size for the
+		// image itself): the caller must change the request (CSI spec,
+		// ControllerExpandVolume and NodeExpandVolume errors).
+		return codes.OutOfRange
 	}
 	return codes.Internal
 }

@@ -26,6 +26,7 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 		rpc(csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH),
 		rpc(csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME),
 		rpc(csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
+		rpc(csi.NodeServiceCapability_RPC_EXPAND_VOLUME),
 	}}, nil
 }
 

@@ -88,6 +88,7 @@ func main() {
 		podIdentity = flag.Bool("pod-identity", false, "pull with the pod's own identity too (needs the CSIDriver's podInfoOnMount, and tokenRequests for token providers): the imagePullSecrets of the pod's ServiceAccount that a SubjectAccessReview shows it may get, and credential providers with tokenAttributes, given the pod's ServiceAccount token for their audience")
 		regConfig   = flag.String("registry-config", "", "node-wide registry config file (YAML: mirrors, plain-HTTP hosts, per-host CA bundles and client certificates; see docs/registries.md), reloaded when it changes (empty = none)")
 		provision   = flag.Bool("provisioner", true, "in --mode=controller (and --mode=all with API access): provision the PersistentVolumeClaims of StorageClasses whose provisioner is --driver-name, in-process (sig-storage-lib-external-provisioner); false: serve only the CSI controller service, e.g. to the upstream csi-provisioner sidecar")
+		resize      = flag.Bool("resizer", true, "with the in-process provisioner: also grow the PersistentVolumes of claims that ask for more (external-resizer's duty, in-process, under the same leader election); false: leave it to the upstream csi-resizer sidecar")
 		leaderElect = flag.Bool("leader-election", false, "provision only while holding the Lease <driver name with dots as dashes> (e.g. strata-csi-dev), so that one of several controller replicas provisions at a time")
 		leaderNS    = flag.String("leader-election-namespace", "", "namespace of the leader election Lease (empty: the pod's own namespace, from $POD_NAMESPACE or its service account)")
 		commits     = flag.Bool("volume-commits", false, "in node mode with API access: carry out the VolumeCommits (strata.csi.dev/v1alpha1) of this node's volumes, reading the pods, claims, PersistentVolumes and push secrets they name in any namespace (needs the chart's volumeCommits RBAC); off: VolumeCommits are not watched")
@@ -165,7 +166,7 @@ func main() {
 		os.Exit(2)
 	}
 	if err := run(*endpoint, sidecars{registrationDir: *regDir, kubeletCSIEndpoint: *kubeletCSI, healthAddress: *healthAddr, metricsAddress: *metricsAddr,
-		provision: *provision, leaderElection: *leaderElect, leaderElectionNamespace: *leaderNS}, driver.Config{
+		provision: *provision, resize: *resize, leaderElection: *leaderElect, leaderElectionNamespace: *leaderNS}, driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Root: *root, Mode: driver.Mode(*mode),
 		CacheBudget: budget, CacheMaxPercent: percent,
 		CacheOptions: cacheOpts, Kube: kube, Dynamic: dyn, DefaultUpperSize: defaultUpper,
@@ -228,6 +229,7 @@ type sidecars struct {
 	// The in-process provisioner (csi-provisioner's duty), in controller
 	// and all modes.
 	provision               bool
+	resize                  bool // with provision: the in-process resizer too
 	leaderElection          bool
 	leaderElectionNamespace string // empty: the pod's own
 }
@@ -333,8 +335,14 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 		if err != nil {
 			return err
 		}
+		rc := provisioner.RunConfig{LeaderElection: side.leaderElection, Namespace: side.leaderElectionNamespace}
+		if side.resize {
+			if rc.Resizer, err = provisioner.NewResizer(name, d, cfg.Kube); err != nil {
+				return err
+			}
+		}
 		wg.Go(func() {
-			err := provisioner.Run(ctx, cfg.Kube, p, provisioner.RunConfig{LeaderElection: side.leaderElection, Namespace: side.leaderElectionNamespace})
+			err := provisioner.Run(ctx, cfg.Kube, p, rc)
 			if err != nil {
 				fail(err)
 			}

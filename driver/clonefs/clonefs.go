@@ -80,8 +80,9 @@ func mountPath(dir string) string { return filepath.Join(dir, state.FSDir) }
 // whose free space for an unprivileged writer (statfs Bavail*Bsize right after
 // mkfs) is at least size bytes (see the package comment for the sizing).
 //
-// It is idempotent: an existing complete image made for the same size is kept;
-// one made for another size is an error naming both sizes. It is crash-safe:
+// It is idempotent: an existing complete image made (or grown, see Grow) for
+// the same size or more is kept; one made for less is an error naming both
+// sizes. It is crash-safe:
 // the image is formatted in a temp file in dir, fsynced and renamed into
 // place, so dir/disk.img is either absent or complete; a leftover temp file
 // is removed by the next Create.
@@ -100,12 +101,16 @@ func Create(ctx context.Context, dir string, size int64) error {
 	if err := removeTemps(dir); err != nil {
 		return fmt.Errorf("create clone filesystem %s: remove leftovers of an interrupted create: %w", img, err)
 	}
+	// An image made (or grown) for more than size is kept: a grow (Grow)
+	// records the new size in clone.json only after the filesystem has it,
+	// so a crash in between leaves an image larger than its record, which
+	// the retried NodeExpandVolume then records.
 	switch got, err := readImageMiB(img); {
-	case err == nil && got == want:
-		klog.FromContext(ctx).V(4).Info("Clone filesystem exists", "diskImage", img, "sizeMiB", want)
+	case err == nil && got >= want:
+		klog.FromContext(ctx).V(4).Info("Clone filesystem exists", "diskImage", img, "sizeMiB", got, "requestedMiB", want)
 		return nil
 	case err == nil:
-		return fmt.Errorf("create clone filesystem %s: it exists and was made for %d MiB (%d bytes), not for the requested %d bytes (%d MiB); delete the volume to change its size",
+		return fmt.Errorf("create clone filesystem %s: it exists and was made for %d MiB (%d bytes), less than the requested %d bytes (%d MiB); a clone grows only by expanding its claim (NodeExpandVolume)",
 			img, got, got*miB, size, want)
 	case !errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("create clone filesystem %s: %w", img, err)

@@ -234,6 +234,11 @@ func readImageMiB(img string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	return sb.sizeMiB()
+}
+
+// sizeMiB is the size in MiB the superblock's label records.
+func (sb superblock) sizeMiB() (int64, error) {
 	v, ok := strings.CutPrefix(sb.label, labelPrefix)
 	if v, ok2 := strings.CutSuffix(v, labelSuffix); ok && ok2 {
 		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n > 0 {

@@ -10,6 +10,10 @@ import (
 // TestSentinelKinds: a clone in use is FailedPrecondition at the CSI front.
 func TestSentinelKinds(t *testing.T) {
 	faulttest.CheckKinds(t, ".", map[string]faulttest.Want{
-		"ErrInUse": {Err: ErrInUse, Kind: fault.Precondition},
+		"ErrInUse":      {Err: ErrInUse, Kind: fault.Precondition},
+		"ErrShrink":     {Err: ErrShrink, Kind: fault.OutOfRange},
+		"ErrTooBig":     {Err: ErrTooBig, Kind: fault.NoSpace},
+		"ErrNoClone":    {Err: ErrNoClone, Kind: fault.NotFound},
+		"ErrNoCapacity": {Err: ErrNoCapacity, Kind: fault.OutOfRange},
 	})
 }

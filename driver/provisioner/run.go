@@ -41,9 +41,14 @@ type RunConfig struct {
 	// Identity names this process in the Lease; empty: the host name (the
 	// pod's name) and a random suffix.
 	Identity string
+	// Resizer, if set, runs beside the provisioner, under the same
+	// leadership: the claims of the driver's volumes grow in-process
+	// (external-resizer's duty).
+	Resizer *Resizer
 }
 
-// Run runs the library's ProvisionController for p until ctx ends, with
+// Run runs the library's ProvisionController for p (and cfg.Resizer) until
+// ctx ends, with
 // the library's default retries and backoff, then waits for the operations
 // in flight to finish and, with leader election, releases the Lease. It
 // returns an error when leadership is lost while ctx still runs: the caller
@@ -62,6 +67,9 @@ func Run(ctx context.Context, kube kubernetes.Interface, p *Provisioner, cfg Run
 			controller.LeaderElection(false),
 		)
 		pc.ControllerWaitGroup(&workers)
+		if cfg.Resizer != nil {
+			workers.Go(func() { cfg.Resizer.Run(ctx) })
+		}
 		logger.Info("Provisioning PersistentVolumes for StorageClasses with this provisioner")
 		pc.Run(ctx) // returns when ctx ends
 		workers.Wait()

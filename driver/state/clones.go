@@ -28,14 +28,16 @@ import (
 // maxCloneID bounds a clone's volume id, a directory name.
 const maxCloneID = 128
 
-// Clone is clones/<volumeID>/clone.json. It is written once, when the
-// clone is first staged, before anything it describes exists, and never
-// changes: the upper's base is the pinned stack, whatever its tags point to
+// Clone is clones/<volumeID>/clone.json. It is written when the clone is
+// first staged, before anything it describes exists, and again only when
+// the clone grows (CapacityBytes, after its filesystem holds the new
+// size): the upper's base is the pinned stack, whatever its tags point to
 // later.
 type Clone struct {
 	VolumeID string `json:"volumeID"`
 	// CapacityBytes is the size the clone's writes may take (the PVC's
-	// request): the clone's filesystem has at least that much room.
+	// request, grown by NodeExpandVolume): the clone's filesystem has at
+	// least that much room.
 	CapacityBytes int64 `json:"capacityBytes"`
 	// Stack is every image of the clone's base, bottom first, with the
 	// digest each resolved to at the first stage.

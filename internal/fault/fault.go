@@ -34,13 +34,14 @@ const (
 	Precondition      // the system is not in the state the call needs (in use, not staged, base moved)
 	Canceled          // the caller gave up
 	Deadline          // the caller's deadline passed
+	OutOfRange        // the size asked for is one the thing cannot take (a shrink, a size for a volume without one)
 )
 
 var kindNames = [...]string{
 	Internal: "internal", Invalid: "invalid", NotFound: "not found", NotCached: "not cached",
 	Denied: "denied", Unavailable: "unavailable", Corrupt: "corrupt", Unsafe: "unsafe",
 	NoSpace: "no space", IO: "i/o", Exists: "exists", Busy: "busy", Precondition: "precondition",
-	Canceled: "canceled", Deadline: "deadline",
+	Canceled: "canceled", Deadline: "deadline", OutOfRange: "out of range",
 }
 
 func (k Kind) String() string {

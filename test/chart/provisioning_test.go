@@ -171,8 +171,8 @@ func TestControllerDeployment(t *testing.T) {
 	}
 }
 
-// TestControllerRBAC: exactly the verbs the controller and the library
-// call, bound to the controller's own ServiceAccount; the Lease in the
+// TestControllerRBAC: exactly the verbs the controller, the library and
+// the resizer call, bound to the controller's own ServiceAccount; the Lease in the
 // release's namespace only.
 func TestControllerRBAC(t *testing.T) {
 	t.Parallel()
@@ -185,12 +185,13 @@ func TestControllerRBAC(t *testing.T) {
 	var role clusterRole
 	mine.one(t, "ClusterRole", &role)
 	want := map[string][]string{ // "group/resource" -> verbs
-		"/persistentvolumes":            {"create", "delete", "list", "patch", "watch"},
-		"/persistentvolumeclaims":       {"get", "list", "update", "watch"},
-		"storage.k8s.io/storageclasses": {"list", "watch"},
-		"/nodes":                        {"get", "list"},
-		"storage.k8s.io/csinodes":       {"list"},
-		"/events":                       {"create", "patch"},
+		"/persistentvolumes":             {"create", "delete", "get", "list", "patch", "watch"},
+		"/persistentvolumeclaims":        {"get", "list", "update", "watch"},
+		"/persistentvolumeclaims/status": {"patch"}, // the resizer
+		"storage.k8s.io/storageclasses":  {"list", "watch"},
+		"/nodes":                         {"get", "list"},
+		"storage.k8s.io/csinodes":        {"list"},
+		"/events":                        {"create", "patch"},
 	}
 	checkRules(t, "ClusterRole "+controllerName, role.Rules, want)
 	var binding clusterRoleBinding
@@ -319,7 +320,7 @@ type storageClass struct {
 
 // TestStorageClasses: none by default; each listed class with the driver
 // as provisioner, its image and parameters, WaitForFirstConsumer and
-// Delete unless told otherwise, and never expansion.
+// Delete unless told otherwise, and expansion unless told otherwise.
 func TestStorageClasses(t *testing.T) {
 	t.Parallel()
 	if n := len(render(t, "").named("sample")); n != 0 || slices.Contains(render(t, "").kinds(), "StorageClass") {
@@ -362,8 +363,9 @@ func TestStorageClasses(t *testing.T) {
 			t.Errorf("unexpected StorageClass %s", o.Name)
 			continue
 		}
-		if sc.AllowVolumeExpansion == nil || *sc.AllowVolumeExpansion {
-			t.Errorf("StorageClass %s: allowVolumeExpansion %s, want false", o.Name, ptrString(sc.AllowVolumeExpansion))
+		// Clones grow online: expansion is on unless the class says no.
+		if wantExp := o.Name == "sample"; sc.AllowVolumeExpansion == nil || *sc.AllowVolumeExpansion != wantExp {
+			t.Errorf("StorageClass %s: allowVolumeExpansion %s, want %v", o.Name, ptrString(sc.AllowVolumeExpansion), wantExp)
 		}
 		sc.Metadata.Name, sc.AllowVolumeExpansion = "", nil
 		if !reflect.DeepEqual(sc, w) {
@@ -391,7 +393,7 @@ func TestProvisioningSchemaRejects(t *testing.T) {
 		{"unknown parameter", "storageClasses: [{name: s, image: r/x:v1, parameters: {pullpolicy: Always}}]", "pullpolicy"},
 		{"pull policy", "storageClasses: [{name: s, image: r/x:v1, parameters: {pullPolicy: Sometimes}}]", "pullPolicy"},
 		{"reclaim policy", "storageClasses: [{name: s, image: r/x:v1, reclaimPolicy: Recycle}]", "reclaimPolicy"},
-		{"expansion", "storageClasses: [{name: s, image: r/x:v1, allowVolumeExpansion: true}]", "allowVolumeExpansion"},
+		{"expansion not a bool", "storageClasses: [{name: s, image: r/x:v1, allowVolumeExpansion: \"yes\"}]", "allowVolumeExpansion"},
 		{"binding mode", "storageClasses: [{name: s, image: r/x:v1, volumeBindingMode: Later}]", "volumeBindingMode"},
 		{"storage classes not a list", "storageClasses: {name: s}", "storageClasses"},
 	})

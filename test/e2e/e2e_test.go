@@ -54,6 +54,7 @@ func TestStrata(t *testing.T) {
 		{"CloneStatefulSet", testCloneStatefulSet},
 		{"GenericEphemeralClone", testGenericEphemeralClone},
 		{"CloneCapacity", testCloneCapacity},
+		{"CloneExpand", testCloneExpand},
 		{"VolumeCommit", testVolumeCommit},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
