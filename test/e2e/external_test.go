@@ -212,6 +212,9 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		t.Logf("not run: %s: %s", spec, why)
 	}
 	focus := `External.Storage.*strata\.csi\.dev` + k.focus
+	if f := os.Getenv("STRATA_E2E_FOCUS"); f != "" {
+		focus += ".*" + f // a closer look at some specs: hack/e2e -run 'TestStrata/(Install|ExternalStorageSuite)'
+	}
 	report := t.TempDir()
 	args := []string{"netns", "exec", c.netns, bin,
 		"-kubeconfig=" + c.kubeconfig, "-provider=skeleton",
@@ -234,7 +237,13 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		t.Logf("%s", strings.TrimSpace(string(out[i:])))
 	}
 	if runErr != nil {
-		t.Errorf("e2e-storage.test: %v\n%s", runErr, tail(string(out), 200))
+		// The whole output, kept for a look: the failures' own messages are
+		// far above its tail.
+		keep := filepath.Join(os.TempDir(), "strata-e2e-storage-"+strings.ReplaceAll(k.name, " ", "_")+".log")
+		if err := os.WriteFile(keep, out, 0o644); err != nil {
+			t.Log(err)
+		}
+		t.Errorf("e2e-storage.test: %v (whole output in %s)\n%s", runErr, keep, tail(string(out), 200))
 	}
 
 	b, err := os.ReadFile(filepath.Join(report, "junit_01.xml"))
