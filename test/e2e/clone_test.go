@@ -24,7 +24,12 @@ const cloneClass = "strata-e2e-clone"
 // cloneSize is the clones' requested size: it caps what a pod can write.
 const cloneSize = 64 << 20
 
-func createCloneClass(t *testing.T) {
+func createCloneClass(t *testing.T) { createClass(t, cloneClass, "") }
+
+// createClass makes a clone StorageClass of the dataset image, binding at
+// the first consumer, with the lines of extra (e.g. allowVolumeExpansion),
+// and deletes it when the test ends.
+func createClass(t *testing.T, name, extra string) {
 	t.Helper()
 	manifest := fmt.Sprintf(`apiVersion: storage.k8s.io/v1
 kind: StorageClass
@@ -35,14 +40,14 @@ parameters:
   image: %s
 reclaimPolicy: Delete
 volumeBindingMode: WaitForFirstConsumer
-`, cloneClass, driverName, datasetRef)
+%s`, name, driverName, datasetRef, extra)
 	if out, err := kubectlStdin(manifest, "apply", "-f", "-"); err != nil {
 		t.Fatalf("create StorageClass: %v\n%s", err, out)
 	}
 	t.Cleanup(func() {
-		err := kube.StorageV1().StorageClasses().Delete(context.Background(), cloneClass, metav1.DeleteOptions{})
+		err := kube.StorageV1().StorageClasses().Delete(context.Background(), name, metav1.DeleteOptions{})
 		if err != nil && !apierrors.IsNotFound(err) {
-			t.Errorf("delete StorageClass %s: %v", cloneClass, err)
+			t.Errorf("delete StorageClass %s: %v", name, err)
 		}
 	})
 }

@@ -30,26 +30,7 @@ const growClass = "strata-e2e-grow"
 // its earlier writes and can fill the new room.
 func testCloneExpand(t *testing.T) {
 	canGrow := resizeCapability(t)
-	manifest := fmt.Sprintf(`apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata:
-  name: %s
-provisioner: %s
-parameters:
-  image: %s
-reclaimPolicy: Delete
-volumeBindingMode: WaitForFirstConsumer
-allowVolumeExpansion: true
-`, growClass, driverName, datasetRef)
-	if out, err := kubectlStdin(manifest, "apply", "-f", "-"); err != nil {
-		t.Fatalf("create StorageClass: %v\n%s", err, out)
-	}
-	t.Cleanup(func() {
-		err := kube.StorageV1().StorageClasses().Delete(context.Background(), growClass, metav1.DeleteOptions{})
-		if err != nil && !apierrors.IsNotFound(err) {
-			t.Errorf("delete StorageClass %s: %v", growClass, err)
-		}
-	})
+	createClass(t, growClass, "allowVolumeExpansion: true\n")
 	ns := namespace(t, "e2e-expand")
 	const from, to = 64 << 20, 192 << 20
 	apply(t, ns, fmt.Sprintf(`apiVersion: apps/v1
