@@ -380,8 +380,11 @@ func TestCreateVolumeRequest(t *testing.T) {
 		}
 		modes = append(modes, c.GetAccessMode().GetMode())
 	}
-	if want := []csi.VolumeCapability_AccessMode_Mode{csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER, csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY}; !slices.Equal(modes, want) {
-		t.Errorf("access modes %v, want %v (one capability per claim mode)", modes, want)
+	// The driver advertises SINGLE_NODE_MULTI_WRITER: one capability for
+	// all the claim's modes, as csi-provisioner sends it (RWX and ROX:
+	// MULTI_NODE_MULTI_WRITER).
+	if want := []csi.VolumeCapability_AccessMode_Mode{csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER}; !slices.Equal(modes, want) {
+		t.Errorf("access modes %v, want %v (one capability for all the claim's modes)", modes, want)
 	}
 	top := req.GetAccessibilityRequirements()
 	if len(top.GetPreferred()) != 1 || top.GetPreferred()[0].GetSegments()[driver.TopologyKey] != "worker-1" ||
