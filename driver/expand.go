@@ -21,16 +21,12 @@ func (d *Driver) ControllerExpandVolume(_ context.Context, req *csi.ControllerEx
 	if id == "" {
 		return nil, invalid("ControllerExpandVolume: volume id is required")
 	}
-	required, limit := req.GetCapacityRange().GetRequiredBytes(), req.GetCapacityRange().GetLimitBytes()
-	if required <= 0 && limit <= 0 {
+	if r := req.GetCapacityRange(); r.GetRequiredBytes() <= 0 && r.GetLimitBytes() <= 0 {
 		return nil, invalid("ControllerExpandVolume %s: a capacity range with required or limit bytes is required", id)
 	}
-	if required < 0 || limit < 0 || (limit > 0 && required > limit) {
-		return nil, invalid("ControllerExpandVolume %s: capacity range required %d, limit %d: both must be positive and required at most limit", id, required, limit)
-	}
-	size := required
-	if size == 0 {
-		size = limit
+	size, err := rangeSize("ControllerExpandVolume", id, req.GetCapacityRange())
+	if err != nil {
+		return nil, err
 	}
 	if c := req.GetVolumeCapability(); c != nil {
 		if err := checkCapability(c); err != nil {
@@ -72,13 +68,9 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 			return nil, err
 		}
 	}
-	required, limit := req.GetCapacityRange().GetRequiredBytes(), req.GetCapacityRange().GetLimitBytes()
-	if required < 0 || limit < 0 || (limit > 0 && required > limit) {
-		return nil, invalid("NodeExpandVolume %s: capacity range required %d, limit %d: both must be positive and required at most limit", volID, required, limit)
-	}
-	size := required
-	if size == 0 {
-		size = limit
+	size, err := rangeSize("NodeExpandVolume", volID, req.GetCapacityRange())
+	if err != nil {
+		return nil, err
 	}
 	unlock, err := d.locks.TryLock(engine.CloneLock(volID), "volume "+volID)
 	if err != nil {
@@ -97,4 +89,18 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 		return nil, err
 	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: capacity}, nil
+}
+
+// rangeSize is the size a capacity range of an expansion asks for: its
+// required bytes, else its limit; 0 when it gives neither. A negative bound,
+// or required above limit, is InvalidArgument.
+func rangeSize(call, id string, r *csi.CapacityRange) (int64, error) {
+	required, limit := r.GetRequiredBytes(), r.GetLimitBytes()
+	if required < 0 || limit < 0 || (limit > 0 && required > limit) {
+		return 0, invalid("%s %s: capacity range required %d, limit %d: both must be positive and required at most limit", call, id, required, limit)
+	}
+	if required == 0 {
+		return limit, nil
+	}
+	return required, nil
 }
