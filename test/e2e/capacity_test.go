@@ -97,11 +97,17 @@ func testCloneCapacity(t *testing.T) {
 		t.Fatalf("CSIStorageCapacity %s: capacity %v, maximumVolumeSize %v; want both", before.Name, before.Capacity, before.MaximumVolumeSize)
 	}
 	room, maxSize := before.Capacity.Value(), before.MaximumVolumeSize.Value()
-	var st unix.Statfs_t
-	if err := unix.Statfs(c.stateDir, &st); err != nil {
-		t.Fatal(err)
+	// The disk is shared with the machine (a build may be writing to it):
+	// the room is compared net of the free space, which moves with what
+	// others write, so that only the clone's own share counts.
+	freeNow := func() int64 {
+		var st unix.Statfs_t
+		if err := unix.Statfs(c.stateDir, &st); err != nil {
+			t.Fatal(err)
+		}
+		return int64(st.Bavail) * st.Bsize
 	}
-	free := int64(st.Bavail) * st.Bsize
+	free := freeNow()
 	t.Logf("node %s: %d MiB free in %s; published room %d MiB, largest clone %d MiB", c.nodeName, free>>20, c.stateDir, room>>20, maxSize>>20)
 	// The disk is shared with the machine: allow for what others wrote
 	// since the node measured.
@@ -156,16 +162,6 @@ func testCloneCapacity(t *testing.T) {
 	apply(t, ns, claimPod("fits", "fits"))
 	waitRunning(t, ns, "fits")
 	h := boundPV(t, ns, "fits").Spec.CSI.VolumeHandle
-	// The disk is shared with the machine (a build may be writing to it):
-	// the room is compared net of the free space, which moves with what
-	// others write, so that only the clone's own share counts.
-	freeNow := func() int64 {
-		var st unix.Statfs_t
-		if err := unix.Statfs(c.stateDir, &st); err != nil {
-			t.Fatal(err)
-		}
-		return int64(st.Bavail) * st.Bsize
-	}
 	held := free - room // what the node keeps from the free space: the cache's share, the clones'
 	var during int64
 	eventually(t, 30*time.Second, "the published room to drop by the new clone's 2 GiB", func() (bool, error) {
