@@ -62,6 +62,10 @@ const (
 	// AttrCapacity is a clone's size in bytes, a positive integer: its
 	// writes fail with ENOSPC beyond it.
 	AttrCapacity = ReservedPrefix + "capacity"
+	// AttrCloneOf names the clone (its volume id) whose writes a new clone
+	// starts from: a claim whose dataSource is another claim. The source
+	// lives on the same node; the node copies it at the new clone's making.
+	AttrCloneOf = ReservedPrefix + "cloneOf"
 	// attrProvisionerIdentity is added to the volume attributes of the PVs
 	// that the upstream csi-provisioner sidecar creates: accepted, unused.
 	attrProvisionerIdentity = "storage.kubernetes.io/csiProvisionerIdentity"
@@ -149,6 +153,9 @@ type Attributes struct {
 	// CloneCapacity bytes (AttrCapacity; 0 when not given).
 	Clone         bool
 	CloneCapacity int64
+	// CloneOf is the volume id of the clone this clone starts from
+	// (AttrCloneOf); "" for a clone of the image alone.
+	CloneOf string
 	// Size caps the writable upper (AttrSize), in bytes; 0 when not
 	// given.
 	Size int64
@@ -201,6 +208,8 @@ func ParseAttributes(attrs map[string]string) (Attributes, error) {
 				return v, invalid("volume attribute %s: %q is not a positive number of bytes", AttrCapacity, val)
 			}
 			v.CloneCapacity = n
+		case k == AttrCloneOf:
+			v.CloneOf = strings.TrimSpace(val)
 		case strings.HasPrefix(k, KubePrefix), k == attrProvisionerIdentity:
 		default:
 			unknown = append(unknown, k)
@@ -213,6 +222,9 @@ func ParseAttributes(attrs map[string]string) (Attributes, error) {
 	}
 	if v.CloneCapacity > 0 && !v.Clone {
 		return v, invalid("volume attribute %s is set but %s is not \"true\": a capacity applies to clones only", AttrCapacity, AttrClone)
+	}
+	if v.CloneOf != "" && !v.Clone {
+		return v, invalid("volume attribute %s is set but %s is not \"true\": only a clone starts from another clone's writes", AttrCloneOf, AttrClone)
 	}
 	if v.Size > 0 && v.Clone {
 		return v, invalid("volume attribute %s is set on a persistent clone: a clone's cap is its capacity, %s (its claim's storage request); remove %s",

@@ -90,6 +90,7 @@ func TestCloneAttributes(t *testing.T) {
 		{"negative capacity", map[string]string{"image": "r/x", AttrClone: "true", AttrCapacity: "-5"}, false, 0, "not a positive number"},
 		{"capacity with a unit", map[string]string{"image": "r/x", AttrClone: "true", AttrCapacity: "1Gi"}, false, 0, "not a positive number"},
 		{"capacity without clone", map[string]string{"image": "r/x", AttrCapacity: "1024"}, false, 0, "applies to clones only"},
+		{"cloneOf without clone", map[string]string{"image": "r/x", AttrCloneOf: "strata-00112233445566778899aabbccddeeff"}, false, 0, "only a clone starts"},
 		{"csi-provisioner's identity", map[string]string{"image": "r/x", AttrClone: "true", attrProvisionerIdentity: "1700000000000-8081-strata.csi.dev"}, true, 0, ""},
 		{"other reserved key", map[string]string{"image": "r/x", "strata.csi.dev/other": "1"}, false, 0, `unknown volume attribute "strata.csi.dev/other"`},
 	} {
