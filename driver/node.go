@@ -57,10 +57,15 @@ func checkNodeRequest(call, volID, what, path string, c *csi.VolumeCapability, v
 }
 
 // NodePublishVolume mounts the image's layer stack, with a private writable
-// upper unless the publish is read-only, at the target path.
+// upper unless the publish is read-only, at the target path, with the
+// capability's mount flags (mountOptions: noexec, access times, ro).
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	volID, target := req.GetVolumeId(), req.GetTargetPath()
 	attrs, err := checkNodeRequest("NodePublishVolume", volID, "target path", target, req.GetVolumeCapability(), req.GetVolumeContext())
+	if err != nil {
+		return nil, err
+	}
+	opts, roOption, err := engine.ParseMountOptions(req.GetVolumeCapability().GetMount().GetMountFlags())
 	if err != nil {
 		return nil, err
 	}
@@ -75,9 +80,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	defer unlock()
 	err = d.engine.Publish(ctx, engine.PublishRequest{
 		VolumeID: volID, TargetPath: target, StagingPath: req.GetStagingTargetPath(),
-		ReadOnly:     req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()),
+		ReadOnly:     req.GetReadonly() || readOnlyMode(req.GetVolumeCapability()) || roOption,
 		SingleWriter: req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
-		Attrs:        attrs, Pod: pod, Secrets: secrets,
+		MountOptions: opts, Attrs: attrs, Pod: pod, Secrets: secrets,
 	})
 	if err != nil {
 		return nil, err
@@ -123,6 +128,12 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := state.CheckCloneID(volID); err != nil {
 		return nil, invalid("NodeStageVolume: %v", err)
 	}
+	// The options apply to each publish's bind; "ro" stages the clone
+	// without its upper.
+	_, roOption, err := engine.ParseMountOptions(req.GetVolumeCapability().GetMount().GetMountFlags())
+	if err != nil {
+		return nil, err
+	}
 	_, secrets, err := engine.PodOf(req.GetVolumeContext(), req.GetSecrets())
 	if err != nil {
 		return nil, err
@@ -133,7 +144,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	defer unlock()
 	err = d.clones.Stage(ctx, clones.StageRequest{VolumeID: volID, StagingPath: filepath.Clean(staging),
-		ReadOnly: readOnlyMode(req.GetVolumeCapability()), Attrs: attrs, Secrets: secrets})
+		ReadOnly: readOnlyMode(req.GetVolumeCapability()) || roOption, Attrs: attrs, Secrets: secrets})
 	if err != nil {
 		return nil, err
 	}

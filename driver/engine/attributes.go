@@ -275,3 +275,15 @@ func checkReference(attr, ref string) error {
 	}
 	return nil
 }
+
+// ParseMountOptions parses a volume's mount options (the capability's mount
+// flags: a class's or a PersistentVolume's mountOptions). readOnly is true
+// when they say "ro". An option that does not apply is an InvalidArgument
+// error that names it.
+func ParseMountOptions(flags []string) (o mount.Options, readOnly bool, err error) {
+	o, readOnly, err = mount.ParseOptions(flags)
+	if err != nil {
+		return o, false, invalid("mountOptions %q: %v", flags, err)
+	}
+	return o, readOnly, nil
+}

@@ -30,6 +30,9 @@ type PublishRequest struct {
 	// (ReadWriteOncePod): no other target may have the volume at the same
 	// time.
 	SingleWriter bool
+	// MountOptions are the volume's mount options (a class's or PV's
+	// mountOptions), applied to the mount at the target.
+	MountOptions mount.Options
 	Attrs        Attributes
 	// Pod is the pod the volume is published for, as kubelet says;
 	// Secrets the volume's node-publish secret (without the pod's tokens).
@@ -45,7 +48,7 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 	want := &state.Record{
 		VolumeID: req.VolumeID, TargetPath: filepath.Clean(req.TargetPath), Image: req.Attrs.Image,
 		PullPolicy: string(req.Attrs.PullPolicy), SubPath: req.Attrs.SubPath, ReadOnly: req.ReadOnly, Size: req.Attrs.Size,
-		SingleWriter: req.SingleWriter,
+		SingleWriter: req.SingleWriter, MountOptions: req.MountOptions.List(),
 		PodNamespace: req.Pod.Namespace, PodName: req.Pod.Name, PodUID: req.Pod.UID,
 	}
 	if !want.ReadOnly && !req.Attrs.Clone {
@@ -85,8 +88,8 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 		logger.V(2).Info("Volume already published")
 		return nil
 	case old != nil && mounted:
-		return fault.Errorf(ErrConflict, "volume %s is already published at %s with other arguments (%s, readOnly %v, subPath %q, size %s)",
-			want.VolumeID, want.TargetPath, DescribeStack(old.Refs()), old.ReadOnly, old.SubPath, describeSize(old.Size))
+		return fault.Errorf(ErrConflict, "volume %s is already published at %s with other arguments (%s, readOnly %v, subPath %q, size %s, mount options %v)",
+			want.VolumeID, want.TargetPath, DescribeStack(old.Refs()), old.ReadOnly, old.SubPath, describeSize(old.Size), old.MountOptions)
 	case mounted:
 		return fault.Errorf(ErrConflict, "target %s is already a mount point that %s did not make", want.TargetPath, e.name)
 	case old != nil:
@@ -102,9 +105,9 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 	start := time.Now()
 	if want.Clone {
 		logger = logger.WithValues("stagingPath", want.StagingPath, "clone", true)
-		err = e.publishClone(paths, want)
+		err = e.publishClone(paths, want, req.MountOptions)
 	} else {
-		err = e.publish(ctx, logger, paths, want, req.Secrets, req.Pod)
+		err = e.publish(ctx, logger, paths, want, req.MountOptions, req.Secrets, req.Pod)
 	}
 	if err != nil {
 		if cerr := e.teardown(logger, key, want); cerr != nil {
@@ -113,7 +116,7 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 		return err
 	}
 	logger.Info("Volume published", "digests", StackDigests(want.Images()), "layers", len(want.Layers), "readOnly", want.ReadOnly,
-		"subPath", want.SubPath, "upperBytes", want.UpperBytes, "duration", time.Since(start).Round(time.Microsecond))
+		"subPath", want.SubPath, "upperBytes", want.UpperBytes, "mountOptions", want.MountOptions, "duration", time.Since(start).Round(time.Microsecond))
 	return nil
 }
 
@@ -137,9 +140,10 @@ func (e *Engine) checkSingleWriter(want *state.Record) error {
 	return nil
 }
 
-// publish mounts an image's stack at rec's target. On error the caller
-// tears down whatever it left.
-func (e *Engine) publish(ctx context.Context, logger klog.Logger, paths state.PublishPaths, rec *state.Record, secrets map[string]string, pod credentials.Pod) error {
+// publish mounts an image's stack at rec's target, with the mount options
+// opts. On error the caller tears down whatever it left.
+func (e *Engine) publish(ctx context.Context, logger klog.Logger, paths state.PublishPaths, rec *state.Record, opts mount.Options,
+	secrets map[string]string, pod credentials.Pod) error {
 	stack, err := e.Resolve(ctx, logger, rec.Refs(), layercache.PullPolicy(rec.PullPolicy), secrets, pod, rec.VolumeID)
 	if err != nil {
 		return err
@@ -187,6 +191,7 @@ func (e *Engine) publish(ctx context.Context, logger klog.Logger, paths state.Pu
 		return fmt.Errorf("create target %s: %w", rec.TargetPath, err)
 	}
 	if rec.SubPath == "" {
+		ov.Options = opts
 		return mount.MountOverlay(ov, rec.TargetPath)
 	}
 	// subPath: the overlay is mounted privately under the state root and
@@ -198,12 +203,13 @@ func (e *Engine) publish(ctx context.Context, logger klog.Logger, paths state.Pu
 	if err := mount.MountOverlay(ov, paths.Mnt); err != nil {
 		return err
 	}
-	return bindSubPath(paths.Mnt, rec.SubPath, rec.TargetPath, rec.ReadOnly)
+	return bindSubPath(paths.Mnt, rec.SubPath, rec.TargetPath, rec.ReadOnly, opts)
 }
 
-// bindSubPath binds dir's subPath (resolved inside dir) to target.
-func bindSubPath(dir, subPath, target string, readOnly bool) error {
-	if err := mount.BindBeneath(dir, subPath, target, readOnly); err != nil {
+// bindSubPath binds dir's subPath (resolved inside dir) to target, with the
+// mount options opts.
+func bindSubPath(dir, subPath, target string, readOnly bool, opts mount.Options) error {
+	if err := mount.BindBeneath(dir, subPath, target, readOnly, opts); err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, mount.ErrNotDir) {
 			return invalid("volume attribute subPath %q: %v", subPath, err)
 		}
@@ -213,9 +219,10 @@ func bindSubPath(dir, subPath, target string, readOnly bool) error {
 }
 
 // publishClone binds the staged overlay of a clone (its staging path) to
-// the target, read-only when the publish or the stage is. The publish's
-// record says it is a clone's bind: undoing it only unmounts the bind.
-func (e *Engine) publishClone(paths state.PublishPaths, rec *state.Record) error {
+// the target with the mount options opts, read-only when the publish or
+// the stage is. The publish's record says it is a clone's bind: undoing it
+// only unmounts the bind.
+func (e *Engine) publishClone(paths state.PublishPaths, rec *state.Record, opts mount.Options) error {
 	volID := rec.VolumeID
 	if err := state.CheckCloneID(volID); err != nil {
 		return invalid("NodePublishVolume: %v", err)
@@ -248,7 +255,7 @@ func (e *Engine) publishClone(paths state.PublishPaths, rec *state.Record) error
 	if err := os.MkdirAll(rec.TargetPath, 0o750); err != nil {
 		return fmt.Errorf("create target %s: %w", rec.TargetPath, err)
 	}
-	return bindSubPath(rec.StagingPath, rec.SubPath, rec.TargetPath, rec.ReadOnly || stage.ReadOnly)
+	return bindSubPath(rec.StagingPath, rec.SubPath, rec.TargetPath, rec.ReadOnly || stage.ReadOnly, opts)
 }
 
 // Unpublish unmounts the target and discards the volume's writable layer;

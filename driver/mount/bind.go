@@ -12,27 +12,28 @@ import (
 // nosuid and nodev, and read-only if readOnly. Mounts below src are not
 // included (the bind is not recursive).
 func Bind(src, target string, readOnly bool) error {
-	if err := bind(src, target, readOnly); err != nil {
+	if err := bind(src, target, readOnly, Options{}); err != nil {
 		return err
 	}
 	klog.V(4).InfoS("Bind-mounted", "source", src, "targetPath", target, "readOnly", readOnly)
 	return nil
 }
 
-func bind(src, target string, readOnly bool) error {
+func bind(src, target string, readOnly bool, o Options) error {
 	fd, err := openDirPath(src)
 	if err != nil {
 		return fmt.Errorf("bind %q: %w", src, err)
 	}
 	defer unix.Close(fd)
-	if err := bindFd(fd, target, readOnly); err != nil {
+	if err := bindFd(fd, target, readOnly, o); err != nil {
 		return fmt.Errorf("bind %q at %q: %w", src, target, err)
 	}
 	return nil
 }
 
 // BindBeneath bind-mounts the directory sub of root at target, an existing
-// directory, with nosuid and nodev, and read-only if readOnly.
+// directory, with nosuid, nodev and the options o, and read-only if
+// readOnly.
 //
 // sub is resolved by the kernel as if root were "/" (openat2 with
 // RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS): an absolute symlink, "..", or an
@@ -41,7 +42,7 @@ func bind(src, target string, readOnly bool) error {
 //
 // A sub that is not a directory gives an error wrapping ErrNotDir; a missing
 // one wraps fs.ErrNotExist. Both name sub.
-func BindBeneath(root, sub, target string, readOnly bool) error {
+func BindBeneath(root, sub, target string, readOnly bool, o Options) error {
 	rootfd, err := openDirPath(root)
 	if err != nil {
 		return fmt.Errorf("bind beneath root %q: %w", root, err)
@@ -55,10 +56,10 @@ func BindBeneath(root, sub, target string, readOnly bool) error {
 		return fmt.Errorf("bind %q beneath %q: %w", sub, root, err)
 	}
 	defer unix.Close(fd)
-	if err := bindFd(fd, target, readOnly); err != nil {
+	if err := bindFd(fd, target, readOnly, o); err != nil {
 		return fmt.Errorf("bind %q beneath %q at %q: %w", sub, root, target, err)
 	}
-	klog.V(4).InfoS("Bind-mounted beneath root", "root", root, "sub", sub, "targetPath", target, "readOnly", readOnly)
+	klog.V(4).InfoS("Bind-mounted beneath root", "root", root, "sub", sub, "targetPath", target, "readOnly", readOnly, "options", o.List())
 	return nil
 }
 
@@ -85,9 +86,9 @@ func openBeneath(rootfd int, sub string) (int, error) {
 }
 
 // bindFd clones the mount at fd (open_tree OPEN_TREE_CLONE, a detached bind
-// mount), sets nosuid, nodev and maybe rdonly on the clone before anyone can
-// see it, and attaches it at target.
-func bindFd(fd int, target string, readOnly bool) error {
+// mount), sets nosuid, nodev, o and maybe rdonly on the clone before anyone
+// can see it, and attaches it at target.
+func bindFd(fd int, target string, readOnly bool, o Options) error {
 	tfd, err := unix.OpenTree(fd, "", unix.OPEN_TREE_CLONE|unix.O_CLOEXEC|unix.AT_EMPTY_PATH)
 	if err != nil {
 		return fmt.Errorf("open_tree: %w", err)
@@ -95,10 +96,8 @@ func bindFd(fd int, target string, readOnly bool) error {
 	// Closing the fd of a detached tree that was never attached frees it;
 	// after move_mount it is only a reference that would keep the mount busy.
 	defer unix.Close(tfd)
-	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
-	if readOnly {
-		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
-	}
+	set, clr := o.attr(readOnly)
+	attr := unix.MountAttr{Attr_set: set, Attr_clr: clr}
 	if err := unix.MountSetattr(tfd, "", unix.AT_EMPTY_PATH, &attr); err != nil {
 		return fmt.Errorf("mount_setattr: %w", err)
 	}

@@ -91,7 +91,7 @@ func imageRoot(t *testing.T, withEtc bool) string {
 func bindBeneathT(t *testing.T, root, sub string, ro bool) string {
 	t.Helper()
 	target := mkdir(t, t.TempDir()+"/target")
-	if err := BindBeneath(root, sub, target, ro); err != nil {
+	if err := BindBeneath(root, sub, target, ro, Options{}); err != nil {
 		t.Fatalf("BindBeneath(%s, %q): %v", root, sub, err)
 	}
 	cleanupUnmount(t, target)
@@ -151,7 +151,7 @@ func TestBindBeneathErrors(t *testing.T) {
 	target := mkdir(t, t.TempDir()+"/target")
 	check := func(sub string, want error) {
 		t.Helper()
-		err := BindBeneath(root, sub, target, true)
+		err := BindBeneath(root, sub, target, true, Options{})
 		if err == nil {
 			cleanupUnmount(t, target)
 			t.Fatalf("BindBeneath(%q) succeeded, want %v", sub, want)
@@ -177,7 +177,7 @@ func TestBindBeneathErrors(t *testing.T) {
 	// not be followed anyway.
 	check("proc-escape", fs.ErrNotExist)
 
-	if err := BindBeneath(root+"/missing-root", "sub", target, true); !errors.Is(err, fs.ErrNotExist) {
+	if err := BindBeneath(root+"/missing-root", "sub", target, true, Options{}); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("missing root: %v", err)
 	}
 }
@@ -194,7 +194,7 @@ func TestBindBeneathNoMagicLinks(t *testing.T) {
 	cleanupUnmount(t, proc)
 	target := mkdir(t, t.TempDir()+"/target")
 	for _, sub := range []string{"proc-escape", "proc/self/root", "proc/self/cwd"} {
-		err := BindBeneath(root, sub, target, true)
+		err := BindBeneath(root, sub, target, true, Options{})
 		if err == nil {
 			cleanupUnmount(t, target)
 			t.Fatalf("BindBeneath(%q) followed a magic link", sub)

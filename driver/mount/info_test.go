@@ -174,10 +174,10 @@ func TestNoFdLeak(t *testing.T) {
 		_ = MountOverlay(Overlay{Lowers: []string{l1, l2}, Upper: upper, Work: d + "/missing"}, target)
 	}
 	forcedAPI.Store(0)
-	if err := BindBeneath(d, "l1", target, true); err != nil {
+	if err := BindBeneath(d, "l1", target, true, Options{}); err != nil {
 		t.Fatal(err)
 	}
-	_ = BindBeneath(d, "missing", target, true)
+	_ = BindBeneath(d, "missing", target, true, Options{})
 	_ = Bind(d+"/missing", target, true)
 	if err := Unmount(target); err != nil {
 		t.Fatal(err)

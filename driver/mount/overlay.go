@@ -31,6 +31,8 @@ type Overlay struct {
 	// crash the kernel refuses to mount a volatile upper again until
 	// work/work/incompat/volatile is removed.
 	Volatile bool
+	// Options are the volume's mount options (noexec, access times).
+	Options Options
 }
 
 // overlayAPI is how overlay layers are handed to the kernel.
@@ -190,7 +192,7 @@ func MountOverlay(o Overlay, target string) error {
 	if len(o.Lowers) == 1 && o.Upper == "" {
 		// overlayfs needs at least 2 lowers without an upper (EINVAL); a
 		// read-only bind of the only layer shows exactly the same tree.
-		if err := bind(o.Lowers[0], target, true); err != nil {
+		if err := bind(o.Lowers[0], target, true, o.Options); err != nil {
 			return fmt.Errorf("overlay of 1 layer (read-only bind) at %q: %w", target, err)
 		}
 		klog.V(4).InfoS("Mounted single-layer overlay as read-only bind", "targetPath", target, "layers", 1, "lower", o.Lowers[0])
@@ -206,7 +208,7 @@ func MountOverlay(o Overlay, target string) error {
 	if err != nil {
 		return fmt.Errorf("overlay of %d layers at %q: %w", len(o.Lowers), target, err)
 	}
-	klog.V(4).InfoS("Mounted overlay", "targetPath", target, "layers", len(o.Lowers), "upper", o.Upper, "readOnly", ro, "api", api.String())
+	klog.V(4).InfoS("Mounted overlay", "targetPath", target, "layers", len(o.Lowers), "upper", o.Upper, "readOnly", ro, "options", o.Options.List(), "api", api.String())
 	return nil
 }
 
@@ -249,11 +251,8 @@ func mountFsopen(o *Overlay, target string, ro bool, api overlayAPI) error {
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return withKernelMessages(fsfd, fmt.Errorf("fsconfig create: %w", err))
 	}
-	attr := unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV
-	if ro {
-		attr |= unix.MOUNT_ATTR_RDONLY
-	}
-	mfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, attr)
+	attr, _ := o.Options.attr(ro) // a new mount has no atime mode to clear
+	mfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, int(attr))
 	if err != nil {
 		return withKernelMessages(fsfd, fmt.Errorf("fsmount: %w", err))
 	}
@@ -349,11 +348,7 @@ func mountClassic(o *Overlay, target string, ro bool) error {
 		return fmt.Errorf("%w: mount(2) options for %d lower layers are %d bytes, the kernel keeps only %d (it has no lowerdir+ to pass layers one by one)",
 			ErrTooManyLayers, n, len(data), maxClassicData)
 	}
-	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV)
-	if ro {
-		flags |= unix.MS_RDONLY
-	}
-	if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
+	if err := unix.Mount("overlay", target, "overlay", o.Options.flags(ro), data); err != nil {
 		return fmt.Errorf("mount(2): %w", err)
 	}
 	return nil

@@ -58,6 +58,9 @@ type Record struct {
 	// SingleWriter: published with access mode SINGLE_NODE_SINGLE_WRITER
 	// (ReadWriteOncePod); no other target may have the volume meanwhile.
 	SingleWriter bool `json:"singleWriter,omitempty"`
+	// MountOptions are the publish's mount options (noexec, access
+	// times), as mount(8) names them; nil for the defaults.
+	MountOptions []string `json:"mountOptions,omitempty"`
 }
 
 // StackImage is one image of a volume's stack.
@@ -97,7 +100,8 @@ func (r *Record) Refs() []string {
 func (r *Record) SameRequest(o *Record) bool {
 	return r.VolumeID == o.VolumeID && r.TargetPath == o.TargetPath && slices.Equal(r.Refs(), o.Refs()) &&
 		r.PullPolicy == o.PullPolicy && r.SubPath == o.SubPath && r.ReadOnly == o.ReadOnly &&
-		r.Clone == o.Clone && r.StagingPath == o.StagingPath && r.Size == o.Size && r.SingleWriter == o.SingleWriter
+		r.Clone == o.Clone && r.StagingPath == o.StagingPath && r.Size == o.Size && r.SingleWriter == o.SingleWriter &&
+		slices.Equal(r.MountOptions, o.MountOptions)
 }
 
 // Pod returns "namespace/name" of the record's pod, or "" when unknown.

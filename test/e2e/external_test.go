@@ -72,8 +72,6 @@ volumeBindingMode: WaitForFirstConsumer
 			"VolumeBindingMode immediate is not compatible with a multi-topology": "the suite's own rule for a driver whose volumes live on one node (TopologyKeys): generic ephemeral volumes bind late",
 			"Multiple generic ephemeral volumes with immediate binding":           "the suite's own rule for a driver whose volumes live on one node",
 			"does not support cloning":                                            "GAP: a claim whose dataSource is another claim (a clone of a clone's writes) is not offered yet",
-			"does not define supported mount option":                              "GAP: a class's mountOptions are not applied to the overlay yet",
-			"does not support multiple PVs with the same volumeHandle":            "GAP: two PersistentVolumes of one clone would stage it twice on a node, which a clone refuses",
 			"doesn't specify performance test options":                            "the scale specs ([Serial], hundreds of claims) are not given options: they do not fit this 2-core machine's run",
 			"Filesystem volume case should be covered by block volume case":       "the suite's own rule: it tests mixed volume modes only with block volumes, which an overlay is not",
 			"only supports single node":                                           "a clone lives on one node (singleNodeVolume)",
