@@ -122,20 +122,65 @@ func (e *Engine) Publish(ctx context.Context, req PublishRequest) error {
 
 // checkSingleWriter refuses a publish of a volume at a second target while
 // either publish is single-writer (SINGLE_NODE_SINGLE_WRITER, a claim of
-// access mode ReadWriteOncePod).
+// access mode ReadWriteOncePod). The other publishes are read only when
+// want is single-writer or the volume's single-writer mark says one may
+// be: the common publish costs one stat, not a read of every record.
+// A single-writer publish that passes leaves the mark, before its record.
 func (e *Engine) checkSingleWriter(want *state.Record) error {
-	vols, err := state.List(e.root)
+	mark := state.SingleWriterMark(e.root, want.VolumeID)
+	if !want.SingleWriter {
+		if _, err := os.Lstat(mark); errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+	}
+	others, err := e.singleWriterOthers(want)
 	if err != nil {
 		return err
 	}
-	for _, v := range vols {
-		if v.VolumeID != want.VolumeID || v.TargetPath == want.TargetPath || (!v.SingleWriter && !want.SingleWriter) {
+	for _, v := range others {
+		if !v.SingleWriter && !want.SingleWriter {
 			continue
 		}
 		if mounted, _ := mount.IsMountPoint(v.TargetPath); mounted {
 			return fault.Errorf(ErrSingleWriter, "volume %s is single-writer (ReadWriteOncePod) and already published at %s: one pod at a time may use it",
 				want.VolumeID, v.TargetPath)
 		}
+	}
+	if want.SingleWriter {
+		if err := os.MkdirAll(filepath.Dir(mark), 0o700); err != nil {
+			return err
+		}
+		if err := os.WriteFile(mark, nil, 0o600); err != nil {
+			return fmt.Errorf("mark volume %s single-writer: %w", want.VolumeID, err)
+		}
+	}
+	return nil
+}
+
+// singleWriterOthers returns the records of the volume's publishes at
+// other targets than rec's.
+func (e *Engine) singleWriterOthers(rec *state.Record) ([]state.Volume, error) {
+	vols, err := state.List(e.root)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(vols, func(v state.Volume) bool {
+		return v.VolumeID != rec.VolumeID || v.TargetPath == rec.TargetPath
+	}), nil
+}
+
+// unmarkSingleWriter removes the single-writer mark of rec's volume once
+// no other single-writer publish of it is left.
+func (e *Engine) unmarkSingleWriter(rec *state.Record) error {
+	others, err := e.singleWriterOthers(rec)
+	if err != nil {
+		return err
+	}
+	if slices.ContainsFunc(others, func(v state.Volume) bool { return v.SingleWriter }) {
+		return nil
+	}
+	if err := os.Remove(state.SingleWriterMark(e.root, rec.VolumeID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
 	}
 	return nil
 }
@@ -308,6 +353,9 @@ func (e *Engine) teardown(logger klog.Logger, key string, rec *state.Record) err
 	}
 	if err := os.RemoveAll(paths.Dir); err != nil {
 		return fmt.Errorf("remove volume files %s: %w", paths.Dir, err)
+	}
+	if rec != nil && rec.SingleWriter {
+		return e.unmarkSingleWriter(rec)
 	}
 	return nil
 }

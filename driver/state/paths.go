@@ -45,6 +45,14 @@ func Key(volumeID, targetPath string) string {
 	return hex.EncodeToString(sum[:16])
 }
 
+// SingleWriterMark is the file, in the publishes' directory, that says a
+// volume has (or had, after a crash) a single-writer publish on this node:
+// without it, a publish of the volume need not look at the others.
+func SingleWriterMark(root, volumeID string) string {
+	sum := sha256.Sum256([]byte(volumeID))
+	return filepath.Join(root, Dir, "single-writer."+hex.EncodeToString(sum[:16]))
+}
+
 // IsKey reports whether s has the form of a Key.
 func IsKey(s string) bool {
 	if len(s) != 32 {
