@@ -34,6 +34,11 @@ var (
 	datasetRef    = registryAddr + "/e2e/dataset:v1"
 	missingRef    = registryAddr + "/e2e/dataset:v0" // a tag the registry lacks
 	datasetLayers []string                           // diffIDs, bottom first
+	// conformanceRef is the image of the external suite's classes: the
+	// suite writes files of fixed names at the volume's root (data,
+	// index.html), which the dataset's data/ directory would be in the way
+	// of, so its one file has a name no spec writes.
+	conformanceRef = registryAddr + "/e2e/conformance:v1"
 )
 
 // TestStrata runs the scenarios in order on one installation of the chart:
@@ -102,6 +107,9 @@ func testInstall(t *testing.T) {
 	), testimage.Gzip)
 	img := testimage.Image(t, base, top)
 	testimage.Push(t, datasetRef, img, remote.WithTransport(netnsTransport()))
+	testimage.Push(t, conformanceRef, testimage.Image(t, testimage.Layer(t,
+		testimage.Tar(t, testimage.File("README.strata", "the external suite's image\n")), testimage.Gzip)),
+		remote.WithTransport(netnsTransport()))
 	for _, l := range []v1.Layer{base, top} {
 		d, err := l.DiffID()
 		if err != nil {

@@ -198,7 +198,7 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		t.Fatal(err)
 	}
 	if k.class != "" {
-		manifest := fmt.Sprintf(k.class, datasetRef)
+		manifest := fmt.Sprintf(k.class, conformanceRef)
 		if out, err := kubectlStdin(manifest, "apply", "-f", "-"); err != nil {
 			t.Fatalf("create the kind's StorageClass: %v\n%s", err, out)
 		}
