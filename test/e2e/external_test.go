@@ -56,7 +56,7 @@ var suiteKinds = []suiteKind{
 		},
 	},
 	{
-		name: "clone", definition: "test-driver-clone.yaml", minPassed: 16, grows: true,
+		name: "clone", definition: "test-driver-clone.yaml", minPassed: 18, grows: true,
 		class: `apiVersion: storage.k8s.io/v1
 kind: StorageClass
 metadata:
