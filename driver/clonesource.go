@@ -188,3 +188,48 @@ func (d *Driver) checkCloneSource(req *csi.CreateVolumeRequest, src *cloneSource
 	}
 	return nil
 }
+
+// checkSourceFree refuses (FailedPrecondition) to delete clone id from this
+// node while a clone of it that this node has not made yet names it as its
+// source: that clone's first stage copies id, and would otherwise find
+// nothing. The clones are those this controller created and, with API
+// access, the PersistentVolumes of this driver. The provisioner retries the
+// deletion; it succeeds once the clone is staged or deleted.
+func (d *Driver) checkSourceFree(ctx context.Context, id string) error {
+	var clones []string
+	c := &d.controller
+	c.mu.Lock()
+	for cid, v := range c.byID {
+		if cid != id && v.params[engine.AttrCloneOf] == id {
+			clones = append(clones, cid)
+		}
+	}
+	c.mu.Unlock()
+	if d.cfg.Kube != nil {
+		pvs, err := d.cfg.Kube.CoreV1().PersistentVolumes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return fmt.Errorf("DeleteVolume %s: list PersistentVolumes to find the clones that start from it: %w", id, err)
+		}
+		for i := range pvs.Items {
+			pv := &pvs.Items[i]
+			if s := pv.Spec.CSI; s != nil && s.Driver == d.name && s.VolumeAttributes[engine.AttrCloneOf] == id && s.VolumeHandle != id &&
+				pv.DeletionTimestamp == nil && affinityNode(pv) == d.cfg.NodeID {
+				clones = append(clones, s.VolumeHandle)
+			}
+		}
+	}
+	for _, cid := range clones {
+		if state.CheckCloneID(cid) != nil {
+			continue
+		}
+		made, err := state.ReadClone(d.cfg.Root, cid)
+		if err != nil {
+			return fmt.Errorf("DeleteVolume %s: read its clone %s: %w", id, cid, err)
+		}
+		if made == nil {
+			return status.Errorf(codes.FailedPrecondition, "DeleteVolume %s: volume %s is a clone of it that node %s has not made yet "+
+				"(its first stage copies %s): the deletion succeeds once %s is staged or deleted", id, cid, d.cfg.NodeID, id, cid)
+		}
+	}
+	return nil
+}

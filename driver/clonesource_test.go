@@ -231,3 +231,63 @@ func TestCreateVolumeFromNodeClone(t *testing.T) {
 		wantCode(t, "source "+id, err, codes.NotFound, id)
 	}
 }
+
+// TestDeleteVolumeKeepsSourceOfUnmadeClone: in --mode=all DeleteVolume
+// removes a clone's disk itself; a source whose clone is not made yet (its
+// first stage copies the source) stays until that clone is made or
+// deleted, or the clone would start from nothing.
+func TestDeleteVolumeKeepsSourceOfUnmadeClone(t *testing.T) {
+	root := t.TempDir()
+	d, err := New(Config{Mode: ModeAll, NodeID: "solo", Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	ctx := context.Background()
+	rwo := csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER
+	digest := ggcr.Hash{Algorithm: "sha256", Hex: strings.Repeat("a", 64)}
+	made := func(id string) {
+		t.Helper()
+		if err := state.WriteClone(root, &state.Clone{VolumeID: id, CapacityBytes: 64 << 20, Stack: []state.StackImage{{Image: "r/x:v1", Digest: digest}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a, err := d.CreateVolume(ctx, createReq("pvc-a", rwo, 64<<20, 0, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	made(a.Volume.VolumeId) // staged once: its clone is on this node
+	b, err := d.CreateVolume(ctx, fromVolume(createReq("pvc-b", rwo, 64<<20, 0, nil), a.Volume.VolumeId))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: a.Volume.VolumeId})
+	wantCode(t, "delete the source of an unmade clone", err, codes.FailedPrecondition, b.Volume.VolumeId)
+	if c, err := state.ReadClone(root, a.Volume.VolumeId); err != nil || c == nil {
+		t.Fatalf("the source's clone after a refused delete: %v, %v; want it kept", c, err)
+	}
+	made(b.Volume.VolumeId) // b's first stage copied a
+	if _, err := d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: a.Volume.VolumeId}); err != nil {
+		t.Errorf("delete the source once its clone is made: %v", err)
+	}
+	if c, _ := state.ReadClone(root, a.Volume.VolumeId); c != nil {
+		t.Errorf("the source's clone is still on the node after DeleteVolume")
+	}
+
+	// A clone deleted before it was made releases its source too.
+	c, err := d.CreateVolume(ctx, createReq("pvc-c", rwo, 64<<20, 0, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	made(c.Volume.VolumeId)
+	e, err := d.CreateVolume(ctx, fromVolume(createReq("pvc-e", rwo, 64<<20, 0, nil), c.Volume.VolumeId))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: e.Volume.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: c.Volume.VolumeId}); err != nil {
+		t.Errorf("delete a source whose clone was deleted unmade: %v", err)
+	}
+}

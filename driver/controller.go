@@ -230,14 +230,18 @@ func sameTopology(a, b []*csi.Topology) bool {
 // DeleteVolume forgets a volume. A volume that is the image has nothing to
 // free. A clone's disk is on its node: a plugin that serves the node too
 // removes it here when it is on this node and not staged (FailedPrecondition
-// while it is); otherwise the node's sweep removes it once its
-// PersistentVolume is gone (package clones, sweep.go).
+// while it is, and while a clone of it is not made yet: checkSourceFree);
+// otherwise the node's sweep removes it once its PersistentVolume is gone
+// (package clones, sweep.go).
 func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalid("DeleteVolume: volume id is required")
 	}
 	if d.clones != nil && state.CheckCloneID(id) == nil {
+		if err := d.checkSourceFree(ctx, id); err != nil {
+			return nil, err
+		}
 		unlock, err := d.locks.TryLock(engine.CloneLock(id), "volume "+id)
 		if err != nil {
 			return nil, err
