@@ -22,12 +22,14 @@ import (
 
 // controllerState remembers the volumes created since start, for the
 // idempotency that CreateVolume owes (same name, different arguments is
-// AlreadyExists). Nothing is allocated: the image is the volume (a clone's
+// AlreadyExists), and by id, for the clones of them (a content source).
+// Nothing is allocated: the image is the volume (a clone's
 // disk is made by its node at its first stage), and the volume context
 // carries everything the node needs.
 type controllerState struct {
 	mu      sync.Mutex
 	volumes map[string]*createdVolume // by name
+	byID    map[string]*createdVolume
 }
 
 type createdVolume struct {
@@ -59,8 +61,9 @@ func volumeID(name string, params map[string]string) string {
 }
 
 // ControllerGetCapabilities advertises CreateVolume/DeleteVolume,
-// ControllerExpandVolume (expand.go), GetCapacity (getcapacity.go) and the
-// single-node access modes (ReadWriteOncePod).
+// ControllerExpandVolume (expand.go), GetCapacity (getcapacity.go), the
+// single-node access modes (ReadWriteOncePod) and clones of volumes (a
+// claim whose dataSource is another claim, clonesource.go).
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	rpc := func(t csi.ControllerServiceCapability_RPC_Type) *csi.ControllerServiceCapability {
 		return &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}}
@@ -70,6 +73,7 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		rpc(csi.ControllerServiceCapability_RPC_GET_CAPACITY),
 		rpc(csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
 		rpc(csi.ControllerServiceCapability_RPC_EXPAND_VOLUME),
+		rpc(csi.ControllerServiceCapability_RPC_CLONE_VOLUME),
 	}}, nil
 }
 
@@ -80,7 +84,13 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 // first preferred, else requisite, topology): its volume context carries
 // engine.AttrClone and engine.AttrCapacity, and the node makes the clone at its first
 // stage. Nothing is copied here, nor anywhere else.
-func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+//
+// A request whose content source is a volume (a CSI clone) makes a clone
+// that starts from that clone's writes: the source must be a clone of the
+// same images, no larger than the request (checkCloneSource); the new clone
+// goes on the source's node and its context carries engine.AttrCloneOf, so
+// that its node copies the source at the first stage.
+func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
 	if req.GetName() == "" {
 		return nil, invalid("CreateVolume: name is required")
 	}
@@ -103,13 +113,24 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	if err != nil {
 		return nil, err
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, invalid("CreateVolume %s: volume content sources (snapshots, clones) are not supported: the image is the content", req.GetName())
-	}
 	capacity := req.GetCapacityRange().GetRequiredBytes()
 	limit := req.GetCapacityRange().GetLimitBytes()
 	if limit > 0 && capacity > limit {
 		return nil, invalid("CreateVolume %s: required bytes %d exceed the limit %d", req.GetName(), capacity, limit)
+	}
+	var src *cloneSource
+	if cs := req.GetVolumeContentSource(); cs != nil {
+		if cs.GetVolume() == nil {
+			return nil, invalid("CreateVolume %s: snapshots are not supported as a volume content source: a claim's dataSource may be another claim of the same StorageClass "+
+				"(a clone of its writes); to keep a clone's writes, commit them as an image (VolumeCommit, strata commit)", req.GetName())
+		}
+		if allReadOnly(req.GetVolumeCapabilities()) {
+			return nil, invalid("CreateVolume %s: a clone of volume %s must be writable: a read-only volume is the image itself and starts from no writes",
+				req.GetName(), cs.GetVolume().GetVolumeId())
+		}
+		if src, err = d.findCloneSource(ctx, req.GetName(), cs.GetVolume().GetVolumeId()); err != nil {
+			return nil, err
+		}
 	}
 	// The volume context is the parameters less the provisioner's own keys.
 	vctx := map[string]string{}
@@ -121,15 +142,25 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	var topology []*csi.Topology
 	clone := !allReadOnly(req.GetVolumeCapabilities())
 	if clone {
-		node, err := d.cloneNode(req)
-		if err != nil {
-			return nil, err
-		}
 		if capacity == 0 {
 			capacity = clones.DefaultCapacity
+			if src != nil {
+				// No size asked for: the source's.
+				capacity = max(capacity, src.capacity)
+			}
 			if limit > 0 && limit < capacity {
 				capacity = limit
 			}
+		}
+		var node string
+		if src != nil {
+			if err := d.checkCloneSource(req, src, attrs, capacity); err != nil {
+				return nil, err
+			}
+			node = src.node
+			vctx[engine.AttrCloneOf] = src.id
+		} else if node, err = d.cloneNode(req); err != nil {
+			return nil, err
 		}
 		vctx[engine.AttrClone] = "true"
 		vctx[engine.AttrCapacity] = strconv.FormatInt(capacity, 10)
@@ -142,20 +173,26 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	defer c.mu.Unlock()
 	if c.volumes == nil {
 		c.volumes = map[string]*createdVolume{}
+		c.byID = map[string]*createdVolume{}
 	}
 	if old, ok := c.volumes[req.GetName()]; ok {
 		if old.capacity != capacity || !maps.Equal(old.params, vctx) || !sameTopology(old.topology, topology) {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %q already exists with other parameters, capacity or node", req.GetName())
 		}
 	}
-	c.volumes[req.GetName()] = &createdVolume{id: id, capacity: capacity, params: vctx, topology: topology}
+	v := &createdVolume{id: id, capacity: capacity, params: vctx, topology: topology}
+	c.volumes[req.GetName()] = v
+	c.byID[id] = v
 	if clone {
 		klog.InfoS("Provisioned a persistent clone", "name", req.GetName(), "volumeID", id, "image", attrs.Image,
-			"node", topology[0].Segments[TopologyKey], "capacityBytes", capacity)
+			"node", topology[0].Segments[TopologyKey], "capacityBytes", capacity, "cloneOf", vctx[engine.AttrCloneOf])
 	}
-	return &csi.CreateVolumeResponse{Volume: &csi.Volume{
-		VolumeId: id, CapacityBytes: capacity, VolumeContext: vctx, AccessibleTopology: topology,
-	}}, nil
+	vol := &csi.Volume{VolumeId: id, CapacityBytes: capacity, VolumeContext: vctx, AccessibleTopology: topology}
+	if src != nil {
+		vol.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+			Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src.id}}}
+	}
+	return &csi.CreateVolumeResponse{Volume: vol}, nil
 }
 
 // cloneNode picks the node of a new clone from the request's accessibility
@@ -193,14 +230,18 @@ func sameTopology(a, b []*csi.Topology) bool {
 // DeleteVolume forgets a volume. A volume that is the image has nothing to
 // free. A clone's disk is on its node: a plugin that serves the node too
 // removes it here when it is on this node and not staged (FailedPrecondition
-// while it is); otherwise the node's sweep removes it once its
-// PersistentVolume is gone (package clones, sweep.go).
+// while it is, and while a clone of it is not made yet: checkSourceFree);
+// otherwise the node's sweep removes it once its PersistentVolume is gone
+// (package clones, sweep.go).
 func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
 	if id == "" {
 		return nil, invalid("DeleteVolume: volume id is required")
 	}
 	if d.clones != nil && state.CheckCloneID(id) == nil {
+		if err := d.checkSourceFree(ctx, id); err != nil {
+			return nil, err
+		}
 		unlock, err := d.locks.TryLock(engine.CloneLock(id), "volume "+id)
 		if err != nil {
 			return nil, err
@@ -219,6 +260,7 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 			delete(c.volumes, name)
 		}
 	}
+	delete(c.byID, id)
 	return &csi.DeleteVolumeResponse{}, nil
 }
 

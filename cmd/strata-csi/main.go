@@ -331,7 +331,7 @@ func run(endpoint string, side sidecars, cfg driver.Config) error {
 			name = driver.DefaultName
 		}
 		p, err := provisioner.New(name, driver.TopologyKey, d, provisioner.WithNodes(provisioner.NodesFrom(cfg.Kube)),
-			provisioner.WithDriverNodes(provisioner.DriverNodesFrom(cfg.Kube, name, driver.TopologyKey)))
+			provisioner.WithDriverNodes(provisioner.DriverNodesFrom(cfg.Kube, name, driver.TopologyKey)), provisioner.WithKube(cfg.Kube))
 		if err != nil {
 			return err
 		}

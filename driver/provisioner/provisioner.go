@@ -117,8 +117,9 @@ func WithNodes(get NodeGetter) Option {
 type Provisioner struct {
 	driver      string
 	cs          csi.ControllerServer
-	nodes       NodeGetter  // nil: a selected node's topology value is its name
-	driverNodes DriverNodes // nil: a claim that binds at once gets no node
+	nodes       NodeGetter           // nil: a selected node's topology value is its name
+	driverNodes DriverNodes          // nil: a claim that binds at once gets no node
+	kube        kubernetes.Interface // nil: a claim with a dataSource is refused (clone.go)
 	topologyKey string
 }
 
@@ -161,24 +162,42 @@ func (p *Provisioner) SupportsBlock(context.Context) bool { return false }
 
 // Provision creates the volume of a claim with CreateVolume and returns its
 // PV. The state tells the library whether a failed call may still go on in
-// the background (see provisioningState).
-func (p *Provisioner) Provision(ctx context.Context, opts controller.ProvisionOptions) (*v1.PersistentVolume, controller.ProvisioningState, error) {
+// the background (see provisioningState). A claim that clones another
+// claim keeps that claim protected by CloningProtectionFinalizer until its
+// provisioning is over (clone.go).
+func (p *Provisioner) Provision(ctx context.Context, opts controller.ProvisionOptions) (_ *v1.PersistentVolume, state controller.ProvisioningState, _ error) {
 	if opts.PVC == nil || opts.StorageClass == nil || opts.PVName == "" {
 		return nil, controller.ProvisioningFinished, errors.New("provision: the claim, its StorageClass and the PV name are required")
 	}
 	claim := klog.KObj(opts.PVC)
 	logger := klog.FromContext(ctx).WithValues("pvc", claim, "pv", opts.PVName, "storageClass", opts.StorageClass.Name)
-	req, secretRef, err := p.createVolumeRequest(ctx, opts)
+	defer func() {
+		// Over, for now or for good: the source claim may go, unless
+		// another clone of it is pending. (In the background, the
+		// library calls again.)
+		if state == controller.ProvisioningFinished || state == controller.ProvisioningReschedule {
+			if err := p.releaseSource(ctx, opts.PVC); err != nil {
+				logger.Error(err, "Releasing the source claim failed: it keeps its finalizer until the next clone of it is provisioned or an operator removes it")
+			}
+		}
+	}()
+	req, secretRef, src, err := p.createVolumeRequest(ctx, opts)
 	if err != nil {
 		// Nothing was created: a refusal is final, a failed node lookup
 		// leaves the state as it was.
 		if st, ok := status.FromError(err); ok && st.Code() == codes.InvalidArgument {
 			return nil, controller.ProvisioningFinished, err
 		}
-		if errors.Is(err, errNodeGone) {
+		if errors.Is(err, errNodeGone) || errors.Is(err, errWrongNode) {
 			return nil, controller.ProvisioningReschedule, err
 		}
 		return nil, controller.ProvisioningNoChange, err
+	}
+	if src != nil {
+		if err := p.protectSource(ctx, src); err != nil {
+			return nil, controller.ProvisioningNoChange, err
+		}
+		logger = logger.WithValues("sourceClaim", klog.KObj(src.claim), "sourceVolumeID", src.pv.Spec.CSI.VolumeHandle)
 	}
 	logger = logger.WithValues("image", req.GetParameters()["image"])
 	logger.V(2).Info("Creating volume", "accessibility", req.GetAccessibilityRequirements().String())
@@ -275,39 +294,47 @@ func invalid(format string, args ...any) error {
 var errNodeGone = errors.New("the selected node no longer exists")
 
 // createVolumeRequest builds the CreateVolumeRequest of a claim as
-// csi-provisioner does, and the node-publish secret reference the class
-// asks for.
-func (p *Provisioner) createVolumeRequest(ctx context.Context, opts controller.ProvisionOptions) (*csi.CreateVolumeRequest, *v1.SecretReference, error) {
+// csi-provisioner does, the node-publish secret reference the class asks
+// for, and the source of a claim that clones another claim (nil if none).
+func (p *Provisioner) createVolumeRequest(ctx context.Context, opts controller.ProvisionOptions) (*csi.CreateVolumeRequest, *v1.SecretReference, *source, error) {
 	pvc, sc := opts.PVC, opts.StorageClass
 	if pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == v1.PersistentVolumeBlock {
-		return nil, nil, invalid("claim %s asks for volumeMode Block: a Strata volume is a filesystem (an overlay of the image): use volumeMode: Filesystem", klog.KObj(pvc))
-	}
-	if pvc.Spec.DataSource != nil || pvc.Spec.DataSourceRef != nil {
-		return nil, nil, invalid("claim %s has a dataSource: Strata volumes are not cloned from snapshots or other claims, the StorageClass's image is their content", klog.KObj(pvc))
+		return nil, nil, nil, invalid("claim %s asks for volumeMode Block: a Strata volume is a filesystem (an overlay of the image): use volumeMode: Filesystem", klog.KObj(pvc))
 	}
 	params, fsType, secretRef, err := p.parameters(opts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	caps, err := p.capabilities(ctx, pvc, sc, fsType)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	capRange, err := capacityRange(pvc)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
+	}
+	src, err := p.cloneSource(ctx, opts)
+	if err != nil {
+		return nil, nil, nil, err
 	}
 	topo, err := p.accessibility(ctx, opts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return &csi.CreateVolumeRequest{
+	req := &csi.CreateVolumeRequest{
 		Name:                      opts.PVName,
 		CapacityRange:             capRange,
 		VolumeCapabilities:        caps,
 		Parameters:                params,
 		AccessibilityRequirements: topo,
-	}, secretRef, nil
+	}
+	if src != nil {
+		if req.AccessibilityRequirements, err = p.onSourceNode(opts, src, topo); err != nil {
+			return nil, nil, nil, err
+		}
+		req.VolumeContentSource = contentSource(src)
+	}
+	return req, secretRef, src, nil
 }
 
 // parameters returns the class's parameters less the keys reserved for the

@@ -286,11 +286,16 @@ func TestProvisionRefusals(t *testing.T) {
 			c.Spec.VolumeMode = &block
 			return c
 		}, "worker-1", "volumeMode: Filesystem"},
-		{"data source", class(nil), func() *v1.PersistentVolumeClaim {
+		{"snapshot data source", class(nil), func() *v1.PersistentVolumeClaim {
+			c := claim(v1.ReadWriteOnce)
+			c.Spec.DataSource = &v1.TypedLocalObjectReference{APIGroup: ptrTo("snapshot.storage.k8s.io"), Kind: "VolumeSnapshot", Name: "snap"}
+			return c
+		}, "worker-1", "snapshots"},
+		{"claim data source without API access", class(nil), func() *v1.PersistentVolumeClaim {
 			c := claim(v1.ReadWriteOnce)
 			c.Spec.DataSource = &v1.TypedLocalObjectReference{Kind: "PersistentVolumeClaim", Name: "other"}
 			return c
-		}, "worker-1", "dataSource"},
+		}, "worker-1", "API access"},
 		{"no image", &storagev1.StorageClass{ObjectMeta: metav1.ObjectMeta{Name: "x"}, Parameters: map[string]string{"pullPolicy": "Always"}},
 			func() *v1.PersistentVolumeClaim { return claim(v1.ReadWriteOnce) }, "worker-1", "image"},
 		{"unknown parameter", class(map[string]string{"pullpolicy": "Always"}), func() *v1.PersistentVolumeClaim { return claim(v1.ReadWriteOnce) }, "worker-1", "pullpolicy"},
@@ -354,7 +359,7 @@ func TestCreateVolumeRequest(t *testing.T) {
 	sc.MountOptions = []string{"noatime"}
 	pvc := claim(v1.ReadWriteMany, v1.ReadOnlyMany)
 	pvc.Spec.Resources.Limits = v1.ResourceList{v1.ResourceStorage: resource.MustParse("3Gi")}
-	req, secret, err := p.createVolumeRequest(context.Background(), options(sc, pvc, "worker-1"))
+	req, secret, _, err := p.createVolumeRequest(context.Background(), options(sc, pvc, "worker-1"))
 	if err != nil {
 		t.Fatal(err)
 	}

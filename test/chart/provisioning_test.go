@@ -417,6 +417,7 @@ var provisioningExamples = map[string][]string{
 	"storageclass.yaml":    {"StorageClass", "PersistentVolumeClaim", "Pod"},
 	"statefulset.yaml":     {"StatefulSet"},
 	"ephemeral-clone.yaml": {"Pod"},
+	"clone-of-claim.yaml":  {"PersistentVolumeClaim", "Pod"},
 }
 
 // exampleClass is the StorageClass of the examples.
@@ -429,6 +430,10 @@ type claimSpec struct {
 	Resources        struct {
 		Requests map[string]string `yaml:"requests"`
 	} `yaml:"resources"`
+	DataSource *struct {
+		Kind string `yaml:"kind"`
+		Name string `yaml:"name"`
+	} `yaml:"dataSource"`
 }
 
 // TestProvisioningExamples: the class of the dataset image placeholder with
@@ -523,6 +528,10 @@ func TestProvisioningExamples(t *testing.T) {
 				}
 				if !slices.Equal(spec.AccessModes, []string{"ReadWriteOnce"}) || spec.Resources.Requests["storage"] == "" {
 					t.Errorf("claim %s: accessModes %v, requests %v; want [ReadWriteOnce] and a storage request", c, spec.AccessModes, spec.Resources.Requests)
+				}
+				// A clone of a claim clones the claim of storageclass.yaml.
+				if ds := spec.DataSource; ds != nil && (ds.Kind != "PersistentVolumeClaim" || ds.Name != "strata-clone") {
+					t.Errorf("claim %s: dataSource %+v, want the claim strata-clone of storageclass.yaml", c, *ds)
 				}
 			}
 		})
