@@ -303,6 +303,41 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 	if passed < k.minPassed {
 		t.Errorf("%d specs passed, want at least the %d known to apply", passed, k.minPassed)
 	}
+	if os.Getenv("STRATA_E2E_FOCUS") == "" {
+		checkCountsTable(t, k.definition, fmt.Sprintf("%d / %d / %d", passed, failed, skipped))
+	}
+}
+
+// countsTable is the page whose table gives the suite's counts per kind:
+// a row per definition, with the counts of make test and of make
+// conformance.
+const countsTable = "../README.md" // test/README.md, from test/e2e
+
+// checkCountsTable fails the test when the counts table's row of the
+// definition does not say what this run counted (in the make test
+// column, or the make conformance one): the documented numbers are those
+// of the last run, never older.
+func checkCountsTable(t *testing.T, definition, got string) {
+	t.Helper()
+	col, run := 3, "make test"
+	if conformance() {
+		col, run = 4, "make conformance"
+	}
+	b, err := os.ReadFile(countsTable)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 6 || strings.TrimSpace(cells[2]) != "`"+definition+"`" {
+			continue
+		}
+		if want := strings.TrimSpace(cells[col]); want != got {
+			t.Errorf("test/README.md says %s: %s for %s; this run counted %s: update the table", run, want, definition, got)
+		}
+		return
+	}
+	t.Errorf("test/README.md has no row for %s in its counts table (this run: %s: %s)", definition, run, got)
 }
 
 func tail(s string, lines int) string {
