@@ -127,12 +127,29 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 	// again with the same handle must not inherit the old deletion, which
 	// would cost its new clone the grace period.
 	deleted := map[string]bool{}
+	// early holds the clones of claims to copy before their first stage
+	// (early.go).
+	var early earlyCopies
+	poke := func() {
+		select {
+		case trigger <- struct{}{}:
+		default:
+		}
+	}
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
 			if hs, _ := c.pvHandles(obj); len(hs) > 0 {
 				mu.Lock()
 				delete(deleted, hs[0])
 				mu.Unlock()
+			}
+			if early.add(c, obj) {
+				poke()
+			}
+		},
+		UpdateFunc: func(_, obj any) {
+			if early.add(c, obj) {
+				poke()
 			}
 		},
 		DeleteFunc: func(obj any) {
@@ -144,10 +161,7 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 				deleted[hs[0]] = true
 				mu.Unlock()
 			}
-			select {
-			case trigger <- struct{}{}:
-			default:
-			}
+			poke()
 		},
 	}); err != nil {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
@@ -172,6 +186,8 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 	tick := time.NewTicker(cloneSweepInterval)
 	defer tick.Stop()
 	for {
+		// Copies first: a sweep keeps their sources until they are made.
+		early.run(ctx, c, inf.GetIndexer())
 		seenDeleted := func(handle string) bool {
 			mu.Lock()
 			defer mu.Unlock()
@@ -239,8 +255,9 @@ func (c *Clones) awaited(logger klog.Logger, pvs cache.Indexer, source string) b
 	return false
 }
 
-// trimPV keeps of a PersistentVolume its name, its CSI driver and handle,
-// and the clone its volume starts from.
+// trimPV keeps of a PersistentVolume its name and its CSI driver and
+// handle; of one whose volume starts from a clone (a clone of a claim),
+// also its volume context and node affinity, which an early copy needs.
 func trimPV(obj any) (any, error) {
 	pv, ok := obj.(*corev1.PersistentVolume)
 	if !ok {
@@ -251,8 +268,9 @@ func trimPV(obj any) (any, error) {
 	}}
 	if pv.Spec.CSI != nil {
 		out.Spec.CSI = &corev1.CSIPersistentVolumeSource{Driver: pv.Spec.CSI.Driver, VolumeHandle: pv.Spec.CSI.VolumeHandle}
-		if src := pv.Spec.CSI.VolumeAttributes[engine.AttrCloneOf]; src != "" {
-			out.Spec.CSI.VolumeAttributes = map[string]string{engine.AttrCloneOf: src}
+		if pv.Spec.CSI.VolumeAttributes[engine.AttrCloneOf] != "" {
+			out.Spec.CSI.VolumeAttributes = pv.Spec.CSI.VolumeAttributes
+			out.Spec.NodeAffinity = pv.Spec.NodeAffinity
 		}
 	}
 	return out, nil
