@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/strata-csi/strata/driver/state"
 	"github.com/strata-csi/strata/internal/atomicfile"
 	"github.com/strata-csi/strata/internal/fault"
 )
@@ -52,9 +54,19 @@ type CopyStats struct {
 // filesystem can; else only the source's data extents are copied
 // (SEEK_DATA/SEEK_HOLE with copy_file_range), so the copy is as sparse as
 // the source. It goes to a temp name in dstDir, which Create and Copy
-// remove when a crash left it; it is grown there offline to size (resize2fs
-// on the unmounted copy: an online grow needs CAP_SYS_RESOURCE), relabelled,
-// fsynced, and only then renamed to disk.img.
+// remove when a crash left it. There it is mounted once and unmounted
+// (settle: journal replayed, the upper's overlayfs UUID dropped), grown
+// offline to a larger size (resize2fs on the unmounted copy: an online grow
+// needs CAP_SYS_RESOURCE) and labelled with it (tune2fs), fsynced, and only
+// then renamed to disk.img. resize2fs and tune2fs come from e2fsprogs, as
+// mkfs.ext4 does; a copy of the same size needs neither.
+//
+// The copy keeps its source's ext4 UUID, as the capped uppers made from one
+// template do (scratch.go): Linux mounts both at once (measured, and
+// TestCopyWhileWriting does), nothing here mounts by UUID, and a new UUID
+// (tune2fs -U, which rewrites every metadata checksum) is refused on a
+// filesystem mounted since its last check unless e2fsck -f runs first,
+// whose time grows with the clone.
 //
 // The caller keeps the source from being unmounted or removed meanwhile
 // (the source clone's lock). A size below the source's is ErrShrink.
@@ -117,6 +129,9 @@ func Copy(ctx context.Context, srcDir, dstDir string, size int64) (CopyStats, er
 	}
 	if err = copyFrozen(ctx, src, mountPath(srcDir), mounted, out, &stats); err != nil {
 		return stats, fmt.Errorf("copy clone filesystem %s from %s: %w", dst, src, err)
+	}
+	if err = settle(ctx, out, dstDir); err != nil {
+		return stats, fmt.Errorf("copy clone filesystem %s: %w", dst, err)
 	}
 	if want > fromMiB {
 		if err = growOffline(ctx, out, fromMiB, want); err != nil {
@@ -225,8 +240,8 @@ func copyImage(in, out *os.File, stats *CopyStats) error {
 	return nil
 }
 
-// resize2fsTool finds resize2fs as mkfsTool finds mkfs.ext4.
-func resize2fsTool(name string) (string, error) {
+// e2fsTool finds the e2fsprogs tool name as mkfsTool finds mkfs.ext4.
+func e2fsTool(name string) (string, error) {
 	if p, err := exec.LookPath(name); err == nil {
 		return p, nil
 	}
@@ -241,17 +256,17 @@ func resize2fsTool(name string) (string, error) {
 
 // growOffline grows the unmounted ext4 image f, made for fromMiB, so that
 // an unprivileged writer can write toMiB into it when empty (Grow's
-// measure), and relabels it. resize2fs on an unmounted image needs no
-// capability. The room is bounded from below without mounting: the label
+// measure), and labels it with toMiB. resize2fs on an unmounted image
+// needs no capability. The room is bounded from below without mounting: the label
 // promises fromMiB (Create's and Grow's sizing), and a resize adds to the
 // room exactly the free blocks it adds (the new groups' metadata is not
 // free), less the growth of the kernel's reserve.
 func growOffline(ctx context.Context, f *os.File, fromMiB, toMiB int64) error {
-	resize, err := resize2fsTool("resize2fs")
+	resize, err := e2fsTool("resize2fs")
 	if err != nil {
 		return err
 	}
-	tune, err := resize2fsTool("tune2fs")
+	tune, err := e2fsTool("tune2fs")
 	if err != nil {
 		return err
 	}
@@ -285,8 +300,69 @@ func growOffline(ctx context.Context, f *os.File, fromMiB, toMiB int64) error {
 			return fmt.Errorf("read back the resized filesystem: %w", err)
 		}
 	}
+	// The label, unlike the UUID, changes without a fresh e2fsck.
 	return run(ctx, tune, "-L", label(toMiB), f.Name())
 }
+
+// settleMount is where settle mounts the copy, in the clone's directory;
+// its name starts as a temp image's, so that a crash leaves nothing that
+// looks complete.
+const settleMount = tempPrefix + "mnt"
+
+// settle mounts the copy f once, at dir/settleMount, and unmounts it, to
+// remove the overlayfs UUID that the copy's upper carries
+// (trusted.overlay.uuid, which overlayfs stores at the first mount of an
+// upper and reports as the overlay's f_fsid): the clone's first overlay
+// mount makes one of its own, and two pods' volumes do not report one
+// filesystem id. The mount also replays the journal of a copy whose source
+// was neither mounted nor cleanly unmounted (its node crashed; a frozen
+// source's copy is clean), as resize2fs -f would.
+func settle(ctx context.Context, f *os.File, dir string) error {
+	target := filepath.Join(dir, settleMount)
+	_ = unix.Unmount(target, unix.MNT_DETACH) // left mounted by a crash
+	if err := os.Mkdir(target, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	defer os.Remove(target)
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	if _, err := mountImage(ctx, f.Name(), &st, target, mountData, true); err != nil {
+		return fmt.Errorf("mount the copy: %w", err)
+	}
+	err := unix.Removexattr(filepath.Join(target, state.UpperDir), "trusted.overlay.uuid")
+	if errors.Is(err, unix.ENODATA) || errors.Is(err, unix.ENOENT) {
+		err = nil
+	}
+	if uerr := unix.Unmount(target, 0); uerr != nil {
+		return fmt.Errorf("unmount the copy at %s: %w", target, uerr)
+	}
+	if err != nil {
+		return fmt.Errorf("remove the overlay UUID of the copy's upper: %w", err)
+	}
+	// The loop device lets go of the file a moment after the unmount
+	// (autoclear runs when its last opener is gone); until then resize2fs
+	// and tune2fs would take the copy for a mounted filesystem.
+	for deadline := time.Now().Add(settleWait); ; time.Sleep(time.Millisecond) {
+		dev, name, err := findAttached(&st)
+		if dev != nil {
+			dev.Close()
+		}
+		if err != nil {
+			return err
+		}
+		if name == "" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the copy is still on /dev/%s %v after its unmount", name, settleWait)
+		}
+	}
+}
+
+// settleWait bounds the wait for the loop device to let go of the copy.
+const settleWait = 10 * time.Second
 
 // run runs an e2fsprogs tool, its output in the error.
 func run(ctx context.Context, tool string, args ...string) error {

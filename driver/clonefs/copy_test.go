@@ -12,13 +12,15 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // fsck runs e2fsck -fn on the image of dir and fails the test with its
 // report unless it finds the filesystem clean.
 func fsck(tb testing.TB, dir string) {
 	tb.Helper()
-	tool, err := resize2fsTool("e2fsck")
+	tool, err := e2fsTool("e2fsck")
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -38,6 +40,22 @@ func checkFile(tb testing.TB, path string, want []byte) {
 	if !bytes.Equal(got, want) {
 		tb.Fatalf("%s holds %d bytes, not the %d written", path, len(got), len(want))
 	}
+}
+
+// needsRecovery reports whether the image of dir has ext4's
+// INCOMPAT_RECOVER flag (its journal must be replayed).
+func needsRecovery(tb testing.TB, dir string) bool {
+	tb.Helper()
+	f, err := os.Open(imagePath(dir))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	var b [4]byte
+	if _, err := f.ReadAt(b[:], 1024+0x60); err != nil {
+		tb.Fatal(err)
+	}
+	return b[0]&0x4 != 0
 }
 
 // absent fails the test if path exists.
@@ -189,6 +207,41 @@ func TestCopyLeftover(t *testing.T) {
 	}
 	absent(t, half)
 	fsck(t, dst)
+}
+
+// TestCopyNeedsRecovery: the source is not mounted but its journal needs
+// recovery (its node crashed while it was mounted): the copy is settled
+// (the journal replayed), grown and relabelled, and e2fsck finds it clean
+// with the files written before the crash.
+func TestCopyNeedsRecovery(t *testing.T) {
+	live, src, dst := newDir(t), newDir(t), newDir(t)
+	mnt := createMount(t, live, 8<<20)
+	data := bytes.Repeat([]byte{3}, 1<<20)
+	if err := os.WriteFile(filepath.Join(mnt, "a"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync() // the journal holds it; the image says "mounted"
+	if err := os.MkdirAll(src, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("cp", "--sparse=always", imagePath(live), imagePath(src)).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v: %s", err, out)
+	}
+	if !needsRecovery(t, src) {
+		t.Fatal("the crashed image needs no recovery: the test shows nothing")
+	}
+	if _, err := Copy(context.Background(), src, dst, 40<<20); err != nil {
+		t.Fatal(err)
+	}
+	fsck(t, dst)
+	if needsRecovery(t, dst) {
+		t.Error("the copy still needs recovery")
+	}
+	mnt2, err := Mount(context.Background(), dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFile(t, filepath.Join(mnt2, "a"), data)
 }
 
 // TestCopyRefuses: a smaller size is ErrShrink and a missing source an

@@ -81,6 +81,17 @@ func wantAbsent(t *testing.T, path string) {
 	}
 }
 
+// overlayUUID is the overlayfs UUID stored on clone id's upper.
+func overlayUUID(t *testing.T, c *Clones, id string) string {
+	t.Helper()
+	buf := make([]byte, 64)
+	n, err := unix.Getxattr(state.ClonePathsOf(c.root, id).Upper, "trusted.overlay.uuid", buf)
+	if err != nil {
+		t.Fatalf("overlay UUID of %s: %v", id, err)
+	}
+	return string(buf[:n])
+}
+
 func e2fsck(t *testing.T, img string) {
 	t.Helper()
 	out, err := exec.Command("e2fsck", "-fn", img).CombinedOutput()
@@ -146,6 +157,9 @@ func TestCloneOfClaim(t *testing.T) {
 	}
 	wantAbsent(t, filepath.Join(a, "b.txt"))
 	wantAbsent(t, filepath.Join(b, "a2.txt"))
+	if ua, ub := overlayUUID(t, c, "strata-a"), overlayUUID(t, c, "strata-b"); ua == ub {
+		t.Errorf("A's and B's overlays have one UUID, %x: pods see one filesystem id", ua)
+	}
 	rec, err := state.ReadClone(c.root, "strata-b")
 	if err != nil || rec == nil || rec.CloneOf != "strata-a" || rec.CapacityBytes != 64<<20 {
 		t.Fatalf("B's record: %+v, %v; want cloneOf strata-a, 64 MiB", rec, err)
