@@ -376,3 +376,34 @@ func run(ctx context.Context, tool string, args ...string) error {
 	}
 	return nil
 }
+
+// Thaw thaws the filesystem mounted at dir/fs if it is frozen, and reports
+// whether it was: a plugin killed during a Copy leaves its source frozen,
+// its writers blocked, until someone thaws it. Nothing mounted there, or a
+// filesystem not frozen, is no error.
+func Thaw(dir string) (bool, error) {
+	target := mountPath(dir)
+	st, err := statImage(imagePath(dir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("thaw clone filesystem %s: %w", target, err)
+	}
+	if mounted, err := mountedImage(target, st); err != nil || !mounted {
+		return false, err
+	}
+	f, err := os.Open(target)
+	if err != nil {
+		return false, fmt.Errorf("thaw clone filesystem %s: %w", target, err)
+	}
+	defer f.Close()
+	err = unix.IoctlSetInt(int(f.Fd()), fiThaw, 0)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.EINVAL): // not frozen
+		return false, nil
+	}
+	return false, fmt.Errorf("thaw clone filesystem %s: FITHAW: %w", target, err)
+}

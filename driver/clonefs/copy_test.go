@@ -257,3 +257,43 @@ func TestCopyRefuses(t *testing.T) {
 	}
 	absent(t, dst)
 }
+
+// TestThaw: a clone's filesystem left frozen (a plugin killed during a
+// copy) is thawed by Thaw, and its blocked writer goes on; a filesystem not
+// frozen, or not mounted, is left alone.
+func TestThaw(t *testing.T) {
+	dir := newDir(t)
+	mnt := createMount(t, dir, 8<<20)
+	f, err := os.Open(mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.IoctlSetInt(int(f.Fd()), fiFreeze, 0); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- os.WriteFile(filepath.Join(mnt, "a"), []byte("x"), 0o644) }()
+	select {
+	case err := <-done:
+		t.Fatalf("a write to a frozen filesystem returned at once (%v): the test shows nothing", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if thawed, err := Thaw(dir); err != nil || !thawed {
+		t.Fatalf("Thaw = %v, %v; want true", thawed, err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer is still blocked after Thaw")
+	}
+	if thawed, err := Thaw(dir); err != nil || thawed {
+		t.Errorf("Thaw of a filesystem not frozen = %v, %v; want false, nil", thawed, err)
+	}
+	if thawed, err := Thaw(filepath.Join(t.TempDir(), "none")); err != nil || thawed {
+		t.Errorf("Thaw of no clone = %v, %v; want false, nil", thawed, err)
+	}
+}

@@ -138,3 +138,22 @@ func (c *Clones) copyDisk(ctx context.Context, logger klog.Logger, clone *state.
 		"duration", stats.Duration, "MBps", int(mbps))
 	return nil
 }
+
+// ThawAll thaws the filesystem of every clone on this node that a copy
+// left frozen when the plugin was killed during it (clonefs.Thaw): call it
+// at start-up, before serving. Errors are logged.
+func (c *Clones) ThawAll(ctx context.Context) {
+	logger := klog.FromContext(ctx)
+	err := state.EachClone(c.root, func(id string, _ *state.Clone, _ error) error {
+		thawed, err := clonefs.Thaw(state.CloneDir(c.root, id))
+		if err != nil {
+			logger.Error(err, "Cannot thaw a clone's filesystem; its pods may stay blocked", "volumeID", id)
+		} else if thawed {
+			logger.Info("Thawed a clone's filesystem that a copy interrupted by a restart left frozen", "volumeID", id)
+		}
+		return nil
+	})
+	if err != nil {
+		logger.Error(err, "Cannot list the clones on this node")
+	}
+}
