@@ -248,6 +248,9 @@ func (c *Clones) awaited(logger klog.Logger, pvs cache.Indexer, source string) b
 		if len(hs) == 0 || state.CheckCloneID(hs[0]) != nil || c.made(hs[0]) {
 			continue
 		}
+		if pv := obj.(*corev1.PersistentVolume); pv.Spec.NodeAffinity != nil && !onNode(pv, c.nodeID) {
+			continue // made on another node, which cannot copy this one
+		}
 		logger.V(2).Info("Keeping a clone whose PersistentVolume is gone: a new volume starts from its writes and is not made yet",
 			"volumeID", source, "clone", hs[0])
 		return true

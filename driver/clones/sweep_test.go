@@ -74,10 +74,14 @@ func TestCloneSweeperKeepsSourceOfUnmadeClone(t *testing.T) {
 		}
 		return p
 	}
-	kube := fake.NewClientset(pv("pv-b", "strata-b", "strata-a"), pv("pv-c", "strata-c", ""), pv("pv-d", "strata-d", ""))
+	// A clone of E's claim placed on another node does not keep E: it
+	// cannot be copied from here.
+	elsewhere := clonePV("pv-x", "strata-x", "r/x:v1", "strata-e", "node-2")
+	kube := fake.NewClientset(pv("pv-b", "strata-b", "strata-a"), pv("pv-c", "strata-c", ""), pv("pv-d", "strata-d", ""), elsewhere)
 	c := newTestClones(t)
 	old := time.Now().Add(-time.Hour)
 	fakeClone(t, c, "strata-a", old, false) // its PV is gone already
+	fakeClone(t, c, "strata-e", old, false) // so is this one's
 	fakeClone(t, c, "strata-c", old, false)
 	fakeClone(t, c, "strata-d", old, false)
 	defer startCloneSweeper(c, kube)()
@@ -88,6 +92,9 @@ func TestCloneSweeperKeepsSourceOfUnmadeClone(t *testing.T) {
 	waitUntil(t, "the clone of the deleted PV is removed", func() bool { return cloneGone(t, c, "strata-c") })
 	if !cloneExists(t, c, "strata-a") {
 		t.Fatal("the sweep removed clone strata-a, the source of strata-b, whose PersistentVolume exists and whose copy is not made yet: the new claim lost its data")
+	}
+	if !cloneGone(t, c, "strata-e") {
+		t.Error("the sweep kept clone strata-e for a clone of its claim placed on another node")
 	}
 	// B made, A goes at the next sweep.
 	fakeClone(t, c, "strata-b", time.Now(), false)
