@@ -203,6 +203,9 @@ func (d *Driver) Start() error {
 	if d.engine == nil {
 		return nil
 	}
+	// A copy for a clone of a claim freezes its source: one that a kill
+	// interrupted left it frozen.
+	d.clones.ThawAll(context.Background())
 	for _, ref := range d.cfg.Prepull {
 		d.tasks.Go("prepull", func(ctx context.Context) { d.engine.Prepull(ctx, ref) })
 	}

@@ -28,6 +28,7 @@ func TestSentinelKinds(t *testing.T) {
 		"ErrShrink":     {Err: ErrShrink, Kind: fault.OutOfRange},
 		"ErrTooBig":     {Err: ErrTooBig, Kind: fault.NoSpace},
 		"ErrNotMounted": {Err: ErrNotMounted, Kind: fault.Precondition},
+		"ErrSourceBusy": {Err: ErrSourceBusy, Kind: fault.Busy},
 	})
 }
 

@@ -136,61 +136,15 @@ func (c *Clones) Stage(ctx context.Context, req StageRequest) error {
 	return nil
 }
 
-// stage does the work of Stage: at the first stage (clone nil) it resolves
-// the stack and pins it in clone.json before anything else exists; later
-// stages use the pinned digests, never the tags. Then the layers are
-// fetched and referenced for the clone, its filesystem made and mounted,
-// and the overlay mounted at the staging path.
+// stage does the work of Stage: make the clone (prepare), mount its
+// filesystem, and mount the overlay at the staging path.
 func (c *Clones) stage(ctx context.Context, logger klog.Logger, clone *state.Clone, req StageRequest) (*state.Clone, error) {
 	volID := req.VolumeID
-	refs := req.Attrs.Images()
-	policy := req.Attrs.PullPolicy
-	if clone != nil {
-		// The pinned digests, which the cache resolves offline.
-		var err error
-		if refs, err = pinnedRefs(clone.Stack); err != nil {
-			return nil, err
-		}
-		if policy != layercache.PullNever {
-			policy = layercache.PullIfNotPresent
-		}
-	}
-	// No pod is known at stage (kubelet passes the pod to publishes only):
-	// the pull is reported in the metrics, not as events.
-	stack, err := c.engine.Resolve(ctx, logger, refs, policy, req.Secrets, credentials.Pod{}, volID)
+	clone, err := c.prepare(ctx, logger, clone, req)
 	if err != nil {
 		return nil, err
 	}
-	if clone == nil {
-		capacity := req.Attrs.CloneCapacity
-		if capacity == 0 {
-			capacity = DefaultCapacity
-		}
-		clone = &state.Clone{VolumeID: volID, CapacityBytes: capacity, Layers: stack.Layers, Created: time.Now().UTC()}
-		for i, d := range stack.Digests() {
-			clone.Stack = append(clone.Stack, state.StackImage{Image: refs[i], Digest: d})
-		}
-		// Pinned on disk before anything it describes exists: a crash
-		// from here on leaves a clone whose next stage goes on from its
-		// record, with the same base.
-		if err := state.WriteClone(c.root, clone); err != nil {
-			return nil, fmt.Errorf("record clone %s: %w", volID, err)
-		}
-		logger.Info("Clone created: base pinned", "digests", engine.StackDigests(clone.Stack), "capacityBytes", capacity)
-		// Its record reserves its room (package capacity) while the
-		// layers are pulled.
-		c.changed()
-	} else if !slices.Equal(stack.Layers, clone.Layers) {
-		return nil, fmt.Errorf("clone %s: its pinned images %v now resolve to other layers than the %d it was made on: %w",
-			volID, refs, len(clone.Layers), layercache.ErrDigestMismatch)
-	}
-	if err := c.engine.Fetch(ctx, clone.Owner(), stack); err != nil {
-		return nil, err
-	}
 	paths := state.ClonePathsOf(c.root, volID)
-	if err := clonefs.Create(ctx, paths.Dir, clone.CapacityBytes); err != nil {
-		return nil, err
-	}
 	if _, err := clonefs.Mount(ctx, paths.Dir); err != nil {
 		return nil, err
 	}
@@ -222,6 +176,85 @@ func (c *Clones) stage(ctx context.Context, logger klog.Logger, clone *state.Clo
 		return nil, fmt.Errorf("record stage of clone %s: %w", volID, err)
 	}
 	if err := mount.MountOverlay(ov, req.StagingPath); err != nil {
+		return nil, err
+	}
+	return clone, nil
+}
+
+// prepare makes the clone, whatever it takes, short of mounting it: at the
+// first stage (clone nil) it resolves the stack and pins it in clone.json
+// before anything else exists; later stages use the pinned digests, never
+// the tags. Then the layers are fetched and referenced for the clone and
+// its filesystem made: a copy of its source's (copyDisk) for a clone of a
+// claim, else a fresh one.
+func (c *Clones) prepare(ctx context.Context, logger klog.Logger, clone *state.Clone, req StageRequest) (*state.Clone, error) {
+	volID := req.VolumeID
+	refs := req.Attrs.Images()
+	policy := req.Attrs.PullPolicy
+	if clone != nil {
+		// The pinned digests, which the cache resolves offline.
+		var err error
+		if refs, err = pinnedRefs(clone.Stack); err != nil {
+			return nil, err
+		}
+		if policy != layercache.PullNever {
+			policy = layercache.PullIfNotPresent
+		}
+	}
+	// A clone of a claim starts from the source clone's pinned stack.
+	var src *state.Clone
+	if clone == nil && req.Attrs.CloneOf != "" {
+		var err error
+		if src, refs, err = c.source(volID, req.Attrs); err != nil {
+			return nil, err
+		}
+		if policy != layercache.PullNever {
+			policy = layercache.PullIfNotPresent
+		}
+	}
+	// No pod is known at stage (kubelet passes the pod to publishes only):
+	// the pull is reported in the metrics, not as events.
+	stack, err := c.engine.Resolve(ctx, logger, refs, policy, req.Secrets, credentials.Pod{}, volID)
+	if err != nil {
+		return nil, err
+	}
+	if clone == nil {
+		capacity := req.Attrs.CloneCapacity
+		if capacity == 0 {
+			capacity = DefaultCapacity
+		}
+		clone = &state.Clone{VolumeID: volID, CapacityBytes: capacity, Layers: stack.Layers, Created: time.Now().UTC()}
+		for i, d := range stack.Digests() {
+			clone.Stack = append(clone.Stack, state.StackImage{Image: refs[i], Digest: d})
+		}
+		if src != nil {
+			if clone, err = fromSource(clone, src, req.Attrs.CloneCapacity); err != nil {
+				return nil, err
+			}
+		}
+		// Pinned on disk before anything it describes exists: a crash
+		// from here on leaves a clone whose next stage goes on from its
+		// record, with the same base.
+		if err := state.WriteClone(c.root, clone); err != nil {
+			return nil, fmt.Errorf("record clone %s: %w", volID, err)
+		}
+		logger.Info("Clone created: base pinned", "digests", engine.StackDigests(clone.Stack), "capacityBytes", clone.CapacityBytes, "cloneOf", clone.CloneOf)
+		// Its record reserves its room (package capacity) while the
+		// layers are pulled.
+		c.changed()
+	} else if !slices.Equal(stack.Layers, clone.Layers) {
+		return nil, fmt.Errorf("clone %s: its pinned images %v now resolve to other layers than the %d it was made on: %w",
+			volID, refs, len(clone.Layers), layercache.ErrDigestMismatch)
+	}
+	if err := c.engine.Fetch(ctx, clone.Owner(), stack); err != nil {
+		return nil, err
+	}
+	if clone.CloneOf != "" {
+		if err := c.copyDisk(ctx, logger, clone); err != nil {
+			return nil, err
+		}
+	}
+	if err := clonefs.Create(ctx, state.CloneDir(c.root, volID), clone.CapacityBytes); err != nil {
 		return nil, err
 	}
 	return clone, nil

@@ -15,5 +15,6 @@ func TestSentinelKinds(t *testing.T) {
 		"ErrTooBig":     {Err: ErrTooBig, Kind: fault.NoSpace},
 		"ErrNoClone":    {Err: ErrNoClone, Kind: fault.NotFound},
 		"ErrNoCapacity": {Err: ErrNoCapacity, Kind: fault.OutOfRange},
+		"ErrNoSource":   {Err: ErrNoSource, Kind: fault.Precondition},
 	})
 }

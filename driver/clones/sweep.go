@@ -38,6 +38,9 @@ const (
 	// pvHandleIndex indexes PersistentVolumes by the volume handle of this
 	// driver's CSI source.
 	pvHandleIndex = "strataVolumeHandle"
+	// pvCloneOfIndex indexes this driver's PersistentVolumes by the clone
+	// their volume starts from (engine.AttrCloneOf in the volume context).
+	pvCloneOfIndex = "strataCloneOf"
 )
 
 // sweepClones removes the clones on this node that pvExists says have no
@@ -112,7 +115,7 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
 		return
 	}
-	if err := inf.AddIndexers(cache.Indexers{pvHandleIndex: c.pvHandles}); err != nil {
+	if err := inf.AddIndexers(cache.Indexers{pvHandleIndex: c.pvHandles, pvCloneOfIndex: c.pvCloneOf}); err != nil {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
 		return
 	}
@@ -124,12 +127,29 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 	// again with the same handle must not inherit the old deletion, which
 	// would cost its new clone the grace period.
 	deleted := map[string]bool{}
+	// early holds the clones of claims to copy before their first stage
+	// (early.go).
+	var early earlyCopies
+	poke := func() {
+		select {
+		case trigger <- struct{}{}:
+		default:
+		}
+	}
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
 			if hs, _ := c.pvHandles(obj); len(hs) > 0 {
 				mu.Lock()
 				delete(deleted, hs[0])
 				mu.Unlock()
+			}
+			if early.add(c, obj) {
+				poke()
+			}
+		},
+		UpdateFunc: func(_, obj any) {
+			if early.add(c, obj) {
+				poke()
 			}
 		},
 		DeleteFunc: func(obj any) {
@@ -141,10 +161,7 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 				deleted[hs[0]] = true
 				mu.Unlock()
 			}
-			select {
-			case trigger <- struct{}{}:
-			default:
-			}
+			poke()
 		},
 	}); err != nil {
 		logger.Error(err, "Cannot watch PersistentVolumes; clones of deleted volumes stay on the node")
@@ -155,14 +172,22 @@ func (c *Clones) RunSweeper(ctx context.Context, kube kubernetes.Interface) {
 	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 		return
 	}
+	// A clone is kept while its PV exists, and while a PV names it as the
+	// source of a clone that is not made on this node yet: a claim cloned
+	// from it, whose source claim was deleted before the copy.
 	exists := func(handle string) bool {
 		objs, err := inf.GetIndexer().ByIndex(pvHandleIndex, handle)
-		return err != nil || len(objs) > 0 // when in doubt, keep
+		if err != nil || len(objs) > 0 { // when in doubt, keep
+			return true
+		}
+		return c.awaited(logger, inf.GetIndexer(), handle)
 	}
 	logger.V(2).Info("Watching PersistentVolumes to remove the clones of deleted volumes", "interval", cloneSweepInterval)
 	tick := time.NewTicker(cloneSweepInterval)
 	defer tick.Stop()
 	for {
+		// Copies first: a sweep keeps their sources until they are made.
+		early.run(ctx, c, inf.GetIndexer())
 		seenDeleted := func(handle string) bool {
 			mu.Lock()
 			defer mu.Unlock()
@@ -199,8 +224,43 @@ func (c *Clones) pvHandles(obj any) ([]string, error) {
 	return []string{pv.Spec.CSI.VolumeHandle}, nil
 }
 
+// pvCloneOf is the index function of pvCloneOfIndex: the clone a
+// PersistentVolume of this driver starts from.
+func (c *Clones) pvCloneOf(obj any) ([]string, error) {
+	pv, ok := obj.(*corev1.PersistentVolume)
+	if !ok || pv.Spec.CSI == nil || pv.Spec.CSI.Driver != c.driverName || pv.Spec.CSI.VolumeAttributes[engine.AttrCloneOf] == "" {
+		return nil, nil
+	}
+	return []string{pv.Spec.CSI.VolumeAttributes[engine.AttrCloneOf]}, nil
+}
+
+// awaited reports whether a PersistentVolume in pvs names clone source as
+// the clone its own volume starts from, while that volume's clone is not
+// made on this node (its copy is not complete). Such a source stays: its
+// writes are what the new claim was promised.
+func (c *Clones) awaited(logger klog.Logger, pvs cache.Indexer, source string) bool {
+	objs, err := pvs.ByIndex(pvCloneOfIndex, source)
+	if err != nil {
+		return true
+	}
+	for _, obj := range objs {
+		hs, _ := c.pvHandles(obj)
+		if len(hs) == 0 || state.CheckCloneID(hs[0]) != nil || c.made(hs[0]) {
+			continue
+		}
+		if pv := obj.(*corev1.PersistentVolume); pv.Spec.NodeAffinity != nil && !onNode(pv, c.nodeID) {
+			continue // made on another node, which cannot copy this one
+		}
+		logger.V(2).Info("Keeping a clone whose PersistentVolume is gone: a new volume starts from its writes and is not made yet",
+			"volumeID", source, "clone", hs[0])
+		return true
+	}
+	return false
+}
+
 // trimPV keeps of a PersistentVolume its name and its CSI driver and
-// handle.
+// handle; of one whose volume starts from a clone (a clone of a claim),
+// also its volume context and node affinity, which an early copy needs.
 func trimPV(obj any) (any, error) {
 	pv, ok := obj.(*corev1.PersistentVolume)
 	if !ok {
@@ -211,6 +271,10 @@ func trimPV(obj any) (any, error) {
 	}}
 	if pv.Spec.CSI != nil {
 		out.Spec.CSI = &corev1.CSIPersistentVolumeSource{Driver: pv.Spec.CSI.Driver, VolumeHandle: pv.Spec.CSI.VolumeHandle}
+		if pv.Spec.CSI.VolumeAttributes[engine.AttrCloneOf] != "" {
+			out.Spec.CSI.VolumeAttributes = pv.Spec.CSI.VolumeAttributes
+			out.Spec.NodeAffinity = pv.Spec.NodeAffinity
+		}
 	}
 	return out, nil
 }

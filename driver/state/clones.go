@@ -46,6 +46,13 @@ type Clone struct {
 	// place (as Record.Layers): the overlay's lowers under the upper.
 	Layers  []v1.Hash `json:"layers"`
 	Created time.Time `json:"created"`
+	// CloneOf is the volume id of the clone on this node whose writes
+	// this clone started from (a claim cloned from another claim); ""
+	// when it started from the image alone. Its disk.img is a copy of
+	// that clone's, made after this record is written and renamed into
+	// place only once complete: a clone with CloneOf and no disk.img is
+	// not made yet.
+	CloneOf string `json:"cloneOf,omitempty"`
 }
 
 // Refs returns the references of the clone's stack as the volume named

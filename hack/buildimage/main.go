@@ -3,8 +3,10 @@
 // operator CLI (strata), on a minimal base generated from files (root in
 // /etc/passwd and /etc/group, /etc/nsswitch.conf, the host's CA bundle, /tmp),
 // plus the build host's mke2fs (/sbin/mke2fs, /sbin/mkfs.ext4 and
-// /etc/mke2fs.conf, with the shared libraries and dynamic loader ldd lists
-// for it), with which persistent clones format their ext4 images. Nothing is
+// /etc/mke2fs.conf) and the resize2fs and tune2fs beside it (/sbin), with
+// the shared libraries and dynamic loader ldd lists for them: persistent
+// clones format their ext4 images with mke2fs, and a clone of a claim into
+// a larger one grows and labels its copy with the other two. Nothing is
 // pulled.
 //
 // Usage:
@@ -78,7 +80,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.Source, "source", defaultSrc, "source repository label")
 	fs.StringVar(&o.Platform, "platform", "linux/"+runtime.GOARCH, "the binaries' platform, os/arch[/variant]")
 	fs.StringVar(&o.CABundle, "ca-bundle", "/etc/ssl/certs/ca-certificates.crt", "CA bundle copied into the image")
-	fs.StringVar(&o.Mke2fs, "mke2fs", "/sbin/mke2fs", "the build host's mke2fs, copied into the image with its libraries as /sbin/mke2fs and /sbin/mkfs.ext4 (persistent clones need it); empty: none")
+	fs.StringVar(&o.Mke2fs, "mke2fs", "/sbin/mke2fs", "the build host's mke2fs, copied into the image with its libraries as /sbin/mke2fs and /sbin/mkfs.ext4, with the resize2fs and tune2fs beside it (persistent clones need them); empty: none")
 	fs.StringVar(&o.Mke2fsConf, "mke2fs-conf", defaultConfPath, "copied to /etc/mke2fs.conf with --mke2fs")
 	fs.StringVar(&push, "push", "", "also push the image to this reference, e.g. 127.0.0.1:5000/strata/strata-csi:dev")
 	fs.BoolVar(&insecure, "insecure", false, "push over plain HTTP to any registry (loopback registries always use it)")

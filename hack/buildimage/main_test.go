@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"debug/elf"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log"
@@ -26,6 +27,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"golang.org/x/sys/unix"
 )
 
 const testTag = "localhost/strata/strata-csi:v0.0.1-test"
@@ -299,6 +301,8 @@ func TestBuild(t *testing.T) {
 		"sbin/":                             {tar.TypeDir, 0o755, nil},
 		"sbin/mke2fs":                       {tar.TypeReg, 0o755, mustRead(t, "/sbin/mke2fs")},
 		"sbin/mkfs.ext4":                    {tar.TypeSymlink, 0o777, nil},
+		"sbin/resize2fs":                    {tar.TypeReg, 0o755, mustRead(t, "/sbin/resize2fs")},
+		"sbin/tune2fs":                      {tar.TypeReg, 0o755, mustRead(t, "/sbin/tune2fs")},
 		"etc/mke2fs.conf":                   {tar.TypeReg, 0o644, mustRead(t, "/etc/mke2fs.conf")},
 	}
 	// mke2fs's dynamic loader, at the path its ELF header names.
@@ -630,6 +634,35 @@ func TestMke2fsRunsInImage(t *testing.T) {
 	}
 	if b[1024+0x38] != 0x53 || b[1024+0x39] != 0xef || !bytes.HasPrefix(b[1024+0x78:], []byte("in-image")) {
 		t.Errorf("mkfs.ext4 in the image wrote no ext4 superblock labelled in-image")
+	}
+	// A clone of a claim grows its copy with resize2fs and labels it with
+	// tune2fs: both run in the image too. They read /proc/mounts, which the
+	// plugin's container has, to refuse a mounted filesystem.
+	if err := os.MkdirAll(filepath.Join(root, "proc"), 0o555); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("proc", filepath.Join(root, "proc"), "proc", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(filepath.Join(root, "proc"), unix.MNT_DETACH)
+	if err := os.Truncate(img, 128<<20); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"/sbin/resize2fs", "-f", "/tmp/disk.img"}, {"/sbin/tune2fs", "-L", "grown", "/tmp/disk.img"}} {
+		cmd := exec.Command("chroot", append([]string{root}, args...)...)
+		cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s in the image: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	if _, err := f.ReadAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	if blocks := binary.LittleEndian.Uint32(b[1024+4:]); int64(blocks)*1024 < 120<<20 && int64(blocks)*4096 < 120<<20 {
+		t.Errorf("resize2fs in the image left %d blocks", blocks)
+	}
+	if !bytes.HasPrefix(b[1024+0x78:], []byte("grown")) {
+		t.Errorf("tune2fs in the image did not relabel the filesystem")
 	}
 }
 

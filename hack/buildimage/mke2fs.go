@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -24,9 +25,17 @@ const (
 	defaultConfPath = "/etc/mke2fs.conf"
 )
 
+// e2fsTools are the tools of e2fsprogs besides mke2fs that go into the
+// image, from mke2fs's directory on the build host, each at sbin/<name>: a
+// clone of a claim into a larger claim grows its copy offline (resize2fs)
+// and labels it with its size (tune2fs). They need no library that mke2fs
+// does not (e2fsprogs 1.47), but theirs are added all the same.
+var e2fsTools = []string{"resize2fs", "tune2fs"}
+
 // mke2fsFiles returns the image files that make the build host's mke2fs run
 // in the image: the binary at /sbin/mke2fs, the symlink /sbin/mkfs.ext4, the
-// shared libraries and the dynamic loader ldd lists for it, each at the path
+// e2fsTools found beside it at /sbin/<name>, the shared libraries and the
+// dynamic loader ldd lists for them, each at the path
 // ldd prints (the path the loader looks for, a symlink's target copied as a
 // regular file), and /etc/mke2fs.conf. The base image has no libc, so the
 // libraries come along; the loader's default search path (the multiarch
@@ -55,6 +64,24 @@ func mke2fsFiles(bin, conf string, plat *v1.Platform) ([]file, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, name := range e2fsTools {
+		p := filepath.Join(filepath.Dir(bin), name)
+		if err := checkMachine(p, plat); err != nil {
+			return nil, fmt.Errorf("%s (beside %s): %w", name, bin, err)
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w: install e2fsprogs (hack/install-deps)", name, err)
+		}
+		files = append(files, file{name: path.Join(path.Dir(mke2fsPath), name), mode: 0o755, data: data})
+		more, err := sharedLibraries(p)
+		if err != nil {
+			return nil, err
+		}
+		libs = append(libs, more...)
+	}
+	sort.Strings(libs)
+	libs = slices.Compact(libs)
 	for _, lib := range libs {
 		// Both follow the symlink libfoo.so.2 -> libfoo.so.2.4.
 		b, err := os.ReadFile(lib)
