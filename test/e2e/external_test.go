@@ -71,7 +71,7 @@ volumeBindingMode: WaitForFirstConsumer
 			"Not enough topologies in cluster":                                    "the cluster has one node; a conflicting topology needs a second one (the many-nodes issue)",
 			"VolumeBindingMode immediate is not compatible with a multi-topology": "the suite's own rule for a driver whose volumes live on one node (TopologyKeys): generic ephemeral volumes bind late",
 			"Multiple generic ephemeral volumes with immediate binding":           "the suite's own rule for a driver whose volumes live on one node",
-			"does not support cloning":                                            "GAP: a claim whose dataSource is another claim (a clone of a clone's writes) is not offered yet",
+			"does not support ROX access mode":                                    "a clone lives on one node; a ReadOnlyMany claim of the class is the image itself, which has no writes to clone from",
 			"doesn't specify performance test options":                            "the scale specs ([Serial], hundreds of claims) are not given options: they do not fit this 2-core machine's run",
 			"Filesystem volume case should be covered by block volume case":       "the suite's own rule: it tests mixed volume modes only with block volumes, which an overlay is not",
 			"only supports single node":                                           "a clone lives on one node (singleNodeVolume)",
@@ -83,7 +83,7 @@ volumeBindingMode: WaitForFirstConsumer
 			"should unmount if pod is gracefully deleted while kubelet is down":           pid1,
 			"should remount stale subpath bind mount after network filesystem disruption": pid1,
 			"should provision storage with any volume data source": "it needs the sig-storage hello-populator and volume-data-source-validator images, " +
-				"which no registry here serves and the harness does not build yet",
+				"which no registry here serves and whose sources are not on the module proxy",
 		},
 	},
 	{
