@@ -75,6 +75,7 @@ volumeBindingMode: WaitForFirstConsumer
 			"doesn't specify performance test options":                            "the scale specs ([Serial], hundreds of claims) are not given options: they do not fit this 2-core machine's run",
 			"Filesystem volume case should be covered by block volume case":       "the suite's own rule: it tests mixed volume modes only with block volumes, which an overlay is not",
 			"only supports single node":                                           "a clone lives on one node (singleNodeVolume)",
+			"only supports singleNodeVolume":                                      "a clone lives on one node: the specs that move a volume between nodes do not apply",
 			"doesn't support RWX":                                                 "a clone is ReadWriteOnce: its writes live on one node",
 		},
 		exclude: map[string]string{
