@@ -72,7 +72,7 @@ volumeBindingMode: WaitForFirstConsumer
 			"VolumeBindingMode immediate is not compatible with a multi-topology": "the suite's own rule for a driver whose volumes live on one node (TopologyKeys): generic ephemeral volumes bind late",
 			"Multiple generic ephemeral volumes with immediate binding":           "the suite's own rule for a driver whose volumes live on one node",
 			"does not support ROX access mode":                                    "a clone lives on one node; a ReadOnlyMany claim of the class is the image itself, which has no writes to clone from",
-			"doesn't specify performance test options":                            "the scale specs ([Serial], hundreds of claims) are not given options: they do not fit this 2-core machine's run",
+			"WaitForFirstConsumer binding mode currently not supported":           "the suite's own rule: its performance specs need Immediate binding, and a clone needs its node first (WaitForFirstConsumer)",
 			"Filesystem volume case should be covered by block volume case":       "the suite's own rule: it tests mixed volume modes only with block volumes, which an overlay is not",
 			"only supports single node":                                           "a clone lives on one node (singleNodeVolume)",
 			"only supports singleNodeVolume":                                      "a clone lives on one node: the specs that move a volume between nodes do not apply",
