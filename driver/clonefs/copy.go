@@ -209,35 +209,45 @@ func copyImage(in, out *os.File, stats *CopyStats) error {
 	} else if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOTTY) {
 		return fmt.Errorf("FICLONE: %w", err)
 	}
-	if err := out.Truncate(info.Size()); err != nil {
-		return err
+	n, err := copyExtents(in, out, info.Size())
+	stats.Bytes += n
+	return err
+}
+
+// copyExtents makes out, of size bytes, a sparse copy of in: only the data
+// extents are copied (copy_file_range, in the kernel), the holes stay
+// holes. It returns the bytes copied.
+func copyExtents(in, out *os.File, size int64) (int64, error) {
+	if err := out.Truncate(size); err != nil {
+		return 0, err
 	}
+	var copied int64
 	fd := int(in.Fd())
-	for off := int64(0); off < info.Size(); {
+	for off := int64(0); off < size; {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) { // only a hole is left
 			break
 		}
 		if err != nil {
-			return fmt.Errorf("SEEK_DATA: %w", err)
+			return copied, fmt.Errorf("SEEK_DATA: %w", err)
 		}
 		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
 		if err != nil {
-			return fmt.Errorf("SEEK_HOLE: %w", err)
+			return copied, fmt.Errorf("SEEK_HOLE: %w", err)
 		}
 		for r, w := data, data; r < hole; {
 			n, err := unix.CopyFileRange(fd, &r, int(out.Fd()), &w, int(hole-r), 0)
 			if err != nil {
-				return fmt.Errorf("copy_file_range at %d: %w", r, err)
+				return copied, fmt.Errorf("copy_file_range at %d: %w", r, err)
 			}
 			if n == 0 {
-				return fmt.Errorf("copy_file_range at %d: the source ended early", r)
+				return copied, fmt.Errorf("copy_file_range at %d: the source ended early", r)
 			}
-			stats.Bytes += int64(n)
+			copied += int64(n)
 		}
 		off = hole
 	}
-	return nil
+	return copied, nil
 }
 
 // e2fsTool finds the e2fsprogs tool name as mkfsTool finds mkfs.ext4.

@@ -4,14 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
 
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
@@ -164,26 +162,8 @@ func copySparse(src, dst string) (err error) {
 			out.Close()
 		}
 	}()
-	if err := out.Truncate(info.Size()); err != nil {
+	if _, err := copyExtents(in, out, info.Size()); err != nil {
 		return err
-	}
-	fd := int(in.Fd())
-	for off := int64(0); off < info.Size(); {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) { // only a hole is left
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("SEEK_DATA: %w", err)
-		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil {
-			return fmt.Errorf("SEEK_HOLE: %w", err)
-		}
-		if _, err := io.Copy(io.NewOffsetWriter(out, data), io.NewSectionReader(in, data, hole-data)); err != nil {
-			return err
-		}
-		off = hole
 	}
 	return out.Close()
 }
