@@ -2,7 +2,6 @@ package mount
 
 import (
 	"fmt"
-	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -81,9 +80,6 @@ func (o Options) List() []string {
 	}
 	return out
 }
-
-// Equal reports whether o and p mount alike.
-func (o Options) Equal(p Options) bool { return slices.Equal(o.List(), p.List()) }
 
 // attr returns the mount attributes (mount_setattr, fsmount) of a mount with
 // o, nosuid and nodev always, read-only if readOnly; clr is what must be
