@@ -128,7 +128,15 @@ type PruneResult struct {
 // needed them. It is mark-and-sweep against the reference files on disk; the
 // sweep re-checks them under the store lock, so it cannot race an Acquire.
 func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
-	res, err := s.evict(ctx, func(unused []LayerInfo, _ int64) []LayerInfo { return unused })
+	all := func(unused []LayerInfo, _ int64) []LayerInfo { return unused }
+	res, err := s.evict(ctx, all)
+	// The raw files of an artifact tree removed just now are unused only
+	// once the tree is gone: a second pass removes them.
+	if err == nil && len(res.Layers) > 0 {
+		var more PruneResult
+		more, err = s.evict(ctx, all)
+		res.Layers, res.Bytes = append(res.Layers, more.Layers...), res.Bytes+more.Bytes
+	}
 	if len(res.Layers) > 0 {
 		s.forgetUsage()
 	}
@@ -209,7 +217,7 @@ func (s *Store) evictBatch(batch []LayerInfo, trash string, res *PruneResult) er
 		}
 	}
 	for _, m := range batch {
-		if inUse[m.DiffID] {
+		if inUse[m.DiffID] || m.Kind == kindRaw && s.linkedByTree(m.DiffID) {
 			continue
 		}
 		p, err := s.layerPath(m.DiffID)
@@ -299,6 +307,9 @@ func (s *Store) Layers() ([]LayerInfo, error) {
 			info.LastUsed = t
 		}
 		info.Owners = users[info.DiffID]
+		if info.Kind == kindRaw && s.linkedByTree(info.DiffID) {
+			info.Owners = append(info.Owners, TreeOwner)
+		}
 		sort.Strings(info.Owners)
 		out = append(out, info)
 	}
