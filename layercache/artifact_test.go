@@ -6,12 +6,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sys/unix"
 
@@ -85,7 +88,7 @@ func TestCheckArtifactPath(t *testing.T) {
 
 // pullArtifact pushes a, pulls it into a new store, and returns the store,
 // the image and its merged view.
-func pullArtifact(t *testing.T, a ti.Artifact) (*Store, *Image, []string) {
+func pullArtifact(t testing.TB, a ti.Artifact) (*Store, *Image, []string) {
 	t.Helper()
 	ref := ti.Registry(t) + "/model:v1"
 	ti.PushArtifact(t, ref, a)
@@ -233,7 +236,10 @@ func TestModelVersionsShareShards(t *testing.T) {
 	if u.Bytes != want {
 		t.Errorf("usage %d bytes, want %d (each file once)", u.Bytes, want)
 	}
-	t.Logf("two versions: %d bytes in %d entries", u.Bytes, u.Layers)
+	if shared := int64(len("shard-one") + len("# M") + len("{}") + len("tok")); u.SharedBytes != shared || u.SavedBytes != shared {
+		t.Errorf("shared %d bytes, saved %d; want %d both", u.SharedBytes, u.SavedBytes, shared)
+	}
+	t.Logf("two versions: %d bytes in %d entries, %d shared", u.Bytes, u.Layers, u.SharedBytes)
 }
 
 func TestHostileArtifactPaths(t *testing.T) {
@@ -374,5 +380,93 @@ func TestPruneKeepsFilesOfACachedTree(t *testing.T) {
 		if !s.HasLayer(f.Layer.DiffID) {
 			t.Errorf("raw file %s was removed", f.Path)
 		}
+	}
+}
+
+// BenchmarkThousandFileArtifact measures a model of 1,000 one-file layers:
+// building its tree from cached files, a cold pull from a loopback
+// registry (fetch, verify, store, tree), and a pull of the cached model.
+func BenchmarkThousandFileArtifact(b *testing.B) {
+	ref := ti.Registry(b) + "/model:v1"
+	ti.PushArtifact(b, ref, manyFiles(1000))
+	b.Run("tree", func(b *testing.B) {
+		s := openStore(b, b.TempDir())
+		img, err := s.Pull(context.Background(), ref, PullOptions{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		tree, err := s.layerPath(img.Layers[0].DiffID)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			b.StopTimer()
+			if err := os.RemoveAll(tree); err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			if err := s.ensureTree(img); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("cold", func(b *testing.B) {
+		for b.Loop() {
+			b.StopTimer()
+			s, err := Open(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			if _, err := s.Pull(context.Background(), ref, PullOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			_ = s.Close()
+			b.StartTimer()
+		}
+	})
+	b.Run("cached", func(b *testing.B) {
+		s := openStore(b, b.TempDir())
+		if _, err := s.Pull(context.Background(), ref, PullOptions{}); err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			if _, err := s.Pull(context.Background(), ref, PullOptions{}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// An artifact's files are content like layers: a registry that names a
+// cached private model's digests (here: its very manifest, pushed without
+// its blobs to a registry that claims to hold every blob) gets neither its
+// tree nor its files.
+func TestHostileRegistryCannotClaimCachedPrivateModel(t *testing.T) {
+	s := openStore(t, t.TempDir())
+	auth := ti.BasicAuth("bob", "hunter2")
+	reg := ti.Server(t, auth)
+	model := modelPack(t, "private-shard")
+	ti.PushArtifact(t, reg+"/team-b/model:v1", model, remote.WithAuth(&authn.Basic{Username: "bob", Password: "hunter2"}))
+	bob := basicFor(reg, "bob", "hunter2")
+	ctx := context.Background()
+	if _, err := s.Pull(ctx, reg+"/team-b/model:v1", PullOptions{Keychain: bob}); err != nil {
+		t.Fatalf("tenant B pulls its private model: %v", err)
+	}
+	liar := ti.Server(t, ti.Liar)
+	d := ti.PushArtifact(t, liar+"/x/model:v1", model)
+	for _, ref := range []string{liar + "/x/model:v1", liar + "/x/model@" + d.String()} {
+		img, err := s.Pull(ctx, ref, PullOptions{})
+		if err == nil {
+			t.Fatalf("Pull(%s) = %v, nil: B's private model served to a registry that never proved it holds it", ref, img.DiffIDs())
+		}
+		if !errors.Is(err, ErrUnauthorized) {
+			t.Fatalf("Pull(%s) = %v, want ErrUnauthorized", ref, err)
+		}
+		t.Logf("refused: %v", err)
+	}
+	if _, err := s.Pull(ctx, reg+"/team-b/model:v1", PullOptions{Keychain: bob, Policy: PullNever}); err != nil {
+		t.Fatalf("tenant B, its own secret, Never: %v", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -325,6 +326,10 @@ type ImageInfo struct {
 	// Layers lists the image's layers for this store's platform, bottom
 	// first, when its manifest and config are cached.
 	Layers []v1.Hash
+	// Files lists an artifact's raw file entries, which its tree (the last
+	// of Layers) links; its ArtifactType is set.
+	Files        []v1.Hash
+	ArtifactType string
 	// Complete is true when every layer is in the store.
 	Complete bool
 	// Size is the content size of its layers that are in the store.
@@ -368,6 +373,11 @@ func (s *Store) Images() ([]ImageInfo, error) {
 				info.Complete = info.Complete && ok
 				info.Size += sz
 			}
+			info.ArtifactType = img.ArtifactType
+			for _, f := range img.Files {
+				info.Files = append(info.Files, f.Layer.DiffID)
+				info.Size += sizes[f.Layer.DiffID]
+			}
 		}
 		out = append(out, info)
 	}
@@ -406,7 +416,7 @@ func (s *Store) Usage() (Usage, error) {
 	users := map[v1.Hash]int{}
 	for _, im := range imgs {
 		seen := map[v1.Hash]bool{}
-		for _, d := range im.Layers {
+		for _, d := range append(slices.Clone(im.Layers), im.Files...) {
 			if !seen[d] {
 				seen[d] = true
 				users[d]++
