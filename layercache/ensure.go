@@ -424,6 +424,14 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 		return "", nil, nil, err
 	}
 
+	var stats unpack.Stats
+	kind := ""
+	if l.kind == artifactRaw && l.Size >= s.opts.ranged.minBytes {
+		if stats, _, err = fetchRawRanged(ctx, s.opts.ranged, c, what, l, filepath.Join(tmp, fsDir, rawBlobFile), meter, progress); err != nil {
+			return "", nil, nil, err
+		}
+		return s.writeLayerMeta(tmp, l, kindRaw, l.Size, stats, meter)
+	}
 	body := &resumingReader{ctx: ctx, s: s, c: c, attempts: attempts, d: l.Digest, size: l.Size, what: what}
 	n, err := body.open()
 	if err != nil {
@@ -434,8 +442,6 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 		return "", nil, nil, fmt.Errorf("%w: %s: %s sends %d bytes, manifest says %d", ErrDigestMismatch, what, c.repo.RegistryStr(), n, l.Size)
 	}
 	vr := &verifyReader{r: body, limit: l.Size, h: sha256.New(), what: what, progress: progress, layer: l}
-	var stats unpack.Stats
-	kind := ""
 	switch l.kind {
 	case artifactRaw:
 		kind = kindRaw
@@ -454,8 +460,12 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 	if err := vr.verify(l.Digest); err != nil {
 		return "", nil, nil, err
 	}
+	return s.writeLayerMeta(tmp, l, kind, vr.n, stats, meter)
+}
 
-	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: vr.n,
+// writeLayerMeta writes the meta.json of a layer fetched into tmp.
+func (s *Store) writeLayerMeta(tmp string, l Layer, kind string, compressed int64, stats unpack.Stats, meter *layerMeter) (string, *LayerMeta, *layerMeter, error) {
+	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: compressed,
 		Size: stats.Bytes, Files: stats.Files, Entries: stats.Entries, Created: time.Now().UTC(), Kind: kind}
 	data, err := json.Marshal(meta)
 	if err != nil {
