@@ -13,8 +13,10 @@ import (
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sys/unix"
 
@@ -470,3 +472,42 @@ func TestHostileRegistryCannotClaimCachedPrivateModel(t *testing.T) {
 		t.Fatalf("tenant B, its own secret, Never: %v", err)
 	}
 }
+
+// No blob produces an artifact's tree: an image config that names the
+// tree's key as a diffID (the key is public: paths and digests) gets
+// nothing, even with the credential check off.
+func TestImageCannotNameATree(t *testing.T) {
+	s := openStore(t, t.TempDir(), WithoutCredentialCheck())
+	reg := ti.Server(t, ti.BasicAuth("bob", "hunter2"))
+	ti.PushArtifact(t, reg+"/team-b/model:v1", modelPack(t, "private-shard"), remote.WithAuth(&authn.Basic{Username: "bob", Password: "hunter2"}))
+	img, err := s.Pull(context.Background(), reg+"/team-b/model:v1", PullOptions{Keychain: basicFor(reg, "bob", "hunter2")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tree := img.Layers[len(img.Layers)-1].DiffID
+	// An image whose config lists the tree's key as its diffID, and whose
+	// layer names it as its blob digest, which no blob has.
+	other := ti.Registry(t) + "/x/forged:v1"
+	r, err := name.ParseReference(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := []byte(`{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["` + tree.String() + `"]}}`)
+	if err := remote.WriteLayer(r.Context(), static.NewLayer(cfg, types.OCIConfigJSON)); err != nil {
+		t.Fatal(err)
+	}
+	m := fmt.Sprintf(`{"schemaVersion":2,"mediaType":%q,"config":{"mediaType":%q,"digest":"sha256:%s","size":%d},`+
+		`"layers":[{"mediaType":%q,"digest":%q,"size":1}]}`, types.OCIManifestSchema1, types.OCIConfigJSON, sha(string(cfg)), len(cfg), types.OCILayer, tree)
+	if err := remote.Put(r, rawJSON(m)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Pull(context.Background(), other, PullOptions{}); err == nil {
+		t.Fatalf("an image naming the tree's key got it: %v", got.DiffIDs())
+	} else {
+		t.Logf("tree %s refused: %v", tree, err)
+	}
+}
+
+type rawJSON string
+
+func (m rawJSON) RawManifest() ([]byte, error) { return []byte(m), nil }
