@@ -2,6 +2,7 @@ package layercache
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -511,3 +512,65 @@ func TestImageCannotNameATree(t *testing.T) {
 type rawJSON string
 
 func (m rawJSON) RawManifest() ([]byte, error) { return []byte(m), nil }
+
+// diskUse is what the files under dir take on disk, each inode once (as du
+// counts).
+func diskUse(t *testing.T, dir string) int64 {
+	t.Helper()
+	seen := map[uint64]bool{}
+	var n int64
+	err := filepath.Walk(dir, func(p string, _ os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return err
+		}
+		if !seen[st.Ino] {
+			seen[st.Ino] = true
+			n += st.Blocks * 512
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestTwoModelVersionsDiskUse(t *testing.T) {
+	const shard = 4 << 20
+	shards := make([][]byte, 4)
+	for i := range shards {
+		shards[i] = make([]byte, shard)
+		if _, err := rand.Read(shards[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	version := func(last int) ti.Artifact {
+		a := ti.Artifact{ArtifactType: ti.ModelManifest, ConfigMediaType: ti.ModelConfig}
+		for i, s := range [][]byte{shards[0], shards[1], shards[last]} {
+			a.Layers = append(a.Layers, ti.Blob{MediaType: "application/vnd.cncf.model.weight.v1.raw", Data: s,
+				Annotations: map[string]string{ti.ModelFilepath: fmt.Sprintf("model-%d.safetensors", i)}})
+		}
+		return a
+	}
+	reg := ti.Registry(t)
+	ti.PushArtifact(t, reg+"/model:v1", version(2))
+	ti.PushArtifact(t, reg+"/model:v2", version(3))
+	root := t.TempDir()
+	s := openStore(t, root)
+	for _, tag := range []string{"v1", "v2"} {
+		if _, err := s.Pull(context.Background(), reg+"/model:"+tag, PullOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	used := diskUse(t, filepath.Join(root, layersDir))
+	// Four distinct shards, plus directories and small files.
+	if used < 4*shard || used > 4*shard+256<<10 {
+		t.Errorf("two versions of 3 shards of 4 MiB, 2 shared, take %d bytes on disk; want 16 MiB and a little", used)
+	}
+	t.Logf("two model versions (3 shards of 4 MiB each, 2 shared): %d bytes on disk (%.2f MiB), %.2f MiB without sharing",
+		used, float64(used)/(1<<20), float64(6*shard)/(1<<20))
+}
