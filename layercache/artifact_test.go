@@ -243,6 +243,19 @@ func TestModelVersionsShareShards(t *testing.T) {
 		t.Errorf("shared %d bytes, saved %d; want %d both", u.SharedBytes, u.SavedBytes, shared)
 	}
 	t.Logf("two versions: %d bytes in %d entries, %d shared", u.Bytes, u.Layers, u.SharedBytes)
+	infos, err := s.Images()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, im := range infos {
+		if im.ArtifactType != ti.ModelManifest || len(im.Files) != 3 || len(im.Layers) != 2 || !im.Complete {
+			t.Errorf("image %s: artifactType %q, %d files, %d layers, complete %v", im.Ref, im.ArtifactType, len(im.Files), len(im.Layers), im.Complete)
+		}
+	}
+	// Offline: the cached model resolves and ensures with the policy Never.
+	if _, err := s.Pull(context.Background(), reg+"/model:v2", PullOptions{Policy: PullNever}); err != nil {
+		t.Errorf("Pull with Never: %v", err)
+	}
 }
 
 func TestHostileArtifactPaths(t *testing.T) {

@@ -70,8 +70,11 @@ func writeRaw(r *verifyReader, file, what string, meter *layerMeter) (unpack.Sta
 	if err != nil {
 		return unpack.Stats{}, err
 	}
-	// No ReadFrom: a plain copy with a large buffer, counted as it goes.
-	n, err := io.CopyBuffer(struct{ io.Writer }{f}, &meteredReader{r: r, m: meter}, make([]byte, 1<<20))
+	// No ReadFrom: a plain copy with a buffer of up to 1 MiB (no larger
+	// than the file: a model of a thousand small files must not churn
+	// a gigabyte of buffers), counted as it goes.
+	buf := make([]byte, min(max(r.limit, 32<<10), 1<<20))
+	n, err := io.CopyBuffer(struct{ io.Writer }{f}, &meteredReader{r: r, m: meter}, buf)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
