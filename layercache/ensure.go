@@ -39,6 +39,12 @@ type LayerMeta struct {
 	// Entries counts the entries of the layer's tar (see BudgetSize).
 	Entries int64     `json:"entries,omitempty"`
 	Created time.Time `json:"created"`
+	// Kind is empty for an image layer; for an artifact's entries it is
+	// "artifact-tar" (a tar layer, keyed by its blob digest), "raw" (one
+	// file, fs/blob) or "tree" (the hardlinks of its raw files).
+	Kind string `json:"kind,omitempty"`
+	// Parts are the raw entries that a tree links.
+	Parts []v1.Hash `json:"parts,omitempty"`
 }
 
 // ProgressState is the phase of a layer in a progress event.
@@ -114,15 +120,16 @@ func (s *Store) Pull(ctx context.Context, ref string, o PullOptions) (*Image, er
 // context: when ctx ends, Ensure returns ctx's error but the fetches go on,
 // and a later Ensure of the same image joins them.
 func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
+	fetch := img.fetchLayers()
 	if o.Policy == PullNever {
-		for _, l := range img.Layers {
+		for _, l := range fetch {
 			if !s.HasLayer(l.DiffID) {
 				return fmt.Errorf("%w: layer %s of %s is not in the node's cache and the pull policy is Never", ErrNotCached, l.DiffID, img.Ref)
 			}
 		}
 	}
 	var need int64
-	for _, l := range img.Layers {
+	for _, l := range fetch {
 		if !s.HasLayer(l.DiffID) {
 			need += l.Size
 		}
@@ -148,7 +155,7 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	}
 	var waits []pending
 	pull := &pullMeter{ref: img.Ref}
-	for _, l := range img.Layers {
+	for _, l := range fetch {
 		if s.HasLayer(l.DiffID) {
 			report(o.Progress, ProgressEvent{Layer: l, State: LayerCached})
 			continue
@@ -163,6 +170,9 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 		waits = append(waits, pending{f: s.join(src, pull, l, o.Progress), src: src, pull: pull, l: l, progress: o.Progress})
 	}
 	if err := s.wait(ctx, img.Ref, waits); err != nil {
+		return err
+	}
+	if err := s.ensureTree(img); err != nil {
 		return err
 	}
 	// Whether cached before or fetched just now (perhaps by another
@@ -414,6 +424,14 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 		return "", nil, nil, err
 	}
 
+	var stats unpack.Stats
+	kind := ""
+	if l.kind == artifactRaw && l.Size >= s.opts.ranged.minBytes {
+		if stats, _, err = fetchRawRanged(ctx, s.opts.ranged, c, what, l, filepath.Join(tmp, fsDir, rawBlobFile), meter, progress); err != nil {
+			return "", nil, nil, err
+		}
+		return s.writeLayerMeta(tmp, l, kindRaw, l.Size, stats, meter)
+	}
 	body := &resumingReader{ctx: ctx, s: s, c: c, attempts: attempts, d: l.Digest, size: l.Size, what: what}
 	n, err := body.open()
 	if err != nil {
@@ -424,16 +442,31 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 		return "", nil, nil, fmt.Errorf("%w: %s: %s sends %d bytes, manifest says %d", ErrDigestMismatch, what, c.repo.RegistryStr(), n, l.Size)
 	}
 	vr := &verifyReader{r: body, limit: l.Size, h: sha256.New(), what: what, progress: progress, layer: l}
-	stats, err := unpackStream(ctx, vr, filepath.Join(tmp, fsDir), l.DiffID, what, meter)
+	switch l.kind {
+	case artifactRaw:
+		kind = kindRaw
+		stats, err = writeRaw(vr, filepath.Join(tmp, fsDir, rawBlobFile), what, meter)
+	case artifactTar:
+		// An artifact has no config listing diffIDs: its key is derived
+		// from the blob digest, which covers what is unpacked.
+		kind = kindArtifactTar
+		stats, err = unpackStream(ctx, vr, filepath.Join(tmp, fsDir), nil, what, meter)
+	default:
+		stats, err = unpackStream(ctx, vr, filepath.Join(tmp, fsDir), &l.DiffID, what, meter)
+	}
 	if err != nil {
 		return "", nil, nil, err
 	}
 	if err := vr.verify(l.Digest); err != nil {
 		return "", nil, nil, err
 	}
+	return s.writeLayerMeta(tmp, l, kind, vr.n, stats, meter)
+}
 
-	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: vr.n,
-		Size: stats.Bytes, Files: stats.Files, Entries: stats.Entries, Created: time.Now().UTC()}
+// writeLayerMeta writes the meta.json of a layer fetched into tmp.
+func (s *Store) writeLayerMeta(tmp string, l Layer, kind string, compressed int64, stats unpack.Stats, meter *layerMeter) (string, *LayerMeta, *layerMeter, error) {
+	meta := &LayerMeta{DiffID: l.DiffID, Digest: l.Digest, MediaType: l.MediaType, CompressedSize: compressed,
+		Size: stats.Bytes, Files: stats.Files, Entries: stats.Entries, Created: time.Now().UTC(), Kind: kind}
 	data, err := json.Marshal(meta)
 	if err != nil {
 		return "", nil, nil, err
@@ -446,8 +479,9 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 
 // unpackStream decompresses r (gzip, zstd or plain tar, told apart by their
 // magic numbers rather than by a media type that may lie), checks the
-// diffID of the tar stream, and unpacks it into dir, charging meter.
-func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Hash, what string, meter *layerMeter) (unpack.Stats, error) {
+// diffID of the tar stream (unless diffID is nil), and unpacks it into dir,
+// charging meter.
+func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID *v1.Hash, what string, meter *layerMeter) (unpack.Stats, error) {
 	br := bufio.NewReaderSize(r, 256<<10)
 	tarStream, closeStream, err := decompressed(br)
 	if err != nil {
@@ -479,7 +513,7 @@ func unpackStream(ctx context.Context, r *verifyReader, dir string, diffID v1.Ha
 		}
 		return stats, r.failure(err, what)
 	}
-	if got := "sha256:" + hex.EncodeToString(dh.Sum(nil)); got != diffID.String() {
+	if got := "sha256:" + hex.EncodeToString(dh.Sum(nil)); diffID != nil && got != diffID.String() {
 		return stats, fmt.Errorf("%w: %s: uncompressed content has digest %s: nothing was stored", ErrDigestMismatch, what, got)
 	}
 	return stats, nil

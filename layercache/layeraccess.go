@@ -149,7 +149,7 @@ func (s *Store) checkLayers(ctx context.Context, img *Image, o PullOptions, repo
 		knownBlob bool
 	}
 	var need []proof
-	for _, l := range img.Layers {
+	for _, l := range img.fetchLayers() {
 		a, err := s.readLayerAccess(l.DiffID)
 		if errors.Is(err, ErrLayerMissing) {
 			// Pruned since it was ensured: the caller's Acquire finds it
@@ -180,7 +180,9 @@ func (s *Store) checkLayers(ctx context.Context, img *Image, o PullOptions, repo
 	errs := make([]error, len(need))
 	var wg sync.WaitGroup
 	for i, p := range need {
-		wg.Go(func() { errs[i] = s.proveLayer(ctx, sr, img.Ref, p.l, !p.knownBlob) })
+		// An artifact entry's key derives from its blob digest: the digest
+		// proves it.
+		wg.Go(func() { errs[i] = s.proveLayer(ctx, sr, img.Ref, p.l, !p.knownBlob && p.l.kind == imageLayer) })
 	}
 	wg.Wait()
 	return errors.Join(errs...)

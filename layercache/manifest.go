@@ -27,6 +27,7 @@ const maxLayers = 500
 type manifestDoc struct {
 	SchemaVersion int               `json:"schemaVersion"`
 	MediaType     types.MediaType   `json:"mediaType"`
+	ArtifactType  string            `json:"artifactType"`
 	Config        *v1.Descriptor    `json:"config"`
 	Layers        []v1.Descriptor   `json:"layers"`
 	Manifests     []v1.Descriptor   `json:"manifests"`
@@ -81,8 +82,15 @@ func (s *Store) buildUncached(ref string, top v1.Hash, get func(v1.Hash, blobKin
 			return nil, fmt.Errorf("%w: %s: an index inside an index is not supported", ErrUnsupported, ref)
 		}
 	}
-	if doc.Config == nil {
-		return nil, fmt.Errorf("%w: %s: manifest %s has no config", ErrUnsupported, ref, img.Digest)
+	kind, err := classifyManifest(doc)
+	if err != nil {
+		return nil, fmt.Errorf("%s: manifest %s: %w", ref, img.Digest, err)
+	}
+	if kind == kindArtifact {
+		if err := buildArtifact(ref, img, doc); err != nil {
+			return nil, err
+		}
+		return img, nil
 	}
 	if len(doc.Layers) > maxLayers {
 		return nil, fmt.Errorf("%w: %s has %d layers; overlayfs stacks at most %d", ErrUnsupported, ref, len(doc.Layers), maxLayers)
@@ -102,9 +110,6 @@ func (s *Store) buildUncached(ref string, top v1.Hash, get func(v1.Hash, blobKin
 		return nil, fmt.Errorf("%w: %s: config lists %d diffIDs for %d layers", ErrUnsupported, ref, len(cfg.RootFS.DiffIDs), len(doc.Layers))
 	}
 	for i, l := range doc.Layers {
-		if !layerMediaType(l.MediaType) {
-			return nil, fmt.Errorf("%w: %s: layer %d has media type %q, not an image layer", ErrUnsupported, ref, i, l.MediaType)
-		}
 		if err := checkDigest(l.Digest); err != nil {
 			return nil, err
 		}

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -128,7 +129,15 @@ type PruneResult struct {
 // needed them. It is mark-and-sweep against the reference files on disk; the
 // sweep re-checks them under the store lock, so it cannot race an Acquire.
 func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
-	res, err := s.evict(ctx, func(unused []LayerInfo, _ int64) []LayerInfo { return unused })
+	all := func(unused []LayerInfo, _ int64) []LayerInfo { return unused }
+	res, err := s.evict(ctx, all)
+	// The raw files of an artifact tree removed just now are unused only
+	// once the tree is gone: a second pass removes them.
+	if err == nil && len(res.Layers) > 0 {
+		var more PruneResult
+		more, err = s.evict(ctx, all)
+		res.Layers, res.Bytes = append(res.Layers, more.Layers...), res.Bytes+more.Bytes
+	}
 	if len(res.Layers) > 0 {
 		s.forgetUsage()
 	}
@@ -209,7 +218,7 @@ func (s *Store) evictBatch(batch []LayerInfo, trash string, res *PruneResult) er
 		}
 	}
 	for _, m := range batch {
-		if inUse[m.DiffID] {
+		if inUse[m.DiffID] || m.Kind == kindRaw && s.linkedByTree(m.DiffID) {
 			continue
 		}
 		p, err := s.layerPath(m.DiffID)
@@ -299,6 +308,9 @@ func (s *Store) Layers() ([]LayerInfo, error) {
 			info.LastUsed = t
 		}
 		info.Owners = users[info.DiffID]
+		if info.Kind == kindRaw && s.linkedByTree(info.DiffID) {
+			info.Owners = append(info.Owners, TreeOwner)
+		}
 		sort.Strings(info.Owners)
 		out = append(out, info)
 	}
@@ -314,6 +326,10 @@ type ImageInfo struct {
 	// Layers lists the image's layers for this store's platform, bottom
 	// first, when its manifest and config are cached.
 	Layers []v1.Hash
+	// Files lists an artifact's raw file entries, which its tree (the last
+	// of Layers) links; its ArtifactType is set.
+	Files        []v1.Hash
+	ArtifactType string
 	// Complete is true when every layer is in the store.
 	Complete bool
 	// Size is the content size of its layers that are in the store.
@@ -357,6 +373,11 @@ func (s *Store) Images() ([]ImageInfo, error) {
 				info.Complete = info.Complete && ok
 				info.Size += sz
 			}
+			info.ArtifactType = img.ArtifactType
+			for _, f := range img.Files {
+				info.Files = append(info.Files, f.Layer.DiffID)
+				info.Size += sizes[f.Layer.DiffID]
+			}
 		}
 		out = append(out, info)
 	}
@@ -395,7 +416,7 @@ func (s *Store) Usage() (Usage, error) {
 	users := map[v1.Hash]int{}
 	for _, im := range imgs {
 		seen := map[v1.Hash]bool{}
-		for _, d := range im.Layers {
+		for _, d := range append(slices.Clone(im.Layers), im.Files...) {
 			if !seen[d] {
 				seen[d] = true
 				users[d]++

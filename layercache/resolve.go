@@ -69,8 +69,16 @@ type Image struct {
 	// if the reference named an index.
 	IndexDigest *v1.Hash
 	// Layers lists the layers bottom first. It may be shared with other
-	// Images of the same digest: do not modify it.
+	// Images of the same digest: do not modify it. For an artifact: its
+	// tar layers, then (if it has raw files) the tree of its Files on top.
 	Layers []Layer
+	// ArtifactType is set for an OCI artifact (an ORAS push, a model): its
+	// artifactType, or its config's media type when it has none.
+	ArtifactType string
+	// Files are an artifact's raw layers, each a file at its path, sorted
+	// by path; they are mounted through the tree, not each as a lower. Do
+	// not modify it.
+	Files []RawFile
 }
 
 // Layer is one layer of an image.
@@ -79,6 +87,8 @@ type Layer struct {
 	Digest    v1.Hash         // digest of the blob as stored in the registry
 	Size      int64           // blob size
 	MediaType types.MediaType // blob media type
+
+	kind layerKind // how the store keeps it
 }
 
 // DiffIDs returns the layers' diffIDs, bottom first.

@@ -104,6 +104,8 @@ type options struct {
 
 	registryConfig string        // WithRegistryConfig; "" for none
 	mirrorTimeout  time.Duration // DefaultMirrorTimeout
+
+	ranged ranged // parallel fetch of large raw files
 }
 
 // Option configures a Store.
@@ -182,6 +184,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 		retryAttempts: DefaultRetryAttempts,
 		retryBackoff:  DefaultRetryBackoff,
 		mirrorTimeout: DefaultMirrorTimeout,
+		ranged:        defaultRanged,
 	}
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
