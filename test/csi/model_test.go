@@ -1,0 +1,179 @@
+package csitest
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	ti "github.com/strata-csi/strata/test/testimage"
+)
+
+// rawFile is one file of a model: a layer whose blob is the file, at the
+// path its annotation names.
+func rawFile(mediaType, data, annotation, path string) ti.Blob {
+	return ti.Blob{MediaType: mediaType, Data: []byte(data), Annotations: map[string]string{annotation: path}}
+}
+
+// modelPack is a CNCF ModelPack model: two weight shards and a README as
+// raw files, a config tar.
+func modelPack(t *testing.T, shard2 string) ti.Artifact {
+	return ti.Artifact{ArtifactType: ti.ModelManifest, ConfigMediaType: ti.ModelConfig, Config: []byte(`{"descriptor":{"name":"m"}}`),
+		Layers: []ti.Blob{
+			rawFile("application/vnd.cncf.model.weight.v1.raw", "shard-one", ti.ModelFilepath, "weights/model-00001-of-00002.safetensors"),
+			rawFile("application/vnd.cncf.model.weight.v1.raw", shard2, ti.ModelFilepath, "weights/model-00002-of-00002.safetensors"),
+			{MediaType: "application/vnd.cncf.model.weight.config.v1.tar", Data: ti.Tar(t, ti.File("config.json", "{}"))},
+			rawFile("application/vnd.cncf.model.doc.v1.raw", "# M", ti.ModelFilepath, "README.md"),
+		}}
+}
+
+func inode(t *testing.T, p string) uint64 {
+	t.Helper()
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Sys().(*syscall.Stat_t).Ino
+}
+
+// TestModelVolumes: a model (an OCI artifact, not an image) mounts over
+// CSI as a tree of its files: copy-on-write for one pod, read-only,
+// subPath, and stacked over a toolchain image; a shard two model versions
+// share is the same file in the cache; a Helm chart is refused, naming
+// its type.
+func TestModelVolumes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	reg := ti.Registry(t)
+	v1, v2, tools := reg+"/models/m:v1", reg+"/models/m:v2", reg+"/tools/py:v1"
+	ti.PushArtifact(t, v1, modelPack(t, "shard-two"))
+	ti.PushArtifact(t, v2, modelPack(t, "shard-two-tuned"))
+	pushBase(t, tools, "tools")
+
+	want := map[string]string{
+		"weights/model-00001-of-00002.safetensors": "shard-one",
+		"weights/model-00002-of-00002.safetensors": "shard-two",
+		"config.json": "{}", "README.md": "# M",
+	}
+	check := func(t *testing.T, dir string, files map[string]string) {
+		t.Helper()
+		for p, body := range files {
+			if got := readString(t, filepath.Join(dir, p)); got != body {
+				t.Errorf("%s = %q, want %q", p, got, body)
+			}
+		}
+	}
+
+	t.Run("copy-on-write", func(t *testing.T) {
+		tgt := e.publishImage("model-rw", v1)
+		check(t, tgt, want)
+		writeFile(t, filepath.Join(tgt, "weights/model-00001-of-00002.safetensors"), "fine-tuned")
+		other := e.publishImage("model-rw-2", v1)
+		check(t, other, want) // the other pod still sees the original
+		for _, p := range [][2]string{{"model-rw", tgt}, {"model-rw-2", other}} {
+			if err := e.unpublish(p[0], p[1]); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	t.Run("read-only and subPath", func(t *testing.T) {
+		tgt := e.target("model-ro")
+		req := pubReq("model-ro", tgt, map[string]string{"image": v1, "subPath": "weights"})
+		req.Readonly = true
+		e.publish(req)
+		check(t, tgt, map[string]string{"model-00002-of-00002.safetensors": "shard-two"})
+		if err := os.WriteFile(filepath.Join(tgt, "x"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("write to a read-only model volume: %v, want EROFS", err)
+		}
+		if err := e.unpublish("model-ro", tgt); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("stacked over a toolchain", func(t *testing.T) {
+		tgt := e.target("model-stack")
+		e.publish(pubReq("model-stack", tgt, map[string]string{"image": tools, "stackImages": v1}))
+		check(t, tgt, want)
+		check(t, tgt, map[string]string{"data/base.txt": "tools\n", "version": "tools\n"})
+		if err := e.unpublish("model-stack", tgt); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("versions share shards", func(t *testing.T) {
+		a, b := e.target("model-v1"), e.target("model-v2")
+		ra, rb := pubReq("model-v1", a, map[string]string{"image": v1}), pubReq("model-v2", b, map[string]string{"image": v2})
+		ra.Readonly, rb.Readonly = true, true
+		e.publish(ra)
+		e.publish(rb)
+		shard1 := "weights/model-00001-of-00002.safetensors"
+		if inode(t, filepath.Join(a, shard1)) != inode(t, filepath.Join(b, shard1)) {
+			t.Errorf("the shard both versions share is two files in the cache")
+		}
+		check(t, b, map[string]string{"weights/model-00002-of-00002.safetensors": "shard-two-tuned"})
+		for _, p := range [][2]string{{"model-v1", a}, {"model-v2", b}} {
+			if err := e.unpublish(p[0], p[1]); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	t.Run("a Helm chart is refused", func(t *testing.T) {
+		chart := reg + "/charts/c:1.0.0"
+		ti.PushArtifact(t, chart, ti.Artifact{ConfigMediaType: "application/vnd.cncf.helm.config.v1+json",
+			Layers: []ti.Blob{{MediaType: "application/vnd.cncf.helm.chart.content.v1.tar+gzip", Data: ti.Compress(t, ti.Tar(t, ti.File("Chart.yaml", "name: c")), ti.Gzip)}}})
+		tgt := e.target("chart")
+		_, err := e.Node.NodePublishVolume(ctx(t), pubReq("chart", tgt, map[string]string{"image": chart}))
+		wantCode(t, err, codes.InvalidArgument, "application/vnd.cncf.helm.config.v1+json")
+		if n := mountCount(t, tgt); n != 0 {
+			t.Errorf("a refused artifact left %d mounts", n)
+		}
+	})
+}
+
+// BenchmarkModelPublish publishes a model of 1,000 files, one layer per
+// file, once cached: the tree of its files is one lower. It reports the
+// median publish (mount) time; the first publish pulls.
+func BenchmarkModelPublish(b *testing.B) {
+	RequireRoot(b)
+	e := newEnv(b)
+	ref := ti.Registry(b) + "/models/many:v1"
+	a := ti.Artifact{ConfigMediaType: ti.EmptyConfig, ArtifactType: "application/vnd.example.model.v1"}
+	for i := range 1000 {
+		a.Layers = append(a.Layers, rawFile("application/octet-stream", fmt.Sprintf("file %d", i), ti.Title, fmt.Sprintf("shards/%03d/part-%04d.bin", i%10, i)))
+	}
+	ti.PushArtifact(b, ref, a)
+	first := e.target("warm")
+	start := time.Now()
+	e.publish(pubReq("warm", first, map[string]string{"image": ref}))
+	b.Logf("first publish (pull of 1,000 files): %v", time.Since(start).Round(time.Millisecond))
+	if got := readString(b, filepath.Join(first, "shards/007/part-0997.bin")); got != "file 997" {
+		b.Fatalf("part-0997.bin = %q", got)
+	}
+	var times []time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		tgt := e.target(fmt.Sprintf("p%d", i))
+		start := time.Now()
+		e.publish(pubReq(fmt.Sprintf("p%d", i), tgt, map[string]string{"image": ref}))
+		times = append(times, time.Since(start))
+		b.StopTimer()
+		if err := e.unpublish(fmt.Sprintf("p%d", i), tgt); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(median(times).Microseconds()), "p50-µs")
+}
+
+// median returns the middle of ds (sorted in place).
+func median(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	slices.Sort(ds)
+	return ds[len(ds)/2]
+}
