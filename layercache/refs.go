@@ -318,6 +318,14 @@ func (s *Store) Layers() ([]LayerInfo, error) {
 	return out, nil
 }
 
+// ArtifactFile is one raw file of a cached artifact: its path in the
+// volume, its entry in the store and its size.
+type ArtifactFile struct {
+	Path   string
+	DiffID v1.Hash
+	Size   int64
+}
+
 // ImageInfo describes one reference the store has resolved.
 type ImageInfo struct {
 	Ref      string
@@ -326,9 +334,9 @@ type ImageInfo struct {
 	// Layers lists the image's layers for this store's platform, bottom
 	// first, when its manifest and config are cached.
 	Layers []v1.Hash
-	// Files lists an artifact's raw file entries, which its tree (the last
-	// of Layers) links; its ArtifactType is set.
-	Files        []v1.Hash
+	// Files lists an artifact's raw files, by path, which its tree (the
+	// last of Layers) links; its ArtifactType is set.
+	Files        []ArtifactFile
 	ArtifactType string
 	// Complete is true when every layer is in the store.
 	Complete bool
@@ -375,7 +383,7 @@ func (s *Store) Images() ([]ImageInfo, error) {
 			}
 			info.ArtifactType = img.ArtifactType
 			for _, f := range img.Files {
-				info.Files = append(info.Files, f.Layer.DiffID)
+				info.Files = append(info.Files, ArtifactFile{Path: f.Path, DiffID: f.Layer.DiffID, Size: f.Layer.Size})
 				info.Size += sizes[f.Layer.DiffID]
 			}
 		}
@@ -416,7 +424,11 @@ func (s *Store) Usage() (Usage, error) {
 	users := map[v1.Hash]int{}
 	for _, im := range imgs {
 		seen := map[v1.Hash]bool{}
-		for _, d := range append(slices.Clone(im.Layers), im.Files...) {
+		ids := slices.Clone(im.Layers)
+		for _, f := range im.Files {
+			ids = append(ids, f.DiffID)
+		}
+		for _, d := range ids {
 			if !seen[d] {
 				seen[d] = true
 				users[d]++

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -48,6 +49,15 @@ type (
 		Layers   []string  `json:"layers"` // diffIDs, bottom first
 		Size     int64     `json:"size"`
 		Complete bool      `json:"complete"`
+		// An artifact's type, and its files (each a layer of its own,
+		// mounted through the tree of them, the last of Layers).
+		ArtifactType string     `json:"artifactType,omitempty"`
+		Files        []fileJSON `json:"files,omitempty"`
+	}
+	fileJSON struct {
+		Path   string `json:"path"`
+		DiffID string `json:"diffID"`
+		Size   int64  `json:"size"`
 	}
 	layerJSON struct {
 		DiffID         string    `json:"diffID"`
@@ -114,10 +124,17 @@ func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		users := map[v1.Hash][]string{}
 		for _, im := range images {
 			j := imageJSON{Ref: im.Ref, Digest: im.Digest.String(), Resolved: im.Resolved,
-				Layers: []string{}, Size: im.Size, Complete: im.Complete}
+				Layers: []string{}, Size: im.Size, Complete: im.Complete, ArtifactType: im.ArtifactType}
 			seen := map[v1.Hash]bool{}
+			ids := slices.Clone(im.Layers)
 			for _, d := range im.Layers {
 				j.Layers = append(j.Layers, d.String())
+			}
+			for _, f := range im.Files {
+				j.Files = append(j.Files, fileJSON{Path: f.Path, DiffID: f.DiffID.String(), Size: f.Size})
+				ids = append(ids, f.DiffID)
+			}
+			for _, d := range ids {
 				if !seen[d] {
 					seen[d] = true
 					users[d] = append(users[d], im.Ref)
@@ -148,8 +165,12 @@ func lsFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 	}
 }
 
-// maxUsers is how many holders of a layer the table names; --json has all.
-const maxUsers = 3
+// maxUsers is how many holders of a layer the table names, maxFiles how
+// many files of an artifact; --json has all.
+const (
+	maxUsers = 3
+	maxFiles = 20
+)
 
 // holder names who holds a layer: the pod and volume id of a publish
 // ("shop/web-0 (vol-1)"), the volume id alone when kubelet did not pass the
@@ -202,6 +223,19 @@ func printLs(w io.Writer, images []layercache.ImageInfo, layers []layercache.Lay
 			complete = "no"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", im.Ref, shortDigest(im.Digest), len(im.Layers), humanBytes(im.Size), complete)
+	}
+	for _, im := range images {
+		if im.ArtifactType == "" {
+			continue
+		}
+		fmt.Fprintf(tw, "\nARTIFACT %s (%s): %d files (mounted as one tree), %d tar layers\n", im.Ref, im.ArtifactType, len(im.Files), len(im.Layers)-min(1, len(im.Files)))
+		for i, f := range im.Files {
+			if i == maxFiles {
+				fmt.Fprintf(tw, "  and %d more files (--json lists them all)\n", len(im.Files)-maxFiles)
+				break
+			}
+			fmt.Fprintf(tw, "  %s\t%s\n", f.Path, humanBytes(f.Size))
+		}
 	}
 	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "LAYER\tSIZE\tFILES\tIMAGES\tOWNERS\tLAST USE\tUSED BY")
