@@ -57,6 +57,24 @@ func pullingEvent(images []string, volumeID string) podEvent {
 	return podEvent{corev1.EventTypeNormal, reasonPulling, fmt.Sprintf("Pulling %s for volume %q", DescribeStack(images), volumeID)}
 }
 
+// progressEvent tells how far a pull got: received of total compressed
+// bytes after elapsed, the rate so far and, at that rate, the time left.
+func progressEvent(images []string, volumeID string, received, total int64, elapsed time.Duration) podEvent {
+	msg := fmt.Sprintf("Pulling %s for volume %q: %s of %s", DescribeStack(images), volumeID, humanBytes(received), humanBytes(total))
+	if total > 0 {
+		msg += fmt.Sprintf(" (%d%%)", received*100/total)
+	}
+	msg += " in " + humanDuration(elapsed)
+	if secs := elapsed.Seconds(); secs > 0 && received > 0 {
+		rate := float64(received) / secs
+		msg += fmt.Sprintf(", %s/s", humanBytes(int64(rate)))
+		if eta := time.Duration(float64(total-received) / rate * float64(time.Second)).Round(time.Second); eta > 0 {
+			msg += ", about " + eta.String() + " left"
+		}
+	}
+	return podEvent{corev1.EventTypeNormal, reasonPulling, msg}
+}
+
 // outcomeEvent chooses the event that reports o; none when the call's
 // context ended during the pull, which goes on in the background: kubelet's
 // retry joins it and reports how it ends.

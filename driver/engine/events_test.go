@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -192,5 +193,57 @@ func TestNilPodEvents(t *testing.T) {
 	ev.shutdown()
 	if newPodEvents(nil, "strata.csi.dev", "n") != nil {
 		t.Error("newPodEvents(nil) is not nil")
+	}
+}
+
+func TestProgressEvent(t *testing.T) {
+	for _, tc := range []struct {
+		received, total int64
+		elapsed         time.Duration
+		want            string
+	}{
+		{0, 4e9, 30 * time.Second, `Pulling image "r/m:v1" for volume "v": 0 B of 4.0 GB (0%) in 30s`},
+		{1e9, 4e9, 10 * time.Second, `Pulling image "r/m:v1" for volume "v": 1.0 GB of 4.0 GB (25%) in 10s, 100.0 MB/s, about 30s left`},
+		{4e9, 4e9, 40 * time.Second, `Pulling image "r/m:v1" for volume "v": 4.0 GB of 4.0 GB (100%) in 40s, 100.0 MB/s`},
+	} {
+		got := progressEvent([]string{"r/m:v1"}, "v", tc.received, tc.total, tc.elapsed)
+		if got.Type != "Normal" || got.Reason != "Pulling" || got.Message != tc.want {
+			t.Errorf("progressEvent(%d of %d) = %+v, want %q", tc.received, tc.total, got, tc.want)
+		}
+	}
+}
+
+// TestPullProgressReported: a pull that downloads reports how far it got
+// on the pod, at most once per progressEvery, counting only the layers
+// this publish fetches (not those it joined, nor cached ones).
+func TestPullProgressReported(t *testing.T) {
+	kube := fake.NewClientset()
+	ev := newPodEvents(kube, "strata.csi.dev", "node-1")
+	defer ev.shutdown()
+	pod := credentials.Pod{Namespace: "ml", Name: "serve-0", UID: "u"}
+	tr := newPullTracker(nil, ev, pod, []string{"r/m:v1"}, "v")
+	tr.progressEvery = time.Hour
+	layer := func(n byte, size int64) layercache.Layer {
+		return layercache.Layer{DiffID: v1.Hash{Algorithm: "sha256", Hex: strings.Repeat(string('a'+n), 64)}, Size: size}
+	}
+	big, joined, cached := layer(0, 1000), layer(1, 500), layer(2, 7)
+	tr.progress(layercache.ProgressEvent{Layer: cached, State: layercache.LayerCached})
+	for _, l := range []layercache.Layer{big, joined} {
+		tr.progress(layercache.ProgressEvent{Layer: l, State: layercache.LayerMissing})
+	}
+	tr.progress(layercache.ProgressEvent{Layer: joined, State: layercache.LayerJoined})
+	tr.progress(layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 100})
+	waitEvents(t, kube, "ml", 1) // Pulling, and no progress yet: the interval has not passed
+	tr.progressEvery = 0
+	tr.progress(layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 250})
+	events := waitEvents(t, kube, "ml", 2)
+	var progress string
+	for _, e := range events {
+		if strings.Contains(e.Message, " of ") {
+			progress = e.Message
+		}
+	}
+	if !strings.HasPrefix(progress, `Pulling image "r/m:v1" for volume "v": 250 B of 1.0 kB (25%) in `) {
+		t.Errorf("progress event %q, want 250 B of the 1000 B this publish fetches", progress)
 	}
 }

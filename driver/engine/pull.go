@@ -25,15 +25,27 @@ type pullTracker struct {
 	volumeID string
 	start    time.Time
 
-	mu      sync.Mutex
-	joined  map[string]bool  // layers another caller was fetching
-	missing map[string]int64 // compressed sizes of the layers the cache lacked
+	// progressEvery is how often a pull that is downloading reports its
+	// progress on the pod (ProgressEvery).
+	progressEvery time.Duration
+
+	mu       sync.Mutex
+	joined   map[string]bool  // layers another caller was fetching
+	missing  map[string]int64 // compressed sizes of the layers the cache lacked
+	received map[string]int64 // compressed bytes received per fetched layer
+	reported time.Time        // when progress was last reported (or the pull began)
 }
+
+// ProgressEvery is how often a pull that downloads reports on the pod how far
+// it got, so that `kubectl describe pod` answers "is it stuck?" while a
+// large layer comes: about as often as kubelet retries a publish.
+const ProgressEvery = 30 * time.Second
 
 func newPullTracker(m *metrics.Metrics, events *podEvents, pod credentials.Pod, images []string, volumeID string) *pullTracker {
 	return &pullTracker{
 		metrics: m, events: events, pod: pod, images: images, volumeID: volumeID, start: time.Now(),
-		joined: map[string]bool{}, missing: map[string]int64{},
+		progressEvery: ProgressEvery, reported: time.Now(),
+		joined: map[string]bool{}, missing: map[string]int64{}, received: map[string]int64{},
 	}
 }
 
@@ -42,6 +54,7 @@ func newPullTracker(m *metrics.Metrics, events *podEvents, pod credentials.Pod, 
 func (t *pullTracker) progress(e layercache.ProgressEvent) {
 	t.mu.Lock()
 	first := false
+	var report *podEvent
 	switch e.State {
 	case layercache.LayerCached:
 		t.metrics.LayerHit()
@@ -55,16 +68,41 @@ func (t *pullTracker) progress(e layercache.ProgressEvent) {
 		}
 	case layercache.LayerJoined:
 		t.joined[e.Layer.DiffID.Hex] = true
+	case layercache.LayerFetching:
+		t.received[e.Layer.DiffID.Hex] = e.Done
+		if now := time.Now(); now.Sub(t.reported) >= t.progressEvery {
+			t.reported = now
+			ev := t.progressLocked(now)
+			report = &ev
+		}
 	case layercache.LayerDone:
 		// A layer another publish fetched is counted there.
 		if !t.joined[e.Layer.DiffID.Hex] {
 			t.metrics.LayerPulled(e.Layer.Size)
+			t.received[e.Layer.DiffID.Hex] = e.Layer.Size
 		}
 	}
 	t.mu.Unlock()
 	if first {
 		t.events.emit(t.pod, pullingEvent(t.images, t.volumeID))
 	}
+	if report != nil {
+		t.events.emit(t.pod, *report)
+	}
+}
+
+// progressLocked is the progress event of the pull at now: the bytes this
+// publish received of the layers it downloads, and the rate so far. The
+// caller holds mu.
+func (t *pullTracker) progressLocked(now time.Time) podEvent {
+	var total, received int64
+	for d, n := range t.missing {
+		if !t.joined[d] {
+			total += n
+			received += min(t.received[d], n)
+		}
+	}
+	return progressEvent(t.images, t.volumeID, received, total, now.Sub(t.start))
 }
 
 // outcome sums up the pull so far; layers is the stack's layer count (0 if
