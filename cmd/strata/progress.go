@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -21,7 +22,29 @@ type layerProgress struct {
 	layer layercache.Layer
 	state string // "waiting", "pulling", "cached", "pulled"
 	done  int64  // compressed bytes received
+	// started is when its first bytes came, printed when its last plain
+	// line was written.
+	started, printed time.Time
 }
+
+// speed returns the layer's rate so far and, at that rate, the time left
+// ("" for each until bytes have come).
+func (l *layerProgress) speed(now time.Time) (rate, left string) {
+	elapsed := now.Sub(l.started)
+	if l.started.IsZero() || l.done == 0 || elapsed <= 0 {
+		return "", ""
+	}
+	r := float64(l.done) / elapsed.Seconds()
+	rate = megabytes(int64(r)) + "/s"
+	if rest := l.layer.Size - l.done; rest > 0 {
+		left = time.Duration(float64(rest) / r * float64(time.Second)).Round(time.Second).String()
+	}
+	return rate, left
+}
+
+// plainEvery is how often a layer that is downloading gets a line of its
+// own when the output is not a terminal.
+const plainEvery = 10 * time.Second
 
 func (l *layerProgress) final() bool { return l.state == "cached" || l.state == "pulled" }
 
@@ -32,6 +55,7 @@ type progress struct {
 	w     io.Writer
 	tty   bool
 	start time.Time
+	now   func() time.Time // time.Now; tests set it
 
 	mu     sync.Mutex
 	order  []v1.Hash // distinct diffIDs, bottom first
@@ -46,9 +70,13 @@ type progress struct {
 
 // newProgress starts showing the progress of pulling img's layers.
 func newProgress(w io.Writer, tty bool, img *layercache.Image) *progress {
-	p := &progress{w: w, tty: tty, start: time.Now(), layers: map[v1.Hash]*layerProgress{},
+	p := &progress{w: w, tty: tty, start: time.Now(), now: time.Now, layers: map[v1.Hash]*layerProgress{},
 		stopc: make(chan struct{}), donec: make(chan struct{})}
-	for _, l := range img.Layers {
+	all := slices.Clone(img.Layers)
+	for _, f := range img.Files { // an artifact's files, each fetched on its own
+		all = append(all, f.Layer)
+	}
+	for _, l := range all {
 		if _, ok := p.layers[l.DiffID]; ok {
 			continue // the same layer twice in one image is stored once
 		}
@@ -76,8 +104,24 @@ func (p *progress) event(e layercache.ProgressEvent) {
 	case layercache.LayerCached:
 		l.state = "cached"
 	case layercache.LayerFetching:
+		now := p.now()
+		if l.started.IsZero() {
+			l.started, l.printed = now, now
+		}
 		l.state = "pulling"
 		l.done = e.Done
+		if !p.tty && now.Sub(l.printed) >= plainEvery {
+			l.printed = now
+			rate, left := l.speed(now)
+			line := fmt.Sprintf("layer %s pulling %s / %s", shortDigest(l.layer.DiffID), megabytes(l.done), megabytes(l.layer.Size))
+			if rate != "" {
+				line += ", " + rate
+			}
+			if left != "" {
+				line += ", about " + left + " left"
+			}
+			fmt.Fprintln(p.w, line)
+		}
 	case layercache.LayerJoined:
 		l.state = "joined"
 	case layercache.LayerDone:
@@ -179,6 +223,12 @@ func (p *progress) redraw() {
 			bytes = megabytes(l.layer.Size) + " / " + megabytes(l.layer.Size)
 		default:
 			bytes = megabytes(l.done) + " / " + megabytes(l.layer.Size)
+			if rate, left := l.speed(p.now()); rate != "" {
+				bytes += "  " + rate
+				if left != "" {
+					bytes += "  ETA " + left
+				}
+			}
 		}
 		fmt.Fprintf(&b, "\x1b[2K%-21s %-8s %s\n", shortDigest(l.layer.DiffID), l.state, bytes)
 	}

@@ -1,0 +1,43 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/strata-csi/strata/layercache"
+)
+
+// TestProgressLines: off a terminal, a layer that downloads gets a plain
+// line every plainEvery with its bytes, rate and time left, and one when it
+// is done; an artifact's files are followed like layers.
+func TestProgressLines(t *testing.T) {
+	hash := func(c string) v1.Hash { return v1.Hash{Algorithm: "sha256", Hex: strings.Repeat(c, 64)} }
+	big := layercache.Layer{DiffID: hash("a"), Size: 4e9}
+	file := layercache.Layer{DiffID: hash("b"), Size: 2e6}
+	img := &layercache.Image{Ref: "r/m:v1", Layers: []layercache.Layer{big}, Files: []layercache.RawFile{{Path: "w.bin", Layer: file}}}
+	var out bytes.Buffer
+	p := newProgress(&out, false, img)
+	clock := time.Unix(1000, 0)
+	p.now = func() time.Time { return clock }
+	step := func(d time.Duration, e layercache.ProgressEvent) {
+		clock = clock.Add(d)
+		p.event(e)
+	}
+	step(0, layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 1})
+	step(5*time.Second, layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 5e8})
+	if out.Len() != 0 {
+		t.Errorf("a line before plainEvery: %q", out.String())
+	}
+	step(5*time.Second, layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 1e9})
+	step(time.Second, layercache.ProgressEvent{Layer: file, State: layercache.LayerDone})
+	p.stop()
+	want := "layer " + shortDigest(big.DiffID) + " pulling 1000.0 MB / 4000.0 MB, 100.0 MB/s, about 30s left\n" +
+		"layer " + shortDigest(file.DiffID) + " 2.0 MB pulled\n"
+	if out.String() != want {
+		t.Errorf("lines:\n%s\nwant:\n%s", out.String(), want)
+	}
+}
