@@ -427,7 +427,7 @@ func (s *Store) downloadLayer(ctx context.Context, c *client, attempts int, what
 	var stats unpack.Stats
 	kind := ""
 	if l.kind == artifactRaw && l.Size >= s.opts.ranged.minBytes {
-		if stats, _, err = fetchRawRanged(ctx, s.opts.ranged, c, what, l, filepath.Join(tmp, fsDir, rawBlobFile), meter, progress); err != nil {
+		if stats, err = s.fetchRawResumable(ctx, c, what, l, filepath.Join(tmp, fsDir, rawBlobFile), meter, progress); err != nil {
 			return "", nil, nil, err
 		}
 		return s.writeLayerMeta(tmp, l, kindRaw, l.Size, stats, meter)

@@ -29,6 +29,33 @@ type ranged struct {
 
 var defaultRanged = ranged{minBytes: DefaultRangedRawBytes, chunk: rangefetch.DefaultChunkSize, streams: rangefetch.DefaultStreams}
 
+// fetchRawResumable fetches the large raw file l into file: through its
+// partial download under partial/ (claimPartial), which a cut transfer
+// leaves for the next try, in this process or the next, to resume; moved to
+// file once it verified. When another process is downloading it, straight
+// into file, from scratch.
+func (s *Store) fetchRawResumable(ctx context.Context, c *client, what string, l Layer, file string, meter *layerMeter, progress func(ProgressEvent)) (unpack.Stats, error) {
+	partial, release, ok, err := s.claimPartial(l.Digest)
+	if err != nil {
+		return unpack.Stats{}, err
+	}
+	if !ok {
+		stats, _, err := fetchRawRanged(ctx, s.opts.ranged, c, what, l, file, meter, progress)
+		return stats, err
+	}
+	done := false
+	defer func() { release(done) }()
+	stats, _, err := fetchRawRanged(ctx, s.opts.ranged, c, what, l, partial, meter, progress)
+	if err != nil {
+		return stats, err
+	}
+	if err := os.Rename(partial, file); err != nil {
+		return stats, fmt.Errorf("%s: move the finished download into place: %w", what, err)
+	}
+	done = true
+	return stats, nil
+}
+
 // fetchRawRanged fetches l's blob from c into file with parallel Range
 // requests (one stream if the registry ignores Range), charging meter with
 // its size first, and verifies its digest. It returns the bytes received.

@@ -138,6 +138,9 @@ func (s *Store) Prune(ctx context.Context) (PruneResult, error) {
 		more, err = s.evict(ctx, all)
 		res.Layers, res.Bytes = append(res.Layers, more.Layers...), res.Bytes+more.Bytes
 	}
+	if err == nil {
+		err = s.sweepPartials(0)
+	}
 	if len(res.Layers) > 0 {
 		s.forgetUsage()
 	}

@@ -212,7 +212,7 @@ func Open(root string, opts ...Option) (*Store, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("create store root: %w", err)
 	}
-	for _, d := range []string{layersDir, imagesDir, imageRefDir, accessDir, refsDir, tmpDir} {
+	for _, d := range []string{layersDir, imagesDir, imageRefDir, accessDir, refsDir, tmpDir, partialDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, fmt.Errorf("create store directory: %w", err)
 		}
@@ -221,6 +221,9 @@ func Open(root string, opts ...Option) (*Store, error) {
 	s.res.committed = -1
 	if err := s.claimWork(); err != nil {
 		return nil, err
+	}
+	if err := s.sweepPartials(partialMaxAge); err != nil {
+		return nil, fmt.Errorf("remove stale partial downloads: %w", err)
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
