@@ -56,6 +56,7 @@ func TestStrata(t *testing.T) {
 		{"ReadOnlyVolume", testReadOnlyVolume},
 		{"SubPathVolume", testSubPathVolume},
 		{"StackedVolume", testStackedVolume},
+		{"ModelVolumes", testModelVolumes},
 		{"CloneStatefulSet", testCloneStatefulSet},
 		{"GenericEphemeralClone", testGenericEphemeralClone},
 		{"CloneCapacity", testCloneCapacity},
