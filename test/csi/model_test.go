@@ -177,3 +177,51 @@ func median(ds []time.Duration) time.Duration {
 	slices.Sort(ds)
 	return ds[len(ds)/2]
 }
+
+// TestArtifactKindsOverCSI: each kind of artifact the tools write mounts
+// over CSI with the tree they mean: a KitOps ModelKit (tar+gzip and
+// tar+zstd layers), a Docker model-runner model (a layer per file), an ORAS
+// push (files, and a directory marked for unpacking), an artifactType
+// manifest with the empty config.
+func TestArtifactKindsOverCSI(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	reg := ti.Registry(t)
+	tarOf := func(mt string, c ti.Compression, entries ...ti.Entry) ti.Blob {
+		return ti.Blob{MediaType: mt, Data: ti.Compress(t, ti.Tar(t, entries...), c)}
+	}
+	for _, tc := range []struct {
+		name string
+		a    ti.Artifact
+		want map[string]string
+	}{
+		{"modelkit", ti.Artifact{ConfigMediaType: ti.ModelKitConfig, Config: []byte(`{"manifestVersion":"1.0"}`), Layers: []ti.Blob{
+			tarOf("application/vnd.kitops.modelkit.model.v1.tar+gzip", ti.Gzip, ti.Dir("models"), ti.File("models/llama.gguf", "gguf")),
+			tarOf("application/vnd.kitops.modelkit.code.v1.tar+zstd", ti.Zstd, ti.Dir("src"), ti.File("src/train.py", "print()")),
+		}}, map[string]string{"models/llama.gguf": "gguf", "src/train.py": "print()"}},
+		{"docker-model", ti.Artifact{ConfigMediaType: ti.DockerAIConfig, Config: []byte(`{"config":{"format":"gguf"}}`), Layers: []ti.Blob{
+			rawFile("application/vnd.docker.ai.gguf.v3", "gguf-1", ti.ModelFilepath, "model-00001-of-00002.gguf"),
+			rawFile("application/vnd.docker.ai.license", "MIT", ti.ModelFilepath, "LICENSE"),
+		}}, map[string]string{"model-00001-of-00002.gguf": "gguf-1", "LICENSE": "MIT"}},
+		{"oras", ti.Artifact{ArtifactType: ti.ORASUnknown, ConfigMediaType: ti.EmptyConfig, Layers: []ti.Blob{
+			rawFile("application/vnd.oci.image.layer.v1.tar", "hello", ti.Title, "hello.txt"),
+			{MediaType: "application/vnd.oci.image.layer.v1.tar+gzip", Data: ti.Compress(t, ti.Tar(t, ti.Dir("docs"), ti.File("docs/a.md", "A")), ti.Gzip),
+				Annotations: map[string]string{ti.Title: "docs", ti.ORASUnpack: "true"}},
+		}}, map[string]string{"hello.txt": "hello", "docs/a.md": "A"}},
+		{"artifact-type", ti.Artifact{ArtifactType: "application/vnd.example.dataset.v1", ConfigMediaType: ti.EmptyConfig, Layers: []ti.Blob{
+			rawFile("text/csv", "1,2", ti.Title, "rows.csv"),
+		}}, map[string]string{"rows.csv": "1,2"}},
+	} {
+		ref := reg + "/kinds/" + tc.name + ":v1"
+		ti.PushArtifact(t, ref, tc.a)
+		tgt := e.publishImage("kind-"+tc.name, ref)
+		for p, body := range tc.want {
+			if got := readString(t, filepath.Join(tgt, p)); got != body {
+				t.Errorf("%s: %s = %q, want %q", tc.name, p, got, body)
+			}
+		}
+		if err := e.unpublish("kind-"+tc.name, tgt); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
