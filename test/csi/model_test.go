@@ -225,3 +225,28 @@ func TestArtifactKindsOverCSI(t *testing.T) {
 		}
 	}
 }
+
+// TestModelClone: a persistent clone of a model keeps a fine-tune's writes
+// across its stages, over the model's files.
+func TestModelClone(t *testing.T) {
+	t.Parallel()
+	e := newAllEnv(t)
+	ref := ti.Registry(t) + "/models/clone:v1"
+	ti.PushArtifact(t, ref, modelPack(t, "shard-two"))
+	vol := e.createClone("model-clone", ref, 64<<20)
+	staging, target := e.stageAndPublish(vol, "model-clone")
+	shard := filepath.Join(target, "weights/model-00002-of-00002.safetensors")
+	if got := readString(t, shard); got != "shard-two" {
+		t.Fatalf("the clone's shard = %q", got)
+	}
+	writeFile(t, shard, "fine-tuned")
+	e.unpublishAndUnstage(vol.VolumeId, staging, target)
+	staging, target = e.stageAndPublish(vol, "model-clone-2")
+	if got := readString(t, filepath.Join(target, "weights/model-00002-of-00002.safetensors")); got != "fine-tuned" {
+		t.Errorf("after a new stage the clone's shard = %q, want the fine-tune's write", got)
+	}
+	if got := readString(t, filepath.Join(target, "README.md")); got != "# M" {
+		t.Errorf("README.md = %q", got)
+	}
+	e.unpublishAndUnstage(vol.VolumeId, staging, target)
+}
