@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 
@@ -261,7 +262,10 @@ func treeKey(files []RawFile) v1.Hash {
 }
 
 // buildArtifact fills img from an artifact's manifest: its tar layers bottom
-// first, then one tree of its raw files on top. A path that leaves the
+// first, with one tree of its raw files at the place of the last of them:
+// tar layers that come after every raw file (a commit of a model's writes,
+// which may replace or delete its files) are above the tree, the others
+// below it. A path that leaves the
 // volume makes the whole artifact unsafe; two layers at one path, or a
 // file where another needs a directory, make it unsupported.
 func buildArtifact(ref string, img *Image, doc *manifestDoc) error {
@@ -273,6 +277,7 @@ func buildArtifact(ref string, img *Image, doc *manifestDoc) error {
 		img.ArtifactType = string(doc.Config.MediaType)
 	}
 	byPath := map[string]int{}
+	treeAt := 0 // the tar layers below the tree
 	for i, l := range doc.Layers {
 		if err := checkDigest(l.Digest); err != nil {
 			return err
@@ -293,6 +298,7 @@ func buildArtifact(ref string, img *Image, doc *manifestDoc) error {
 			return fmt.Errorf("%w: %s: layers %d and %d are both at path %q", ErrUnsupported, ref, j, i, clean)
 		}
 		byPath[clean] = i
+		treeAt = len(img.Layers)
 		img.Files = append(img.Files, RawFile{Path: clean, Layer: Layer{DiffID: entryKey(kindRaw, l.Digest), Digest: l.Digest, Size: l.Size, MediaType: l.MediaType, kind: artifactRaw}})
 	}
 	for p, i := range byPath {
@@ -309,7 +315,7 @@ func buildArtifact(ref string, img *Image, doc *manifestDoc) error {
 		sort.Slice(img.Files, func(i, j int) bool { return img.Files[i].Path < img.Files[j].Path })
 		// The tree has no blob: its bytes are its raw files'.
 		k := treeKey(img.Files)
-		img.Layers = append(img.Layers, Layer{DiffID: k, Digest: k, MediaType: treeMediaType, kind: artifactTree})
+		img.Layers = slices.Insert(img.Layers, treeAt, Layer{DiffID: k, Digest: k, MediaType: treeMediaType, kind: artifactTree})
 	}
 	return nil
 }

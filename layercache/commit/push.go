@@ -18,7 +18,8 @@ import (
 
 // Push writes to target the image base (by digest) with layer appended and a
 // config history entry that says createdBy. It returns the new manifest's
-// digest.
+// digest. An artifact base (a model) gets a new version of itself
+// (pushArtifact).
 //
 // The base's layers are never downloaded when target is on base's registry:
 // go-containerregistry asks the target repository whether it has each blob
@@ -34,9 +35,16 @@ import (
 // wrapErr classifies registry errors (layercache.ClassifyRegistryError).
 func Push(ctx context.Context, base name.Digest, target name.Tag, layer v1.Layer, createdBy string,
 	wrapErr func(error, string) error, baseOpts, targetOpts []remote.Option) (v1.Hash, error) {
-	img, err := remote.Image(base, baseOpts...)
+	desc, err := remote.Get(base, baseOpts...)
 	if err != nil {
 		return v1.Hash{}, wrapErr(err, "fetch base image "+base.String())
+	}
+	if m, err := parseArtifactManifest(desc.Manifest); err == nil && m.config.MediaType != "" && !isImageConfig(m.config.MediaType) {
+		return pushArtifact(ctx, desc.Manifest, desc.MediaType, base, target, layer, wrapErr, baseOpts, targetOpts)
+	}
+	img, err := desc.Image()
+	if err != nil {
+		return v1.Hash{}, wrapErr(err, "read base image "+base.String())
 	}
 	mt, err := img.MediaType()
 	if err != nil {

@@ -1,15 +1,20 @@
 package csitest
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"google.golang.org/grpc/codes"
 
 	ti "github.com/strata-csi/strata/test/testimage"
@@ -249,4 +254,85 @@ func TestModelClone(t *testing.T) {
 		t.Errorf("README.md = %q", got)
 	}
 	e.unpublishAndUnstage(vol.VolumeId, staging, target)
+}
+
+// TestCommitModel: a fine-tune's writes to a model's volume commit as a new
+// version of the model, an artifact still (its artifactType and config
+// media type kept, the ModelPack config's diffIDs extended by the new
+// layer's), which mounts with the writes: a shard replaced, a file added,
+// one deleted.
+func TestCommitModel(t *testing.T) {
+	e := newEnv(t)
+	reg := ti.Registry(t)
+	base, out := reg+"/models/tune:v1", reg+"/models/tune:v2"
+	m := modelPack(t, "shard-two")
+	m.Config = []byte(`{"descriptor":{"name":"m"},"modelfs":{"type":"layers","diffIds":["sha256:` + strings.Repeat("0", 64) + `"]}}`)
+	ti.PushArtifact(t, base, m)
+	src := e.target("tune")
+	e.publish(pubReq("vol-tune", src, podAttrs(base, "ml", "tune-0")))
+	writeFile(t, filepath.Join(src, "weights/model-00002-of-00002.safetensors"), "shard-two-tuned")
+	writeFile(t, filepath.Join(src, "weights/adapter.safetensors"), "lora")
+	if err := os.Remove(filepath.Join(src, "README.md")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.commitCLI("ml/tune-0", out); err != nil {
+		t.Fatal(err)
+	}
+
+	ref, err := name.ParseReference(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Get(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var man struct {
+		ArtifactType string          `json:"artifactType"`
+		Config       v1.Descriptor   `json:"config"`
+		Layers       []v1.Descriptor `json:"layers"`
+	}
+	if err := json.Unmarshal(desc.Manifest, &man); err != nil {
+		t.Fatal(err)
+	}
+	if man.ArtifactType != ti.ModelManifest || man.Config.MediaType != ti.ModelConfig || len(man.Layers) != 5 ||
+		man.Layers[4].MediaType != "application/vnd.cncf.model.weight.v1.tar+gzip" {
+		t.Fatalf("committed manifest: %s", desc.Manifest)
+	}
+	cfg, err := remote.Layer(ref.Context().Digest(man.Config.Digest.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := cfg.Compressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	var c struct {
+		Descriptor struct{ Name string } `json:"descriptor"`
+		ModelFS    struct {
+			DiffIDs []string `json:"diffIds"`
+		} `json:"modelfs"`
+	}
+	if err := json.NewDecoder(rc).Decode(&c); err != nil {
+		t.Fatal(err)
+	}
+	if c.Descriptor.Name != "m" || len(c.ModelFS.DiffIDs) != 2 || !strings.HasPrefix(c.ModelFS.DiffIDs[1], "sha256:") {
+		t.Errorf("committed config: name %q, diffIds %v: want the base's, with the new layer's diffID added", c.Descriptor.Name, c.ModelFS.DiffIDs)
+	}
+
+	dst := e.publishImage("vol-tuned", out)
+	for p, body := range map[string]string{
+		"weights/model-00001-of-00002.safetensors": "shard-one",
+		"weights/model-00002-of-00002.safetensors": "shard-two-tuned",
+		"weights/adapter.safetensors":              "lora",
+		"config.json":                              "{}",
+	} {
+		if got := readString(t, filepath.Join(dst, p)); got != body {
+			t.Errorf("the committed model's %s = %q, want %q", p, got, body)
+		}
+	}
+	if exists(filepath.Join(dst, "README.md")) {
+		t.Error("README.md, deleted before the commit, is in the committed model")
+	}
 }
