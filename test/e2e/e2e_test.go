@@ -62,6 +62,7 @@ func TestStrata(t *testing.T) {
 		{"CloneCapacity", testCloneCapacity},
 		{"CloneExpand", testCloneExpand},
 		{"VolumeCommit", testVolumeCommit},
+		{"ModelFineTune", testModelFineTune},
 		{"PodDeletionUnpublishes", testPodDeletionUnpublishes},
 		{"PluginRestart", testPluginRestart},
 		{"MissingImage", testMissingImage},

@@ -4,14 +4,17 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/strata-csi/strata/driver/commits"
 	"github.com/strata-csi/strata/test/testimage"
 )
 
@@ -108,5 +111,110 @@ func testModelVolumes(t *testing.T) {
 	}
 	if out := mustExec(t, ns, pods.Items[0].Name, "cat /model/weights/model-00002-of-00002.safetensors"); out != "shard two\n" {
 		t.Errorf("a replica sees %q after another pod's write, want the original", out)
+	}
+}
+
+// testModelFineTune: a StatefulSet's clone of the model gets a fine-tune's
+// writes, which a VolumeCommit pushes as a new version of the model: an
+// artifact still, which a pod mounts with the writes.
+func testModelFineTune(t *testing.T) {
+	pushModel(t)
+	const class = "strata-e2e-model"
+	if out, err := kubectlStdin(fmt.Sprintf(`apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: %s
+provisioner: %s
+parameters:
+  image: %s
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+`, class, driverName, modelRef), "apply", "-f", "-"); err != nil {
+		t.Fatalf("create StorageClass: %v\n%s", err, out)
+	}
+	t.Cleanup(func() {
+		_ = kube.StorageV1().StorageClasses().Delete(context.Background(), class, metav1.DeleteOptions{})
+	})
+	ns := namespace(t, "e2e-finetune")
+	apply(t, ns, fmt.Sprintf(`apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: tune
+spec:
+  serviceName: tune
+  replicas: 1
+  selector:
+    matchLabels: {app: tune}
+  template:
+    metadata:
+      labels: {app: tune}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: main
+        image: %s
+        command: ["sleep", "86400"]
+        volumeMounts:
+        - {name: model, mountPath: /model}
+  volumeClaimTemplates:
+  - metadata:
+      name: model
+    spec:
+      accessModes: [ReadWriteOnce]
+      storageClassName: %s
+      resources:
+        requests:
+          storage: 64Mi
+`, busybox, class))
+	waitRunning(t, ns, "tune-0")
+	mustExec(t, ns, "tune-0", "echo tuned > /model/weights/model-00002-of-00002.safetensors && echo lora > /model/weights/adapter.safetensors && rm /model/README.md")
+
+	tuned := registryAddr + "/e2e/model:v2"
+	apply(t, ns, fmt.Sprintf(`apiVersion: strata.csi.dev/v1alpha1
+kind: VolumeCommit
+metadata:
+  name: v2
+spec:
+  source:
+    pod:
+      name: tune-0
+      volume: model
+  image: %s
+`, tuned))
+	var vc *commits.VolumeCommit
+	eventually(t, 2*time.Minute, "VolumeCommit "+ns+"/v2 over", func() (bool, error) {
+		var err error
+		vc, err = getVolumeCommit(t, ns, "v2")
+		return err == nil && vc.Status.Terminal(), err
+	})
+	if vc.Status.Phase != commits.PhaseSucceeded {
+		out, _ := kubectl("-n", ns, "describe", "volumecommit", "v2")
+		t.Fatalf("VolumeCommit %s/v2 is %s: %s\n%s", ns, vc.Status.Phase, vc.Status.Message, out)
+	}
+
+	ref, err := name.ParseReference(vc.Status.ImageRef, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Get(ref, remote.WithTransport(netnsTransport()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var man struct {
+		ArtifactType string `json:"artifactType"`
+		Layers       []struct {
+			MediaType string `json:"mediaType"`
+		} `json:"layers"`
+	}
+	if err := json.Unmarshal(desc.Manifest, &man); err != nil || man.ArtifactType != testimage.ModelManifest || len(man.Layers) != 5 {
+		t.Fatalf("the committed model's manifest (%v): %s; want the model's artifactType and one more layer", err, desc.Manifest)
+	}
+
+	createPod(t, ns, testPod{name: "serve-v2", image: vc.Status.ImageRef, readOnly: true}.manifest())
+	waitRunning(t, ns, "serve-v2")
+	out := mustExec(t, ns, "serve-v2", "cat /data/weights/model-00001-of-00002.safetensors /data/weights/model-00002-of-00002.safetensors /data/weights/adapter.safetensors; "+
+		"test -e /data/README.md && echo readme-present || echo readme-deleted")
+	if want := "shard one\ntuned\nlora\nreadme-deleted\n"; out != want {
+		t.Errorf("a pod of the committed model sees %q, want %q", out, want)
 	}
 }
