@@ -29,7 +29,10 @@ func createCloneClass(t *testing.T) { createClass(t, cloneClass, "") }
 // createClass makes a clone StorageClass of the dataset image, binding at
 // the first consumer, with the lines of extra (e.g. allowVolumeExpansion),
 // and deletes it when the test ends.
-func createClass(t *testing.T, name, extra string) {
+func createClass(t *testing.T, name, extra string) { createClassOf(t, name, datasetRef, extra) }
+
+// createClassOf is createClass of another image.
+func createClassOf(t *testing.T, name, image, extra string) {
 	t.Helper()
 	manifest := fmt.Sprintf(`apiVersion: storage.k8s.io/v1
 kind: StorageClass
@@ -40,7 +43,7 @@ parameters:
   image: %s
 reclaimPolicy: Delete
 volumeBindingMode: WaitForFirstConsumer
-%s`, name, driverName, datasetRef, extra)
+%s`, name, driverName, image, extra)
 	if out, err := kubectlStdin(manifest, "apply", "-f", "-"); err != nil {
 		t.Fatalf("create StorageClass: %v\n%s", err, out)
 	}

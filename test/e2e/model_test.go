@@ -120,21 +120,7 @@ func testModelVolumes(t *testing.T) {
 func testModelFineTune(t *testing.T) {
 	pushModel(t)
 	const class = "strata-e2e-model"
-	if out, err := kubectlStdin(fmt.Sprintf(`apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata:
-  name: %s
-provisioner: %s
-parameters:
-  image: %s
-reclaimPolicy: Delete
-volumeBindingMode: WaitForFirstConsumer
-`, class, driverName, modelRef), "apply", "-f", "-"); err != nil {
-		t.Fatalf("create StorageClass: %v\n%s", err, out)
-	}
-	t.Cleanup(func() {
-		_ = kube.StorageV1().StorageClasses().Delete(context.Background(), class, metav1.DeleteOptions{})
-	})
+	createClassOf(t, class, modelRef, "")
 	ns := namespace(t, "e2e-finetune")
 	apply(t, ns, fmt.Sprintf(`apiVersion: apps/v1
 kind: StatefulSet
