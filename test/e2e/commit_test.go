@@ -58,17 +58,7 @@ spec:
   image: %s
 `, committedRef))
 
-	var vc *commits.VolumeCommit
-	eventually(t, 2*time.Minute, "VolumeCommit "+ns+"/v1 over", func() (bool, error) {
-		var err error
-		vc, err = getVolumeCommit(t, ns, "v1")
-		return err == nil && vc.Status.Terminal(), err
-	})
-	st := vc.Status
-	if st.Phase != commits.PhaseSucceeded {
-		out, _ := kubectl("-n", ns, "describe", "volumecommit", "v1")
-		t.Fatalf("VolumeCommit %s/v1 is %s: %s\n%s", ns, st.Phase, st.Message, out)
-	}
+	st := commitSucceeded(t, ns, "v1").Status
 	t.Logf("VolumeCommit status: %+v", st)
 	wantRef := registryAddr + "/e2e/committed@" + st.Digest
 	if st.Node != c.nodeName || !strings.HasPrefix(st.Digest, "sha256:") || len(st.Digest) != len("sha256:")+64 ||
@@ -108,6 +98,23 @@ spec:
 	if err != nil || again.Status.Digest != st.Digest || again.Status.Phase != commits.PhaseSucceeded {
 		t.Errorf("VolumeCommit changed after success: %+v, %v", again, err)
 	}
+}
+
+// commitSucceeded waits until VolumeCommit ns/name is over, and fails the
+// test unless it succeeded.
+func commitSucceeded(t *testing.T, ns, name string) *commits.VolumeCommit {
+	t.Helper()
+	var vc *commits.VolumeCommit
+	eventually(t, 2*time.Minute, "VolumeCommit "+ns+"/"+name+" over", func() (bool, error) {
+		var err error
+		vc, err = getVolumeCommit(t, ns, name)
+		return err == nil && vc.Status.Terminal(), err
+	})
+	if vc.Status.Phase != commits.PhaseSucceeded {
+		out, _ := kubectl("-n", ns, "describe", "volumecommit", name)
+		t.Fatalf("VolumeCommit %s/%s is %s: %s\n%s", ns, name, vc.Status.Phase, vc.Status.Message, out)
+	}
+	return vc
 }
 
 // commitEvents waits for the events, by reason, on VolumeCommit ns/name.

@@ -14,7 +14,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/strata-csi/strata/driver/commits"
 	"github.com/strata-csi/strata/test/testimage"
 )
 
@@ -167,16 +166,7 @@ spec:
       volume: model
   image: %s
 `, tuned))
-	var vc *commits.VolumeCommit
-	eventually(t, 2*time.Minute, "VolumeCommit "+ns+"/v2 over", func() (bool, error) {
-		var err error
-		vc, err = getVolumeCommit(t, ns, "v2")
-		return err == nil && vc.Status.Terminal(), err
-	})
-	if vc.Status.Phase != commits.PhaseSucceeded {
-		out, _ := kubectl("-n", ns, "describe", "volumecommit", "v2")
-		t.Fatalf("VolumeCommit %s/v2 is %s: %s\n%s", ns, vc.Status.Phase, vc.Status.Message, out)
-	}
+	vc := commitSucceeded(t, ns, "v2")
 
 	ref, err := name.ParseReference(vc.Status.ImageRef, name.Insecure)
 	if err != nil {
