@@ -121,18 +121,15 @@ func (s *Store) Pull(ctx context.Context, ref string, o PullOptions) (*Image, er
 // and a later Ensure of the same image joins them.
 func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	fetch := img.fetchLayers()
-	if o.Policy == PullNever {
-		for _, l := range fetch {
-			if !s.HasLayer(l.DiffID) {
-				return fmt.Errorf("%w: layer %s of %s is not in the node's cache and the pull policy is Never", ErrNotCached, l.DiffID, img.Ref)
-			}
-		}
-	}
 	var need int64
 	for _, l := range fetch {
-		if !s.HasLayer(l.DiffID) {
-			need += l.Size
+		if s.HasLayer(l.DiffID) {
+			continue
 		}
+		if o.Policy == PullNever {
+			return fmt.Errorf("%w: layer %s of %s is not in the node's cache and the pull policy is Never", ErrNotCached, l.DiffID, img.Ref)
+		}
+		need += l.Size
 	}
 	// The compressed size is a lower bound of what a layer takes unpacked.
 	if err := s.makeRoom(ctx, img.Ref, need); err != nil {

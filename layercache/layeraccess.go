@@ -10,9 +10,11 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
+	"syscall"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -52,6 +54,33 @@ type layerAccess struct {
 	Repositories []string `json:"repositories,omitempty"`
 }
 
+// clone returns a copy of a that its caller may change.
+func (a *layerAccess) clone() *layerAccess {
+	return &layerAccess{Digests: slices.Clone(a.Digests), Public: a.Public, Repositories: slices.Clone(a.Repositories)}
+}
+
+// cachedAccess is a layer's access record as read from one version of its
+// file.
+type cachedAccess struct {
+	version fileKey
+	access  *layerAccess
+}
+
+// fileKey tells one version of a file from another: a file replaced by
+// rename has another inode.
+type fileKey struct {
+	ino, size int64
+	mtime     int64
+}
+
+func fileVersion(fi os.FileInfo) fileKey {
+	k := fileKey{size: fi.Size(), mtime: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		k.ino = int64(st.Ino)
+	}
+	return k
+}
+
 // allows reports whether the record lets repo hand out the layer named by
 // the blob digest d.
 func (a *layerAccess) allows(d v1.Hash, repo string) bool {
@@ -82,8 +111,28 @@ func (s *Store) readLayerAccess(diffID v1.Hash) (*layerAccess, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A record is replaced by rename, never written in place: the same
+	// file (inode, size, mtime) holds the same record, which a publish of a
+	// model of a thousand files then reads from memory, not from disk.
+	p := filepath.Join(dir, accessFile)
+	if st, err := os.Stat(p); err == nil {
+		key := fileVersion(st)
+		if c, ok := s.accessCache.Load(diffID); ok && c.(cachedAccess).version == key {
+			return c.(cachedAccess).access.clone(), nil
+		}
+		var a layerAccess
+		err := readJSON(p, &a)
+		if err == nil {
+			s.accessCache.Store(diffID, cachedAccess{version: key, access: a.clone()})
+			return &a, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return &a, err
+		}
+		// Pruned since the stat: as if there were no record.
+	}
 	var a layerAccess
-	err = readJSON(filepath.Join(dir, accessFile), &a)
+	err = readJSON(p, &a)
 	if err == nil || !errors.Is(err, fs.ErrNotExist) {
 		return &a, err
 	}

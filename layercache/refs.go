@@ -234,6 +234,7 @@ func (s *Store) evictBatch(batch []LayerInfo, trash string, res *PruneResult) er
 			}
 			return fmt.Errorf("remove layer %s: %w", m.DiffID, err)
 		}
+		s.accessCache.Delete(m.DiffID)
 		klog.V(2).InfoS("Removed unused layer", "layer", m.DiffID, "bytes", m.Size, "lastUsed", m.LastUsed)
 		res.Layers = append(res.Layers, m.DiffID)
 		res.Bytes += m.Size

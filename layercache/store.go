@@ -51,8 +51,10 @@ type Store struct {
 
 	mu      sync.Mutex
 	flights map[string]*flight // in-progress layer fetches by flightKey
-	// accessMu orders this process's updates of layer access records.
-	accessMu sync.Mutex
+	// accessMu orders this process's updates of layer access records;
+	// accessCache keeps the records read, by diffID (readLayerAccess).
+	accessMu    sync.Mutex
+	accessCache sync.Map
 
 	// lockMu orders this process's takers of the store lock before they
 	// queue on the flock. flock is not fair: a prune that releases and at
