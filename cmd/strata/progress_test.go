@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -40,4 +41,44 @@ func TestProgressLines(t *testing.T) {
 	if out.String() != want {
 		t.Errorf("lines:\n%s\nwant:\n%s", out.String(), want)
 	}
+}
+
+// TestProgressTerminal: on a terminal, a downloading layer's line shows its
+// bytes, its rate and the time left.
+func TestProgressTerminal(t *testing.T) {
+	big := layercache.Layer{DiffID: v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("c", 64)}, Size: 4e9}
+	var out safeBuffer
+	p := newProgress(&out, true, &layercache.Image{Ref: "r/m:v1", Layers: []layercache.Layer{big}})
+	clock := time.Unix(1000, 0)
+	p.mu.Lock()
+	p.now = func() time.Time { return clock }
+	p.mu.Unlock()
+	p.event(layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 1})
+	p.mu.Lock()
+	clock = clock.Add(10 * time.Second)
+	p.mu.Unlock()
+	p.event(layercache.ProgressEvent{Layer: big, State: layercache.LayerFetching, Done: 1e9})
+	p.stop()
+	if s := out.String(); !strings.Contains(s, "1000.0 MB / 4000.0 MB  100.0 MB/s  ETA 30s") {
+		t.Errorf("terminal view %q lacks the layer's bytes, rate and time left", s)
+	}
+}
+
+// safeBuffer is a bytes.Buffer that the redraw goroutine and the test may
+// share.
+type safeBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *safeBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *safeBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
