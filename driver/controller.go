@@ -42,7 +42,7 @@ type createdVolume struct {
 // TopologyKey is the topology segment that names a node: a clone is
 // accessible from its node only. NodeGetInfo reports it, and kubelet copies
 // it into the node's labels.
-const TopologyKey = "topology.strata.csi.dev/node"
+const TopologyKey = clones.TopologyKey
 
 // volumeIDPrefix starts every volume id the controller makes.
 const volumeIDPrefix = "strata-"

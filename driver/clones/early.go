@@ -17,10 +17,10 @@ import (
 	"github.com/strata-csi/strata/internal/fault"
 )
 
-// topologyKey is the topology segment that names a node: the value of
-// driver.TopologyKey, which the controller puts in a clone's node affinity
-// (this package is below driver and cannot import it).
-const topologyKey = "topology.strata.csi.dev/node"
+// TopologyKey is the topology segment that names a node: a clone is
+// accessible from its node only. The controller puts it in a clone's node
+// affinity (driver.TopologyKey is this constant).
+const TopologyKey = "topology.strata.csi.dev/node"
 
 // A claim cloned from another should hold the source's content as it was
 // when the claim was made (CSI CreateVolume), not when a pod first stages
@@ -60,14 +60,14 @@ func (q *earlyCopies) add(c *Clones, obj any) bool {
 }
 
 // onNode reports whether pv's required node affinity names node by
-// topologyKey (as the controller places a clone).
+// TopologyKey (as the controller places a clone).
 func onNode(pv *corev1.PersistentVolume, node string) bool {
 	if pv.Spec.NodeAffinity == nil || pv.Spec.NodeAffinity.Required == nil {
 		return false
 	}
 	for _, term := range pv.Spec.NodeAffinity.Required.NodeSelectorTerms {
 		for _, e := range term.MatchExpressions {
-			if e.Key == topologyKey && e.Operator == corev1.NodeSelectorOpIn && slices.Contains(e.Values, node) {
+			if e.Key == TopologyKey && e.Operator == corev1.NodeSelectorOpIn && slices.Contains(e.Values, node) {
 				return true
 			}
 		}

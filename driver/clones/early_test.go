@@ -26,7 +26,7 @@ func clonePV(name, handle, ref, cloneOf, node string) *corev1.PersistentVolume {
 				"csi.storage.k8s.io/pvc/name": "b",
 			}}},
 		NodeAffinity: &corev1.VolumeNodeAffinity{Required: &corev1.NodeSelector{NodeSelectorTerms: []corev1.NodeSelectorTerm{{
-			MatchExpressions: []corev1.NodeSelectorRequirement{{Key: topologyKey, Operator: corev1.NodeSelectorOpIn, Values: []string{node}}},
+			MatchExpressions: []corev1.NodeSelectorRequirement{{Key: TopologyKey, Operator: corev1.NodeSelectorOpIn, Values: []string{node}}},
 		}}}},
 	}}
 }
@@ -38,8 +38,8 @@ func clonePV(name, handle, ref, cloneOf, node string) *corev1.PersistentVolume {
 // here.
 func TestCloneSweeperCopiesEarly(t *testing.T) {
 	requireRoot(t)
-	if topologyKey != "topology.strata.csi.dev/node" {
-		t.Fatalf("topologyKey %q is not driver.TopologyKey's value", topologyKey)
+	if TopologyKey != "topology.strata.csi.dev/node" {
+		t.Fatalf("TopologyKey %q is not the value the chart and the CSINode labels use", TopologyKey)
 	}
 	c := newTestClones(t)
 	ref := pushBase(t, "ds")
