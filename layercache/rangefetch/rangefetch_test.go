@@ -18,6 +18,8 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/strata-csi/strata/test/testimage"
 )
 
 // blobServer serves one blob on 127.0.0.1, with http.ServeContent (which
@@ -84,41 +86,31 @@ func (s *blobServer) serve(w http.ResponseWriter, r *http.Request) {
 		w.Write(s.blob[:1])
 		return
 	}
-	http.ServeContent(&faultyWriter{ResponseWriter: w, s: s, start: time.Now()}, r, "", time.Time{}, bytes.NewReader(s.blob))
+	var h http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.ServeContent(&cutWriter{ResponseWriter: w, s: s}, r, "", time.Time{}, bytes.NewReader(s.blob))
+	})
+	if s.perStream > 0 {
+		h = testimage.CapEachAnswer(s.perStream)(h)
+	}
+	h.ServeHTTP(w, r)
 }
 
-// faultyWriter applies the server's rate cap and its cut.
-type faultyWriter struct {
+// cutWriter applies the server's cut, and counts what it sent.
+type cutWriter struct {
 	http.ResponseWriter
-	s       *blobServer
-	start   time.Time
-	written int64
+	s *blobServer
 }
 
-func (w *faultyWriter) Write(p []byte) (int, error) {
+func (w *cutWriter) Write(p []byte) (int, error) {
 	if limit := w.s.abortAfter.Load(); limit > 0 && w.s.sent.Load()+int64(len(p)) > limit {
 		n := max(0, limit-w.s.sent.Load())
 		w.ResponseWriter.Write(p[:n])
 		w.s.sent.Add(n)
 		panic(http.ErrAbortHandler) // the connection is cut
 	}
-	var n int
-	for len(p) > 0 {
-		part := p[:min(len(p), 64<<10)]
-		m, err := w.ResponseWriter.Write(part)
-		n += m
-		w.written += int64(m)
-		w.s.sent.Add(int64(m))
-		if err != nil {
-			return n, err
-		}
-		p = p[m:]
-		if rate := w.s.perStream; rate > 0 {
-			due := w.start.Add(time.Duration(float64(w.written) / float64(rate) * float64(time.Second)))
-			time.Sleep(time.Until(due))
-		}
-	}
-	return n, nil
+	n, err := w.ResponseWriter.Write(p)
+	w.s.sent.Add(int64(n))
+	return n, err
 }
 
 func randomBlob(t testing.TB, n int) ([]byte, v1.Hash) {
