@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,7 +14,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"k8s.io/klog/v2"
 )
 
@@ -123,7 +121,8 @@ func (s *Store) checkAccess(ctx context.Context, h *hosts, ref string, repo name
 	ep, err := src.do(ctx, "verify access to "+ref, func(c *client, attempts int) error {
 		return s.retryN(ctx, "verify access to "+ref, attempts, func() error {
 			if served {
-				return c.headManifest(ctx, d)
+				_, err := c.headManifest(ctx, d.String())
+				return err
 			}
 			_, _, _, err := c.manifest(ctx, d.String()) // verified against d
 			return err
@@ -205,24 +204,4 @@ func keyKind(key string) string {
 		return key
 	}
 	return "credentials"
-}
-
-// headManifest asks whether the manifest d exists for this client's
-// credentials.
-func (c *client) headManifest(ctx context.Context, d v1.Hash) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodHead, c.url("manifests", d.String()), nil)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Accept", manifestAccept)
-	resp, err := c.http.Do(req)
-	what := "check manifest " + c.repo.String() + "@" + d.String()
-	if err != nil {
-		return classify(err, what)
-	}
-	resp.Body.Close()
-	if err := transport.CheckError(resp, http.StatusOK); err != nil {
-		return classify(err, what)
-	}
-	return nil
 }

@@ -140,13 +140,11 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 	if err != nil {
 		return err
 	}
-	var src *source
+	// The source connects on first need (a client per endpoint, kept).
+	src := s.newSource(h, r.Context(), o.Keychain)
 	connected := func() (*source, error) {
-		if src == nil {
-			src = s.newSource(h, r.Context(), o.Keychain)
-			if err := src.connect(ctx); err != nil {
-				return nil, err
-			}
+		if err := src.connect(ctx); err != nil {
+			return nil, err
 		}
 		return src, nil
 	}
@@ -160,6 +158,13 @@ func (s *Store) Ensure(ctx context.Context, img *Image, o PullOptions) error {
 		// Reported before the fetch starts, so that a caller knows the pull
 		// downloads before the first bytes arrive.
 		report(o.Progress, ProgressEvent{Layer: l, State: LayerMissing})
+		// A fetch in flight is joined without a connection of one's own:
+		// a hundred publishes of one image do not each ask the registry
+		// (checkLayers has the joiner's credentials checked).
+		if f := s.joinFlight(l, o.Progress); f != nil {
+			waits = append(waits, pending{f: f, src: src, pull: pull, l: l, progress: o.Progress})
+			continue
+		}
 		src, err := connected()
 		if err != nil {
 			return err
@@ -228,16 +233,7 @@ func (s *Store) join(src *source, pull *pullMeter, l Layer, progress func(Progre
 	key, repo := flightKey(l), src.registry().repo.Name()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if f, ok := s.flights[key]; ok {
-		report(progress, ProgressEvent{Layer: l, State: LayerJoined})
-		if progress != nil {
-			go func() {
-				<-f.done
-				if f.err == nil {
-					progress(ProgressEvent{Layer: l, State: LayerDone})
-				}
-			}()
-		}
+	if f := s.joinFlightLocked(key, l, progress); f != nil {
 		return f
 	}
 	f := &flight{done: make(chan struct{}), repo: repo}
@@ -267,6 +263,33 @@ func (s *Store) join(src *source, pull *pullMeter, l Layer, progress func(Progre
 		}
 		close(f.done)
 	}()
+	return f
+}
+
+// joinFlight joins the fetch of l in flight, if there is one.
+func (s *Store) joinFlight(l Layer, progress func(ProgressEvent)) *flight {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.joinFlightLocked(flightKey(l), l, progress)
+}
+
+// joinFlightLocked joins the flight of key, if there is one: the caller's
+// progress function hears that it joined, and of the layer's completion.
+// The caller holds s.mu.
+func (s *Store) joinFlightLocked(key string, l Layer, progress func(ProgressEvent)) *flight {
+	f, ok := s.flights[key]
+	if !ok {
+		return nil
+	}
+	report(progress, ProgressEvent{Layer: l, State: LayerJoined})
+	if progress != nil {
+		go func() {
+			<-f.done
+			if f.err == nil {
+				progress(ProgressEvent{Layer: l, State: LayerDone})
+			}
+		}()
+	}
 	return f
 }
 

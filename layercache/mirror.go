@@ -150,7 +150,7 @@ func (src *source) client(ctx context.Context, ep *endpoint) (*client, error) {
 	}
 	var c *client
 	err := src.s.retryN(ctx, "connect to "+ep.host(), ep.attempts(src.s), func() (err error) {
-		c, err = src.s.newClient(ctx, src.hosts, ep, src.kc)
+		c, err = src.s.clientFor(ctx, src.hosts, ep, src.kc)
 		return err
 	})
 	if err != nil {

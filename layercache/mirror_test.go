@@ -153,6 +153,19 @@ func TestMirrorServesFirst(t *testing.T) {
 	if got := mirror.count("ping"); got > 2 {
 		t.Errorf("the mirror was pinged %d times, want at most 2", got)
 	}
+
+	// Under Always the tag is confirmed at the mirror, by HEAD: the
+	// registry still gets nothing.
+	mirror.reset()
+	if _, err := s.Resolve(context.Background(), upReg+"/data/set:v1", PullOptions{Policy: PullAlways}); err != nil {
+		t.Fatal(err)
+	}
+	if n := up.total(); n != 0 {
+		t.Errorf("Always: the registry got %d requests (%v), want none", n, up.byKind)
+	}
+	if got := mirror.count("manifest"); got != 1 {
+		t.Errorf("Always: the mirror got %d manifest requests, want one HEAD", got)
+	}
 }
 
 // Every failure of a mirror falls back to the next place, and in the end
@@ -195,6 +208,13 @@ func TestMirrorFallback(t *testing.T) {
 			sp.set(func(sp *spy) { sp.corrupt[layers[1].String()] = true })
 			return reg
 		}, 1},
+		{"mirror rate-limits (429 with Retry-After 30 s)", func(t *testing.T) string {
+			lim := &testimage.RateLimit{RetryAfter: "30", Match: testimage.ManifestsAndBlobs, Window: time.Hour}
+			reg := testimage.Server(t, lim.Wrap)
+			testimage.Push(t, reg+"/data/set:v1", img)
+			lim.Arm()
+			return reg
+		}, len(layers)},
 		{"mirror hangs", func(t *testing.T) string {
 			release := make(chan struct{})
 			reg := testimage.Server(t, func(http.Handler) http.Handler {

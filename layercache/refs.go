@@ -399,13 +399,16 @@ func (s *Store) Images() ([]ImageInfo, error) {
 
 // Usage summarizes the store's disk use.
 type Usage struct {
+	// Images counts the cached images by digest: references that resolved
+	// to the same manifest are one image.
+	Images int
 	// Layers is the number of cached layers; Bytes their content size.
 	Layers int
 	Bytes  int64
 	// InUseBytes is the size of layers that some owner holds.
 	InUseBytes int64
 	// SharedBytes is the size of layers that more than one cached image
-	// uses: space that would be paid twice without the cache.
+	// (by digest) uses: space that would be paid twice without the cache.
 	SharedBytes int64
 	// UniqueBytes is the size of layers that exactly one cached image uses.
 	UniqueBytes int64
@@ -425,8 +428,16 @@ func (s *Store) Usage() (Usage, error) {
 	if err != nil {
 		return u, err
 	}
+	// An image cached under two references (a tag and its digest) is one
+	// image: counted by digest.
 	users := map[v1.Hash]int{}
+	counted := map[v1.Hash]bool{}
 	for _, im := range imgs {
+		if counted[im.Digest] {
+			continue
+		}
+		counted[im.Digest] = true
+		u.Images++
 		seen := map[v1.Hash]bool{}
 		ids := slices.Clone(im.Layers)
 		for _, f := range im.Files {

@@ -96,6 +96,9 @@ func (s *Store) newClient(ctx context.Context, h *hosts, ep *endpoint, kc authn.
 		base = &headerTimeout{next: base, d: s.opts.mirrorTimeout}
 		what = "connect to mirror " + ep.host()
 	}
+	// Outside the mirror's header timeout: a wait for a rate limit is no
+	// silence of the mirror's.
+	base = &rateGate{next: base, lim: s.limits, wait: !ep.mirror}
 	repo := ep.repo
 	rt, err := transport.NewWithContext(ctx, repo.Registry, auth,
 		transport.NewUserAgent(base, s.opts.userAgent), []string{repo.Scope(transport.PullScope)})
@@ -159,14 +162,20 @@ func (c *client) manifest(ctx context.Context, ref string) ([]byte, types.MediaT
 // and a volume may name any host:port, node-local services included (the
 // plugin is on the host network). A registry's answer is reported by its
 // HTTP status and error codes (registryErrorText); other errors by their
-// first line, bounded (boundText). The full answer, truncated, is logged
-// at --v=4.
+// first line, bounded (boundText), without the parts that change from one
+// attempt to the next (stableText), so that Kubernetes counts a repeated
+// failure as one event. The full answer, truncated, is logged at --v=4,
+// the full text of another error at --v=2.
 func classify(err error, what string) error {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	if terr := classifyTLS(err, what); terr != nil {
 		return terr
+	}
+	var rl *RateLimitError
+	if errors.As(err, &rl) {
+		return fmt.Errorf("%w: %s: %w", ErrUnavailable, what, rl)
 	}
 	var terr *transport.Error
 	if errors.As(err, &terr) {
@@ -183,9 +192,9 @@ func classify(err error, what string) error {
 		}
 		return fmt.Errorf("%s: %w", what, safe)
 	}
-	safe := &registryError{msg: boundText(err.Error()), err: err}
+	safe := &registryError{msg: boundText(stableText(err)), err: err}
 	if safe.msg != err.Error() {
-		klog.V(4).InfoS("Registry request failed", "what", what, "err", truncate(err.Error(), maxLoggedAnswer))
+		klog.V(2).InfoS("Registry request failed", "what", what, "err", truncate(err.Error(), maxLoggedAnswer))
 	}
 	var nerr net.Error
 	var operr *net.OpError

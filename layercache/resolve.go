@@ -138,7 +138,7 @@ func (s *Store) Resolve(ctx context.Context, ref string, o PullOptions) (*Image,
 			return nil, fmt.Errorf("%w: %s is not in the node's cache and the pull policy is Never", ErrNotCached, ref)
 		}
 	}
-	return s.resolveRemote(ctx, h, ref, r, o.Keychain)
+	return s.resolveShared(ctx, h, ref, r, o.Keychain, policy)
 }
 
 func isDigest(r name.Reference) bool {

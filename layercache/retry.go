@@ -15,7 +15,9 @@ import (
 )
 
 // Retry policy for registry requests: a few attempts with exponential
-// backoff, for answers that may change (5xx, 429, a dropped connection).
+// backoff, for answers that may change (5xx, 429, a dropped connection). A
+// 429 with Retry-After is retried when the registry asked instead (see
+// rateGate).
 const (
 	DefaultRetryAttempts = 5
 	DefaultRetryBackoff  = 250 * time.Millisecond
@@ -43,6 +45,22 @@ func (s *Store) retryN(ctx context.Context, what string, attempts int, op func()
 		err := op()
 		if err == nil || !errors.Is(err, ErrUnavailable) || errors.As(err, new(tlsSetupError)) || ctx.Err() != nil {
 			return err
+		}
+		var rl *RateLimitError
+		if errors.As(err, &rl) && !rl.until.IsZero() {
+			// The host named when to come back: the next attempt waits
+			// for that moment in the transport (rateGate), with every
+			// other request to the host, instead of the backoff. A wait
+			// past the caller's deadline is not waited: kubelet retries.
+			if dl, ok := ctx.Deadline(); ok && dl.Before(rl.until) {
+				return err
+			}
+			if attempt >= attempts {
+				return fmt.Errorf("%w (after %d attempts)", err, attempt)
+			}
+			klog.V(2).InfoS("Registry rate-limited a request; retrying when it asked", "what", what, "attempt", attempt,
+				"retryIn", time.Until(rl.until).Round(time.Millisecond), "err", err)
+			continue
 		}
 		if attempt >= attempts {
 			return fmt.Errorf("%w (after %d attempts)", err, attempt)

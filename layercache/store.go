@@ -51,6 +51,11 @@ type Store struct {
 
 	mu      sync.Mutex
 	flights map[string]*flight // in-progress layer fetches by flightKey
+	// resolving are the resolutions at a registry in flight, by resolveKey.
+	resolving map[string]*resolving
+	// clients are the connected registry clients that callers with the
+	// same credentials share for a while (clientFor).
+	clients map[string]*sharedClient
 	// accessMu orders this process's updates of layer access records;
 	// accessCache keeps the records read, by diffID (readLayerAccess).
 	accessMu    sync.Mutex
@@ -72,6 +77,10 @@ type Store struct {
 
 	// res is the budget that unpacks in progress hold (see reserve).
 	res reservation
+
+	// limits holds the waits that rate-limiting hosts asked for, and
+	// counts their 429s.
+	limits *rateLimits
 }
 
 // Stats are counters of this Store since Open, for metrics.
@@ -80,6 +89,10 @@ type Stats struct {
 	InFlight int
 	// EvictedLayers and EvictedBytes count what the budget evicted.
 	EvictedLayers, EvictedBytes int64
+	// RateLimited counts the 429 Too Many Requests answers by host (a
+	// registry, mirror or token server), for the first 100 hosts; the
+	// rest are counted under OtherHosts.
+	RateLimited map[string]int64
 }
 
 // Stats returns the store's counters.
@@ -87,7 +100,8 @@ func (s *Store) Stats() Stats {
 	s.mu.Lock()
 	n := len(s.flights)
 	s.mu.Unlock()
-	return Stats{InFlight: n, EvictedLayers: s.evictedLayers.Load(), EvictedBytes: s.evictedBytes.Load()}
+	return Stats{InFlight: n, EvictedLayers: s.evictedLayers.Load(), EvictedBytes: s.evictedBytes.Load(),
+		RateLimited: s.limits.counted()}
 }
 
 type options struct {
@@ -219,7 +233,8 @@ func Open(root string, opts ...Option) (*Store, error) {
 			return nil, fmt.Errorf("create store directory: %w", err)
 		}
 	}
-	s := &Store{root: root, opts: o, reg: reg, sem: make(chan struct{}, o.concurrency), flights: map[string]*flight{}}
+	s := &Store{root: root, opts: o, reg: reg, sem: make(chan struct{}, o.concurrency), flights: map[string]*flight{},
+		resolving: map[string]*resolving{}, clients: map[string]*sharedClient{}, limits: newRateLimits()}
 	s.res.committed = -1
 	if err := s.claimWork(); err != nil {
 		return nil, err

@@ -44,13 +44,17 @@ type pullOutcome struct {
 	// Step is the step that failed (stepResolve, stepPull), with Err.
 	Step string
 	Err  error
-	// Layers counts the stack's layers; Downloaded those the cache lacked,
-	// which the publish downloaded or waited for, and Bytes their
-	// compressed size.
-	Layers, Downloaded int
-	Bytes              int64
-	Duration           time.Duration
+	// Layers counts the stack's layers. Of those the cache lacked, this
+	// publish downloaded Downloaded, of Bytes compressed, and waited for
+	// Joined that a pull already in flight was downloading (another
+	// volume's, or an earlier attempt of this one whose call ended).
+	Layers, Downloaded, Joined int
+	Bytes                      int64
+	Duration                   time.Duration
 }
+
+// missing counts the layers the cache lacked when the publish began.
+func (o pullOutcome) missing() int { return o.Downloaded + o.Joined }
 
 // pullingEvent announces a pull that has layers to download.
 func pullingEvent(images []string, volumeID string) podEvent {
@@ -89,17 +93,26 @@ func outcomeEvent(o pullOutcome) (podEvent, bool) {
 		}
 		return podEvent{corev1.EventTypeWarning, reasonPullFailed,
 			fmt.Sprintf("Failed to %s %s for volume %q: %v", verb, DescribeStack(o.Images), o.VolumeID, o.Err)}, true
-	case o.Downloaded == 0:
+	case o.missing() == 0:
 		cached := "is already cached on the node"
 		if len(o.Images) > 1 {
 			cached = "are already cached on the node"
 		}
 		return podEvent{corev1.EventTypeNormal, reasonPulled,
 			fmt.Sprintf("%s for volume %q %s", capitalize(DescribeStack(o.Images)), o.VolumeID, cached)}, true
+	case o.Downloaded == 0:
+		// Each layer is downloaded once per node: this publish waited.
+		return podEvent{corev1.EventTypeNormal, reasonPulled,
+			fmt.Sprintf("%s for volume %q is ready in %s: it joined a pull in flight for %d of %d layers and downloaded none itself",
+				capitalize(DescribeStack(o.Images)), o.VolumeID, humanDuration(o.Duration), o.Joined, o.Layers)}, true
+	}
+	joined := ""
+	if o.Joined > 0 {
+		joined = fmt.Sprintf(", %d more by a pull in flight that it joined", o.Joined)
 	}
 	return podEvent{corev1.EventTypeNormal, reasonPulled,
-		fmt.Sprintf("Pulled %s for volume %q in %s (%s, %d of %d layers downloaded)",
-			DescribeStack(o.Images), o.VolumeID, humanDuration(o.Duration), humanBytes(o.Bytes), o.Downloaded, o.Layers)}, true
+		fmt.Sprintf("Pulled %s for volume %q in %s (%s, %d of %d layers downloaded%s)",
+			DescribeStack(o.Images), o.VolumeID, humanDuration(o.Duration), humanBytes(o.Bytes), o.Downloaded, o.Layers, joined)}, true
 }
 
 // capitalize upper-cases the first letter of an ASCII phrase.

@@ -110,8 +110,13 @@ func (t *pullTracker) progressLocked(now time.Time) podEvent {
 func (t *pullTracker) outcome(step string, layers int, err error) pullOutcome {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	o := pullOutcome{Images: t.images, VolumeID: t.volumeID, Layers: layers, Downloaded: len(t.missing), Duration: time.Since(t.start)}
-	for _, n := range t.missing {
+	o := pullOutcome{Images: t.images, VolumeID: t.volumeID, Layers: layers, Duration: time.Since(t.start)}
+	for d, n := range t.missing {
+		if t.joined[d] {
+			o.Joined++
+			continue
+		}
+		o.Downloaded++
 		o.Bytes += n
 	}
 	if err != nil {
@@ -146,7 +151,7 @@ func observePull(m *metrics.Metrics, o pullOutcome) {
 		}
 		result = kind
 	}
-	if o.Downloaded > 0 {
+	if o.missing() > 0 {
 		m.ObservePull(result, o.Duration)
 	}
 }
@@ -177,6 +182,9 @@ func registryErrorKind(err error) (kind string, registry bool) {
 	case fault.Denied:
 		return metrics.KindUnauthorized, true
 	case fault.Unavailable:
+		if errors.As(err, new(*layercache.RateLimitError)) {
+			return metrics.KindRateLimited, true
+		}
 		return metrics.KindUnavailable, true
 	case fault.Deadline:
 		return metrics.KindDeadline, true

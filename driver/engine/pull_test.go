@@ -2,21 +2,26 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http/httptest"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/klog/v2"
 
 	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/metrics"
 	"github.com/strata-csi/strata/layercache"
+	"github.com/strata-csi/strata/test/testimage"
 )
 
 func TestRegistryErrorKind(t *testing.T) {
@@ -29,6 +34,7 @@ func TestRegistryErrorKind(t *testing.T) {
 		{"not found", fmt.Errorf("x: %w", layercache.ErrNotFound), "not_found", true},
 		{"unauthorized", fmt.Errorf("x: %w", layercache.ErrUnauthorized), "unauthorized", true},
 		{"unavailable", fmt.Errorf("x: %w", layercache.ErrUnavailable), "unavailable", true},
+		{"rate-limited", fmt.Errorf("%w: x: %w", layercache.ErrUnavailable, &layercache.RateLimitError{Host: "r", RetryAfter: time.Second}), "rate_limited", true},
 		{"deadline", fmt.Errorf("resolve: %w", context.DeadlineExceeded), "deadline", true},
 		{"digest mismatch", fmt.Errorf("x: %w", layercache.ErrDigestMismatch), "bad_blob", true},
 		{"corrupt layer", fmt.Errorf("x: %w", layercache.ErrCorruptLayer), "bad_blob", true},
@@ -103,9 +109,26 @@ func TestPullTracker(t *testing.T) {
 				{Layer: testLayer(2, 2_000_000), State: layercache.LayerMissing},
 			},
 			wantEvents: []string{`Pulling: Pulling image "r/x:v1" for volume "vol"`,
-				`Pulled: Pulled image "r/x:v1" for volume "vol" in * (2.5 MB, 2 of 3 layers downloaded)`},
+				`Pulled: Pulled image "r/x:v1" for volume "vol" in * (2.0 MB, 1 of 3 layers downloaded, 1 more by a pull in flight that it joined)`},
 			want: map[string]float64{"strata_layer_cache_hits_total": 1, "strata_layer_cache_misses_total": 2,
 				"strata_layers_pulled_total": 1, "strata_pulled_bytes_total": 2_000_000,
+				`strata_pull_duration_seconds_count{result="success"}`: 1},
+		},
+		{
+			name: "every missing layer joined: another volume's pull downloads them",
+			progress: []layercache.ProgressEvent{
+				{Layer: testLayer(1, 10), State: layercache.LayerCached},
+				{Layer: testLayer(2, 2_000_000), State: layercache.LayerMissing},
+				{Layer: testLayer(2, 2_000_000), State: layercache.LayerJoined},
+				{Layer: testLayer(3, 500_000), State: layercache.LayerMissing},
+				{Layer: testLayer(3, 500_000), State: layercache.LayerJoined},
+				{Layer: testLayer(2, 2_000_000), State: layercache.LayerDone},
+				{Layer: testLayer(3, 500_000), State: layercache.LayerDone},
+			},
+			wantEvents: []string{`Pulling: Pulling image "r/x:v1" for volume "vol"`,
+				`Pulled: Image "r/x:v1" for volume "vol" is ready in *: it joined a pull in flight for 2 of 3 layers and downloaded none itself`},
+			want: map[string]float64{"strata_layer_cache_hits_total": 1, "strata_layer_cache_misses_total": 2,
+				"strata_layers_pulled_total": 0, "strata_pulled_bytes_total": 0,
 				`strata_pull_duration_seconds_count{result="success"}`: 1},
 		},
 		{
@@ -181,6 +204,55 @@ func TestResolveFailureIsCounted(t *testing.T) {
 		`strata_registry_errors_total{kind="not_found"}`:         1,
 		`strata_registry_errors_total{kind="unauthorized"}`:      0,
 		`strata_pull_duration_seconds_count{result="not_found"}`: 0,
+	} {
+		if got := sample(t, m, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+}
+
+// TestRateLimitedPublishEvent: a publish whose image's registry rate-limits
+// it beyond the call's deadline fails at once with a PullFailed event that
+// names the host and the wait, and counts as a rate_limited registry error;
+// the registry's 429 is counted by host. The error is the layer cache's own,
+// from a real registry on loopback.
+func TestRateLimitedPublishEvent(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test opens a layer cache and must run as root")
+	}
+	lim := &testimage.RateLimit{RetryAfter: "2", Match: testimage.ManifestsAndBlobs, Window: time.Hour}
+	reg := testimage.Server(t, lim.Wrap)
+	ref := reg + "/limited/ds:v1"
+	testimage.Push(t, ref, testimage.Image(t, testimage.Layer(t, testimage.Tar(t, testimage.File("a", "a")), testimage.Gzip)))
+	lim.Arm()
+
+	kube := fake.NewClientset()
+	var m *metrics.Metrics
+	e, _ := newTestEngine(t, t.TempDir(), func(c *Config, store *layercache.Store) {
+		m = metrics.New(metrics.Sources{Stats: store.Stats})
+		c.Metrics, c.Kube = m, kube
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	pod := credentials.Pod{Namespace: "ns", Name: "p", UID: "u"}
+	start := time.Now()
+	_, err := e.Resolve(ctx, klog.Background(), []string{ref}, layercache.PullIfNotPresent, nil, pod, "vol")
+	if !errors.Is(err, layercache.ErrUnavailable) {
+		t.Fatalf("resolve = %v, want ErrUnavailable", err)
+	}
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("resolve failed after %s, want at once: the 2 s wait outlasts the 1 s deadline", d)
+	}
+	ev := waitEvents(t, kube, "ns", 1)[0]
+	want := fmt.Sprintf(`Failed to resolve image %q for volume "vol": registry unavailable: fetch manifest %s: rate-limited by %s, retry after 2 s`, ref, ref, reg)
+	if ev.Type != "Warning" || ev.Reason != "PullFailed" || ev.Message != want {
+		t.Errorf("event = %s %s %q\nwant Warning PullFailed %q", ev.Type, ev.Reason, ev.Message, want)
+	}
+	for series, want := range map[string]float64{
+		`strata_registry_errors_total{kind="rate_limited"}`:             1,
+		`strata_registry_errors_total{kind="unavailable"}`:              0,
+		fmt.Sprintf(`strata_registry_rate_limited_total{host=%q}`, reg): 1,
 	} {
 		if got := sample(t, m, series); got != want {
 			t.Errorf("%s = %v, want %v", series, got, want)

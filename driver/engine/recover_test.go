@@ -10,10 +10,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
-	"github.com/strata-csi/strata/driver/credentials"
 	"github.com/strata-csi/strata/driver/mount"
 	"github.com/strata-csi/strata/driver/state"
-	"github.com/strata-csi/strata/layercache"
 )
 
 // TestRecoverMarksAndSweeps: one pass over the owners of cache references
@@ -27,21 +25,7 @@ func TestRecoverMarksAndSweeps(t *testing.T) {
 		t.Fatal("this test bind-mounts a target and must run as root")
 	}
 	root := t.TempDir()
-	store, err := layercache.Open(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	creds, err := credentials.New(credentials.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer creds.Close()
-	e, err := New(Config{Root: root, DriverName: "strata.csi.dev", NodeID: "n", Store: store, Credentials: creds})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
+	e, store := newTestEngine(t, root, nil)
 
 	digest := v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("ab", 32)}
 	publish := func(volID string, mounted bool) string {

@@ -1,8 +1,8 @@
 // Package metrics exposes the node plugin's Prometheus metrics (strata_*):
 // CSI call latency by method and status code, layers and bytes pulled, cache
 // hits and misses, pull durations, registry errors by kind, and, computed at
-// scrape time from the state on disk, the cache's size and the number of
-// published volumes.
+// scrape time from the state on disk and the cache, the cache's size, the
+// number of published volumes and the registries' 429s by host.
 package metrics
 
 import (
@@ -24,7 +24,8 @@ type Sources struct {
 	Usage func() (layercache.Usage, error)
 	// Volumes counts the publishes on this node.
 	Volumes func() (int, error)
-	// Stats reports the cache's in-flight pulls and evictions.
+	// Stats reports the cache's in-flight pulls, evictions and the 429s
+	// of registries.
 	Stats func() layercache.Stats
 }
 
@@ -46,7 +47,8 @@ type Metrics struct {
 const (
 	KindNotFound     = "not_found"    // no such repository, tag, manifest or blob
 	KindUnauthorized = "unauthorized" // the registry refused the credentials
-	KindUnavailable  = "unavailable"  // unreachable, timed out, 429 or 5xx
+	KindUnavailable  = "unavailable"  // unreachable, timed out or 5xx
+	KindRateLimited  = "rate_limited" // the registry answered 429 Too Many Requests
 	KindDeadline     = "deadline"     // the call's deadline ended while resolving
 	KindBadBlob      = "bad_blob"     // digest mismatch or corrupt layer
 	KindUnsafeLayer  = "unsafe_layer" // a layer tries to write outside itself
@@ -56,7 +58,7 @@ const (
 
 // Kinds lists every registry error kind. Their series are created at zero,
 // so that rate() and alerts see the first error.
-var Kinds = []string{KindNotFound, KindUnauthorized, KindUnavailable, KindDeadline, KindBadBlob, KindUnsafeLayer, KindOther}
+var Kinds = []string{KindNotFound, KindUnauthorized, KindUnavailable, KindRateLimited, KindDeadline, KindBadBlob, KindUnsafeLayer, KindOther}
 
 // New registers the plugin's metrics, and Go runtime and process metrics, in
 // a registry of their own.
@@ -96,7 +98,7 @@ func New(src Sources) *Metrics {
 		}, []string{"result"}),
 		registryErr: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strata_registry_errors_total",
-			Help: "Failed resolves and pulls of publishes, by kind: not_found, unauthorized, unavailable, deadline, bad_blob, unsafe_layer, other.",
+			Help: "Failed resolves and pulls of publishes, by kind: not_found, unauthorized, unavailable, rate_limited, deadline, bad_blob, unsafe_layer, other.",
 		}, []string{"kind"}),
 	}
 	for _, k := range Kinds {
@@ -171,6 +173,9 @@ var (
 	inFlightDesc    = prometheus.NewDesc("strata_pulls_in_flight", "Layers being downloaded and unpacked now.", nil, nil)
 	evictedDesc     = prometheus.NewDesc("strata_evicted_layers_total", "Unused layers the cache budget evicted.", nil, nil)
 	evictedBytes    = prometheus.NewDesc("strata_evicted_bytes_total", "Content bytes of the layers the cache budget evicted.", nil, nil)
+	rateLimitedDesc = prometheus.NewDesc("strata_registry_rate_limited_total",
+		"429 Too Many Requests answers of registries, mirrors and token servers, by host (the hosts past the first 100 as \""+layercache.OtherHosts+"\").",
+		[]string{"host"}, nil)
 )
 
 // stateCollector reads the cache and the volume records at scrape time.
@@ -184,6 +189,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- inFlightDesc
 	ch <- evictedDesc
 	ch <- evictedBytes
+	ch <- rateLimitedDesc
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -201,6 +207,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(st.InFlight))
 		ch <- prometheus.MustNewConstMetric(evictedDesc, prometheus.CounterValue, float64(st.EvictedLayers))
 		ch <- prometheus.MustNewConstMetric(evictedBytes, prometheus.CounterValue, float64(st.EvictedBytes))
+		for host, n := range st.RateLimited {
+			ch <- prometheus.MustNewConstMetric(rateLimitedDesc, prometheus.CounterValue, float64(n), host)
+		}
 	}
 	if c.src.Volumes != nil {
 		if n, err := c.src.Volumes(); err != nil {
