@@ -37,7 +37,7 @@ func commitFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 		if len(args) != 2 {
 			return usagef(cmd, "commit needs a volume and a target image reference, got %d arguments", len(args))
 		}
-		vol, err := findVolume(cmd, e.root, args[0], *targetPath)
+		vol, err := findVolume(cmd, e.root, args[0], *targetPath, true)
 		if err != nil {
 			return err
 		}
@@ -54,8 +54,9 @@ func commitFlags(fs *flag.FlagSet) func(context.Context, *env, []string) error {
 }
 
 // findVolume picks the one publish that arg names: by volume id, or by the
-// pod as NAMESPACE/NAME, narrowed by target path if given.
-func findVolume(cmd *command, root, arg, targetPath string) (*state.Volume, error) {
+// pod as NAMESPACE/NAME, narrowed by target path if given. With writes, a
+// read-only publish is refused: it has none.
+func findVolume(cmd *command, root, arg, targetPath string, writes bool) (*state.Volume, error) {
 	all, err := state.List(root)
 	if err != nil {
 		return nil, fmt.Errorf("list the volumes under %s: %w", root, err)
@@ -88,8 +89,8 @@ func findVolume(cmd *command, root, arg, targetPath string) (*state.Volume, erro
 			arg, len(match), strings.Join(where, ", "))
 	}
 	v := match[0]
-	if v.ReadOnly {
-		return nil, usagef(cmd, "volume %q at %s is read-only: it has no writes to commit", v.VolumeID, v.TargetPath)
+	if v.ReadOnly && writes {
+		return nil, usagef(cmd, "volume %q at %s is read-only: it has no writes to %s", v.VolumeID, v.TargetPath, cmd.name)
 	}
 	return &v, nil
 }

@@ -41,7 +41,7 @@ const (
 	exitUnauthorize = 4 // the registry refused the credentials (or their absence)
 	exitUnavailable = 5 // the registry could not be reached; retry later
 	exitCorrupt     = 6 // digest mismatch, corrupt or unsafe layer: nothing was stored
-	exitNotCached   = 7 // pull policy Never and the image is not in the cache
+	exitNotCached   = 7 // the image is not in the cache (pull policy Never, inspect)
 	exitInterrupted = 130
 )
 
@@ -53,7 +53,7 @@ const exitCodesHelp = `Exit codes:
   4    the registry refused the credentials (or their absence)
   5    the registry is unreachable or temporarily failing; retry later
   6    digest mismatch, corrupt layer or unsafe layer; nothing was stored
-  7    the pull policy is Never and the image is not in the cache
+  7    the image is not in the cache (pull --policy Never, inspect)
   130  interrupted (SIGINT or SIGTERM)
 `
 
@@ -122,6 +122,7 @@ type command struct {
 	name    string
 	args    string // synopsis of the arguments, for usage
 	summary string
+	help    string // more about the command, printed by --help after the synopsis
 	// flags registers the command's flags and returns the function that
 	// runs it with the positional arguments left after parsing.
 	flags func(fs *flag.FlagSet) func(ctx context.Context, e *env, args []string) error
@@ -297,6 +298,9 @@ func commandNames() []string {
 
 func printCommandUsage(w io.Writer, cmd *command, fs *flag.FlagSet) {
 	fmt.Fprintf(w, "%s\n\nUsage:\n  strata [--root DIR] %s [flags] %s\n", cmd.summary, cmd.name, cmd.args)
+	if cmd.help != "" {
+		fmt.Fprintf(w, "\n%s", cmd.help)
+	}
 	var b strings.Builder
 	fs.SetOutput(&b)
 	fs.PrintDefaults()

@@ -297,26 +297,17 @@ func TestPullListUsagePrune(t *testing.T) {
 	// counted once; the three others are unique; nothing is in use.
 	r = strata(t, root, "du", "--bytes")
 	expectCode(t, "du --bytes", r, 0)
-	du := map[string]int64{}
-	for _, line := range strings.Split(strings.TrimSpace(r.stdout), "\n") {
-		f := strings.Fields(line)
-		key, val := f[0], f[1]
-		if key == "in" { // "in use"
-			key, val = "in use", f[2]
-		}
-		n, err := strconv.ParseInt(val, 10, 64)
-		if err != nil {
-			t.Fatalf("du --bytes: line %q: %v", line, err)
-		}
-		du[key] = n
-	}
+	du := parseDu(t, r.stdout)
 	unique := mid.size + top.size + other.size
-	wantDu := map[string]int64{"layers": 4, "total": base.size + unique, "in use": 0,
-		"shared": base.size, "unique": unique, "saved": base.size}
+	wantDu := map[string]int64{"images": 2, "layers": 4, "total": base.size + unique, "in use": 0,
+		"shared": base.size, "unique": unique, "saved": base.size, "volumes": 0, "as copies": 0, "held": 0}
 	for k, want := range wantDu {
 		if du[k] != want {
 			t.Errorf("du --bytes: %s: want %d, got %d\n%s", k, want, du[k], r.stdout)
 		}
+	}
+	if len(du) != len(wantDu) {
+		t.Errorf("du --bytes: %d lines, want %d:\n%s", len(du), len(wantDu), r.stdout)
 	}
 	r = strata(t, root, "du")
 	expectCode(t, "du", r, 0)
@@ -572,4 +563,26 @@ func TestVersionLdflags(t *testing.T) {
 	if err != nil || string(out) != "strata v1.2.3\n" {
 		t.Errorf("version: want %q, got %q (%v)", "strata v1.2.3\n", out, err)
 	}
+}
+
+// duLine is a line of du --bytes: a name (of one or two words), a number,
+// and a note.
+var duLine = regexp.MustCompile(`^(\S+(?: \S+)?) +(\d+)  \S`)
+
+// parseDu reads du --bytes into a map by name.
+func parseDu(t *testing.T, out string) map[string]int64 {
+	t.Helper()
+	du := map[string]int64{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		m := duLine.FindStringSubmatch(line)
+		if m == nil {
+			t.Fatalf("du --bytes: line %q is not NAME NUMBER NOTE", line)
+		}
+		n, err := strconv.ParseInt(m[2], 10, 64)
+		if err != nil {
+			t.Fatalf("du --bytes: line %q: %v", line, err)
+		}
+		du[m[1]] = n
+	}
+	return du
 }

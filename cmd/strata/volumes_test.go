@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -143,5 +144,81 @@ func TestUsedBy(t *testing.T) {
 				t.Errorf("usedBy(%v) = %q, want %q", tc.owners, got, tc.want)
 			}
 		})
+	}
+}
+
+// TestDuCountsImagesByDigestAndVolumes: an image pulled by tag and by
+// digest is one image, whose layers nothing else shares; du tells how the
+// volumes on the node share the cache: what their images would take as
+// copies, and what the cache holds, each layer once (an artifact's tree
+// standing for its files).
+func TestDuCountsImagesByDigestAndVolumes(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	reg := testimage.Registry(t)
+	root := t.TempDir()
+	base := makeLayer(t, testimage.Gzip, testimage.File("a", strings.Repeat("a", 3000)))
+	top := makeLayer(t, testimage.Gzip, testimage.File("b", strings.Repeat("b", 5000)))
+	ref := reg + "/du/data:v1"
+	digest := push(t, ref, base, top)
+	byDigest := reg + "/du/data@" + digest.String()
+	expectCode(t, "pull", strata(t, root, "pull", ref), 0)
+	expectCode(t, "pull by digest", strata(t, root, "pull", byDigest), 0)
+
+	modelRef := reg + "/du/model:v1"
+	testimage.PushArtifact(t, modelRef, testimage.Artifact{ArtifactType: testimage.ModelManifest, ConfigMediaType: testimage.ModelConfig,
+		Layers: []testimage.Blob{
+			{MediaType: "application/vnd.cncf.model.weight.v1.raw", Data: []byte(strings.Repeat("w", 7000)),
+				Annotations: map[string]string{testimage.ModelFilepath: "w.safetensors"}},
+			{MediaType: "application/vnd.cncf.model.weight.v1.raw", Data: []byte(strings.Repeat("x", 11000)),
+				Annotations: map[string]string{testimage.ModelFilepath: "x.safetensors"}},
+		}})
+	expectCode(t, "pull of a model", strata(t, root, "pull", modelRef), 0)
+
+	both := []v1.Hash{base.diffID(t), top.diffID(t)}
+	for i, layers := range [][]v1.Hash{both, both, both[:1]} {
+		key := fmt.Sprintf("%032x", i+1)
+		publishRecord(t, root, key, state.Record{VolumeID: fmt.Sprintf("vol-%d", i), TargetPath: "/pods/" + key, Image: ref,
+			Digest: digest, Layers: layers, Published: time.Now()})
+	}
+	var model []v1.Hash
+	var modelDigest v1.Hash
+	r := strata(t, root, "ls", "--json")
+	expectCode(t, "ls --json", r, 0)
+	var ls lsJSON
+	if err := json.Unmarshal([]byte(r.stdout), &ls); err != nil {
+		t.Fatal(err)
+	}
+	for _, im := range ls.Images {
+		if im.Ref == modelRef {
+			modelDigest = v1.Hash{Algorithm: "sha256", Hex: strings.TrimPrefix(im.Digest, "sha256:")}
+			for _, d := range im.Layers {
+				model = append(model, v1.Hash{Algorithm: "sha256", Hex: strings.TrimPrefix(d, "sha256:")})
+			}
+		}
+	}
+	if len(model) != 1 {
+		t.Fatalf("the model's layers are %v, want its tree alone", model)
+	}
+	for i := range 2 {
+		key := fmt.Sprintf("%032x", 10+i)
+		publishRecord(t, root, key, state.Record{VolumeID: fmt.Sprintf("model-%d", i), TargetPath: "/pods/" + key, Image: modelRef,
+			Digest: modelDigest, Layers: model, Published: time.Now()})
+	}
+
+	r = strata(t, root, "du", "--bytes")
+	expectCode(t, "du --bytes", r, 0)
+	du := parseDu(t, r.stdout)
+	const files = 7000 + 11000
+	image := base.size + top.size
+	for name, want := range map[string]int64{
+		"images": 2, "shared": 0, "saved": 0, "unique": image + files,
+		"volumes":   5,
+		"as copies": 2*image + base.size + 2*files,
+		"held":      image + files,
+	} {
+		if du[name] != want {
+			t.Errorf("du --bytes: %s = %d, want %d\n%s", name, du[name], want, r.stdout)
+		}
 	}
 }

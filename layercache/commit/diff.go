@@ -194,7 +194,7 @@ func (d *differ) entry(pfd int, rel, name string) error {
 		afterStat(pfd, name)
 	}
 	mode := st.Mode & unix.S_IFMT
-	if mode == unix.S_IFCHR && st.Rdev == 0 {
+	if IsWhiteout(&st) {
 		// Overlayfs shares one whiteout inode among many names (Linux
 		// 5.8+), so this test comes before the hardlink one.
 		return d.whiteout(p)
@@ -228,6 +228,10 @@ func (d *differ) entry(pfd int, rel, name string) error {
 	d.stats.Skipped++
 	return nil
 }
+
+// IsWhiteout reports whether st is an overlayfs whiteout (a character
+// device 0:0), as the cache's layers and a volume's upper store a deletion.
+func IsWhiteout(st *unix.Stat_t) bool { return st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0 }
 
 // header is the tar header of p with the metadata of st.
 func header(p string, st *unix.Stat_t) *tar.Header {
@@ -296,8 +300,9 @@ func (d *differ) regular(pfd int, name string, hdr *tar.Header, st *unix.Stat_t)
 	return nil
 }
 
-// errNotSame says that name is no longer the regular file the walk saw.
-var errNotSame = errors.New("not the regular file the walk saw")
+// errNotSame says that name is no longer the regular file (or directory)
+// the walk saw.
+var errNotSame = errors.New("not the file the walk saw")
 
 // openRegular opens name in pfd for reading, only if it still is the
 // regular file st describes. The pod may swap in a FIFO, whose open(2)
@@ -351,15 +356,12 @@ func fstat(fd int) (unix.Stat_t, error) {
 }
 
 func (d *differ) directory(pfd int, name string, hdr *tar.Header) error {
-	// O_DIRECTORY fails with ENOTDIR before anything is opened, so a FIFO
-	// or device node swapped in for the directory is never opened; a
-	// symlink is refused by O_NOFOLLOW (ELOOP).
-	fd, err := unix.Openat(pfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOENT) {
+	fd, err := openDir(pfd, name, hdr.Name)
+	if errors.Is(err, errNotSame) {
 		return changed(hdr.Name)
 	}
 	if err != nil {
-		return fmt.Errorf("open directory %q in the upper: %w", hdr.Name, err)
+		return err
 	}
 	defer unix.Close(fd)
 	opaque, err := getxattr(fd, xattrOpaque)
@@ -384,6 +386,22 @@ func (d *differ) directory(pfd int, name string, hdr *tar.Header) error {
 		}
 	}
 	return d.dir(fd, rel)
+}
+
+// openDir opens the directory name in pfd, whose path in the upper is p.
+// O_DIRECTORY fails with ENOTDIR before anything is opened, so a FIFO or
+// device node swapped in for the directory is never opened; a symlink is
+// refused by O_NOFOLLOW (ELOOP). A name that is no longer a directory is
+// errNotSame.
+func openDir(pfd int, name, p string) (int, error) {
+	fd, err := unix.Openat(pfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOENT) {
+		return -1, errNotSame
+	}
+	if err != nil {
+		return -1, fmt.Errorf("open directory %q in the upper: %w", p, err)
+	}
+	return fd, nil
 }
 
 func (d *differ) symlink(pfd int, name string, hdr *tar.Header) error {

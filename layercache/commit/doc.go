@@ -35,4 +35,8 @@
 // old name gets a whiteout. An upper that does hold one, from a mount made
 // with other options, is refused with ErrOverlayFeature rather than turned
 // into a layer that silently lacks data.
+//
+// Changes reads an upper directory the same way to list, against the lower
+// layers, the paths it adds, changes and deletes, as docker diff does (the
+// strata diff command).
 package commit

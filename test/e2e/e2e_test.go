@@ -428,6 +428,41 @@ func testMissingImage(t *testing.T) {
 	if err != nil || p.Status.Phase != corev1.PodPending {
 		t.Errorf("pod with the missing image: phase %v, %v; want Pending", p.Status.Phase, err)
 	}
+
+	// A registry whose name does not resolve: every retry fails the same
+	// way, and its events say so in the same words, so that Kubernetes
+	// counts them on one event each (the count grows) instead of adding an
+	// event per retry that differs only in a port number.
+	const unresolvable = "does-not-exist.invalid/data/set:v1"
+	createPod(t, ns, inlinePod("unresolvable", unresolvable, false))
+	eventually(t, 4*time.Minute, "the unresolvable image's FailedMount and PullFailed events repeated on one event each", func() (bool, error) {
+		evs, err := kube.CoreV1().Events(ns).List(context.Background(), metav1.ListOptions{FieldSelector: "involvedObject.name=unresolvable"})
+		if err != nil {
+			return false, err
+		}
+		events, counts := map[string]int{}, map[string]int32{}
+		var seen []string
+		for _, e := range evs.Items {
+			if e.Reason == "FailedMount" || e.Reason == "PullFailed" {
+				events[e.Reason]++
+				counts[e.Reason] += e.Count
+				seen = append(seen, fmt.Sprintf("%s x%d: %s", e.Reason, e.Count, e.Message))
+			}
+		}
+		if events["FailedMount"] == 1 && events["PullFailed"] == 1 && counts["FailedMount"] >= 2 && counts["PullFailed"] >= 2 {
+			t.Logf("aggregated events: %q", seen)
+			for _, s := range seen {
+				if !strings.Contains(s, "DNS lookup of does-not-exist.invalid failed") {
+					t.Errorf("event does not say which lookup failed: %s", s)
+				}
+			}
+			return true, nil
+		}
+		if events["FailedMount"] > 1 || events["PullFailed"] > 1 {
+			return false, fmt.Errorf("a retry made a new event instead of repeating one: %q", seen)
+		}
+		return false, fmt.Errorf("events so far: %q", seen)
+	})
 }
 
 // 8. helm upgrade keeps running volumes working; helm uninstall, after the
