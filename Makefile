@@ -17,7 +17,7 @@ FUZZTIME_CI ?= 10000x
 # Where hack/install-deps puts staticcheck (go install's default).
 STATICCHECK = $(shell $(GO) env GOPATH)/bin/staticcheck
 
-.PHONY: all build test unit e2e conformance lint bench demo deps fuzz fuzz-ci clean
+.PHONY: all build test unit e2e conformance matrix lint bench demo deps fuzz fuzz-ci clean
 
 all: build
 
@@ -73,6 +73,15 @@ e2e: deps image
 ## make test runs the others (test/README.md gives the last result)
 conformance: deps image
 	STRATA_CONFORMANCE=1 hack/e2e
+	$(MAKE) matrix
+
+## matrix: make e2e's selection on the version matrix's other pair,
+## Kubernetes MATRIX_K8S_VERSION with Debian's containerd 1.6
+## (STRATA_MATRIX=1: the counts are test/README.md's matrix column); make
+## conformance runs it after its own run, CI does not
+MATRIX_K8S_VERSION ?= v1.35.4
+matrix: deps image
+	K8S_VERSION=$(MATRIX_K8S_VERSION) CONTAINERD=debian STRATA_MATRIX=1 hack/e2e
 
 ## fuzz: run the unpacker's fuzz test for FUZZTIME; what it finds is
 ## written to layercache/unpack/testdata/fuzz/FuzzApply (keep it in git)
@@ -90,10 +99,12 @@ bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./driver/ ./driver/mount/
 
 ## demo: the local cluster, the chart installed with helm, the examples of
-## deploy/examples on a sample dataset image, and what the node's disk holds
-## (hack/demo); demo-down removes it all
+## deploy/examples on a sample dataset image, and the proof of the README's
+## claims: copy-on-write isolation, a clone's persistence, one copy on the
+## node (hack/demo; it runs hack/install-deps and make image itself, their
+## output in ~/.cache/strata/logs); demo-down removes it all
 .PHONY: demo-down demo-socket
-demo: deps image
+demo:
 	hack/demo
 demo-down:
 	hack/demo --down
@@ -119,7 +130,8 @@ image: build
 
 ## cluster-up / cluster-down: a real single-node Kubernetes (v1.37.2 + containerd
 ## v2.2.9 by default, built from the module proxy and cached in ~/.cache/strata/cluster) in
-## its own network namespace; see hack/cluster/README.md
+## its own network namespace (NODES=3 make cluster-up: three nodes); see
+## hack/cluster/README.md
 .PHONY: cluster-up cluster-down cluster-test
 cluster-up:
 	hack/cluster-up
@@ -127,6 +139,7 @@ cluster-down:
 	hack/cluster-down
 
 ## cluster-test: bring a cluster up, run a pod, tear it down, check the host
-## network is byte-identical (a cold build takes about 20 minutes)
+## network is byte-identical; then the same with NODES=3 and a pod per node
+## (a cold build takes about 20 minutes)
 cluster-test: deps
 	$(GO) test -tags cluster -count=1 -timeout 40m ./test/cluster

@@ -12,6 +12,10 @@ export CLUSTER_CACHE
 
 # shellcheck source=../versions.sh
 . "$CLUSTER_REPO/hack/versions.sh"
+# run_long: long steps (builds, package installs) with a heartbeat, their
+# output in STRATA_LOGS.
+# shellcheck source=../lib.sh
+. "$CLUSTER_REPO/hack/lib.sh"
 # CONTAINERD=build: containerd CONTAINERD_VERSION from the module proxy;
 # CONTAINERD=debian: Debian's containerd 1.6 package (use with K8S_VERSION<=v1.35.x).
 CONTAINERD=${CONTAINERD:-build}
@@ -21,7 +25,8 @@ ETCD=${ETCD:-build}
 # Network plan: everything lives in network namespace CLUSTER_NETNS.
 CLUSTER_NETNS=${CLUSTER_NETNS:-strata-e2e}
 NODE_NAME=${NODE_NAME:-strata-node}
-NODE_IP=10.99.0.1            # on veth strata-node inside the namespace
+API_IP=10.99.0.1             # the apiserver (and, with NODES=1, the node)
+NODE_IP=$API_IP              # on veth strata-node inside the namespace
 POD_CIDR=${POD_CIDR:-10.89.0.0/24} # CNI bridge strata-br0, no default route in pods
 SERVICE_CIDR=10.96.0.0/24    # kubernetes service VIP 10.96.0.1
 CNI_BRIDGE=strata-br0
@@ -55,6 +60,76 @@ export KUBECACHEDIR=$CLUSTER_DIR/kube-cache
 
 # Components in start order (pidfiles are $C_RUN/<name>.pid).
 COMPONENTS=(etcd kube-apiserver containerd kube-controller-manager kube-scheduler kubelet sshd kube-proxy)
+
+# NODES: how many nodes (kubelet + containerd + kube-proxy each). A running
+# cluster's count is in $C_STATE/nodes, so that cluster-down and service find
+# every node without being told. NODES=1 is the layout above, unchanged; with
+# NODES>1 the control plane keeps CLUSTER_NETNS (API_IP on bridge
+# NODES_BRIDGE) and each node gets a network namespace, a mount namespace and
+# a directory of its own (node_vars; hack/cluster/README.md, "Many nodes").
+if [ -z "${NODES:-}" ] && [ -s "$C_STATE/nodes" ]; then NODES=$(<"$C_STATE/nodes"); fi
+NODES=${NODES:-1}
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || { echo "cluster: NODES=$NODES: want a number of nodes from 1 to 99" >&2; exit 1; }
+NODES_BRIDGE=strata-nodes    # NODES>1: in CLUSTER_NETNS, API_IP/24, one veth per node
+NODES_NET=10.99.0            # NODES>1: node i has $NODES_NET.$((10+i))
+# NODES>1: a node's 127.0.0.1 on these ports (FIRST-LAST) is the control
+# plane's, where the tests run their registries (in-netns).
+LOCAL_FORWARD_PORTS=${LOCAL_FORWARD_PORTS:-5000-5009}
+C_NODES=$C_DATA/nodes        # NODES>1: one directory per node
+C_MNTNS=$C_RUN/mntns         # NODES>1: the nodes' mount namespaces (nsfs bind mounts)
+# Paths that every node owns privately (NODES>1): inside node N's mount
+# namespace, $C_NODES/<name>/root<path> is bind-mounted on <path>. The first
+# four are paths the kubelet, containerd and CNI use whatever their
+# configuration says; /etc/cni holds the node's CNI config.
+NODE_PRIVATE_PATHS=(/var/lib/kubelet /var/lib/cni /run/containerd /var/log/containers /etc/cni)
+
+# node_vars I: the names, addresses and paths of node I (1..NODES), as N_*
+# variables. With NODES=1 they are the single-node layout above.
+node_vars() {
+	local i=$1 o1 o2 o3
+	N_I=$i
+	if [ "$NODES" = 1 ]; then
+		N_NAME=$NODE_NAME N_IP=$NODE_IP N_POD_CIDR=$POD_CIDR N_NETNS=$CLUSTER_NETNS
+		N_SUFFIX='' N_DIR='' N_MNTNS=''
+		N_ETC=$C_ETC N_RUNDIR=$C_RUN N_DATA=$C_DATA N_CERT=kubelet
+		N_CNI_CONF_DIR=$C_ETC/cni N_CNI_WRITE_DIR=$C_ETC/cni
+		N_CGROUP_ROOT=/$CGROUP_ROOT N_SSHBIN=$CLUSTER_DIR/sshbin
+		CONTAINERD_SOCK_N=$CONTAINERD_SOCK
+		return
+	fi
+	if [ "$i" = 1 ]; then N_NAME=$NODE_NAME; else N_NAME=$NODE_NAME-$i; fi
+	N_IP=$NODES_NET.$((10 + i))
+	# Pod CIDRs: POD_CIDR's /24 for node 1, the next /24s for the others.
+	IFS=. read -r o1 o2 o3 _ <<<"${POD_CIDR%/*}"
+	N_POD_CIDR=$o1.$o2.$((o3 + i - 1)).0/24
+	N_NETNS=$CLUSTER_NETNS-n$i
+	N_SUFFIX=@$N_NAME
+	N_DIR=$C_NODES/$N_NAME
+	N_MNTNS=$C_MNTNS/$N_NAME
+	N_ETC=$N_DIR/etc N_RUNDIR=$N_DIR/run N_DATA=$N_DIR/data N_CERT=kubelet-$N_NAME
+	N_CNI_CONF_DIR=/etc/cni/net.d N_CNI_WRITE_DIR=$N_DIR/root/etc/cni/net.d
+	N_CGROUP_ROOT=/$CGROUP_ROOT/$N_NAME N_SSHBIN=$N_DIR/sshbin
+	CONTAINERD_SOCK_N=$N_RUNDIR/containerd/containerd.sock
+}
+# all_components: every component's name (its pidfile is $C_RUN/<name>.pid)
+# in start order; a node's own are <component>@<node> when NODES>1.
+all_components() {
+	local i c
+	if [ "$NODES" = 1 ]; then
+		printf '%s\n' "${COMPONENTS[@]}"
+		return
+	fi
+	printf '%s\n' etcd kube-apiserver kube-controller-manager kube-scheduler
+	for ((i = 1; i <= NODES; i++)); do
+		node_vars "$i"
+		for c in containerd kubelet sshd kube-proxy; do echo "$c$N_SUFFIX"; done
+	done
+}
+# The pod CIDRs of all nodes, one per line.
+all_pod_cidrs() {
+	local i
+	for ((i = 1; i <= NODES; i++)); do node_vars "$i"; echo "$N_POD_CIDR"; done
+}
 
 log() { printf '%s cluster: %s\n' "$(date +%T.%N | cut -c1-12)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -115,6 +115,7 @@ func TestClusterUpPodDown(t *testing.T) {
 			env = append(env, kv)
 		}
 	}
+	env = append(env, "NODES=1") // the single-node layout, whatever the caller's NODES
 	c := &cluster{t: t, root: root, dir: dir, env: env}
 	up := filepath.Join(root, "hack", "cluster-up")
 	down := filepath.Join(root, "hack", "cluster-down")
