@@ -602,3 +602,51 @@ func (objs objects) withoutController() objects {
 	}
 	return out
 }
+
+// TestControllerSpreads: by default the controller's replicas prefer
+// different nodes (a standby outlives its leader's node) without requiring
+// it; controller.affinity replaces that rule.
+func TestControllerSpreads(t *testing.T) {
+	t.Parallel()
+	type term struct {
+		Weight          int `yaml:"weight"`
+		PodAffinityTerm struct {
+			TopologyKey   string `yaml:"topologyKey"`
+			LabelSelector struct {
+				MatchLabels map[string]string `yaml:"matchLabels"`
+			} `yaml:"labelSelector"`
+		} `yaml:"podAffinityTerm"`
+	}
+	type deployment[A any] struct {
+		Spec struct {
+			Selector struct {
+				MatchLabels map[string]string `yaml:"matchLabels"`
+			} `yaml:"selector"`
+			Template struct {
+				Spec struct {
+					Affinity A `yaml:"affinity"`
+				} `yaml:"spec"`
+			} `yaml:"template"`
+		} `yaml:"spec"`
+	}
+	var d deployment[map[string]map[string][]term]
+	render(t, "").one(t, "Deployment", &d)
+	aff := d.Spec.Template.Spec.Affinity
+	anti := aff["podAntiAffinity"]
+	if len(aff) != 1 || len(anti) != 1 || len(anti["preferredDuringSchedulingIgnoredDuringExecution"]) != 1 {
+		t.Fatalf("default affinity %+v: want one preferred podAntiAffinity term, nothing required", aff)
+	}
+	p := anti["preferredDuringSchedulingIgnoredDuringExecution"][0]
+	if p.Weight != 100 || p.PodAffinityTerm.TopologyKey != "kubernetes.io/hostname" ||
+		!maps.Equal(p.PodAffinityTerm.LabelSelector.MatchLabels, d.Spec.Selector.MatchLabels) {
+		t.Errorf("anti-affinity term %+v: want weight 100 on kubernetes.io/hostname, selecting the Deployment's own pods %v",
+			p, d.Spec.Selector.MatchLabels)
+	}
+
+	var set deployment[map[string]any]
+	render(t, "controller: {affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: pool, operator: In, values: [system]}]}]}}}}").
+		one(t, "Deployment", &set)
+	if aff := set.Spec.Template.Spec.Affinity; len(aff) != 1 || aff["nodeAffinity"] == nil {
+		t.Errorf("with controller.affinity set: affinity %+v, want the value's nodeAffinity alone", aff)
+	}
+}
