@@ -287,7 +287,7 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		t.Fatalf("junit report: %v", err)
 	}
 	selected, notSelected := regexp.MustCompile(focus), regexp.MustCompile(skip)
-	var passed, failed, skipped int
+	var passed, failed, skipped, undeclared int
 	for _, s := range j.Suites {
 		for _, tc := range s.Cases {
 			if !selected.MatchString(tc.Name) || notSelected.MatchString(tc.Name) {
@@ -297,6 +297,10 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 			case tc.Failure != nil || tc.Error != nil:
 				failed++
 				t.Errorf("FAILED: %s", tc.Name)
+			case tc.Skipped != nil && undeclaredPattern.MatchString(tc.Skipped.Message):
+				// Not a spec of this definition: v1.37's suite does not
+				// register it at all, and it is not counted.
+				undeclared++
 			case tc.Skipped != nil:
 				skipped++
 				reason := ""
@@ -317,6 +321,9 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		}
 	}
 	t.Logf("kind %s: %d passed, %d failed, %d skipped", k.name, passed, failed, skipped)
+	if undeclared > 0 {
+		t.Logf("kind %s: %d specs of test patterns the definition does not declare, which this suite's version skips at run time (v1.37 does not register them), not counted", k.name, undeclared)
+	}
 	if passed < k.minPassed {
 		t.Errorf("%d specs passed, want at least the %d known to apply", passed, k.minPassed)
 	}
@@ -324,6 +331,21 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 		checkCountsTable(t, k.definition, fmt.Sprintf("%d / %d / %d", passed, failed, skipped))
 	}
 }
+
+// undeclaredPattern matches the skip messages with which a suite before
+// v1.36 passes over the specs of a test pattern (volume type, volume mode,
+// filesystem type) that the driver definition does not declare: the
+// checks that v1.37's suite makes before it registers a spec
+// (storageframework.SkipInvalidDriverPatternCombination, the external
+// driver's SkipUnsupportedTest and each suite's SkipUnsupportedTests), so
+// that those specs never run or count there. Skips of a declared pattern
+// (a capability, a cluster shape) are not matched: they keep needing their
+// reason.
+var undeclaredPattern = regexp.MustCompile(`(Driver "?[^ "]+"? (doesn't support|does not support volume type) "?(` + patternValues + `)?"? -{1,2} skipping|Suite "[^"]+" does not support (` + patternValues + `)$)`)
+
+// patternValues are the values of a test pattern's volume type, volume
+// mode and filesystem type.
+const patternValues = `InlineVolume|PreprovisionedPV|DynamicPV|CSIInlineVolume|GenericEphemeralVolume|Block|Filesystem|ext2|ext3|ext4|xfs|ntfs`
 
 // countsTable is the page whose table gives the suite's counts per kind:
 // a row per definition, with the counts of make test and of make
