@@ -17,7 +17,7 @@ FUZZTIME_CI ?= 10000x
 # Where hack/install-deps puts staticcheck (go install's default).
 STATICCHECK = $(shell $(GO) env GOPATH)/bin/staticcheck
 
-.PHONY: all build test unit e2e conformance matrix lint bench demo deps fuzz fuzz-ci clean
+.PHONY: all build test unit e2e e2e-nodes conformance matrix lint bench demo deps fuzz fuzz-ci clean
 
 all: build
 
@@ -63,16 +63,29 @@ unit: lint
 
 ## e2e: a real single-node Kubernetes (hack/cluster-up), the chart installed
 ## with helm, Strata's scenarios and Kubernetes' external-storage e2e suite,
-## then hack/cluster-down (see hack/e2e and test/e2e)
+## then hack/cluster-down (see hack/e2e and test/e2e); then the steps
+## E2E_NODES_CI of the many-node scenarios on a cluster of three nodes (the
+## others, a rolling upgrade and a lost node, are make e2e-nodes's)
+E2E_NODES_CI ?= ^TestNodes$$/^(Install|Placement|ControllerFailover|CommitOnItsNode|DeletionOnItsNode)$$
 e2e: deps image
 	hack/e2e
+	NODES=3 hack/e2e -run '$(E2E_NODES_CI)'
+
+## e2e-nodes: all the many-node scenarios (test/e2e TestNodes) on a cluster
+## of one control plane and three nodes (NODES=3 hack/e2e): placement, the
+## controller's failover, each node's sweep and commits, a rolling upgrade
+## and a lost node; make conformance runs it
+e2e-nodes: deps image
+	NODES=3 hack/e2e
 
 ## conformance: make e2e with every spec of Kubernetes' external-storage
 ## suite that applies to a kind of Strata volume, [Slow], [Serial] and
-## [Disruptive] included (STRATA_CONFORMANCE=1); too long for CI, whose
-## make test runs the others (test/README.md gives the last result)
+## [Disruptive] included (STRATA_CONFORMANCE=1), then make e2e-nodes (every
+## many-node scenario) and make matrix; too long for CI, whose make test runs
+## the others (test/README.md gives the last result)
 conformance: deps image
 	STRATA_CONFORMANCE=1 hack/e2e
+	$(MAKE) e2e-nodes
 	$(MAKE) matrix
 
 ## matrix: make e2e's selection on the version matrix's other pair,

@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -298,16 +299,22 @@ func (m Mount) HasOption(opt string) bool {
 	return false
 }
 
-// Mounts parses /proc/self/mountinfo. Lines can be very long (an overlay of
-// hundreds of layers), so the scanner's buffer is large.
+// Mounts parses /proc/self/mountinfo.
 func Mounts() ([]Mount, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	return ParseMountinfo(f)
+}
+
+// ParseMountinfo parses a mount table in /proc/PID/mountinfo's format (of
+// another mount namespace, say). Lines can be very long (an overlay of
+// hundreds of layers), so the scanner's buffer is large.
+func ParseMountinfo(r io.Reader) ([]Mount, error) {
 	var out []Mount
-	sc := bufio.NewScanner(f)
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 1<<20), 16<<20)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())

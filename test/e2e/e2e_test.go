@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -34,6 +33,7 @@ var (
 	datasetRef    = registryAddr + "/e2e/dataset:v1"
 	missingRef    = registryAddr + "/e2e/dataset:v0" // a tag the registry lacks
 	datasetLayers []string                           // diffIDs, bottom first
+	datasetBlobs  []string                           // the layers' (compressed) digests, bottom first
 	// conformanceRef is the image of the external suite's classes: the
 	// suite writes files of fixed names at the volume's root (data,
 	// index.html), which the dataset's data/ directory would be in the way
@@ -82,20 +82,23 @@ func TestStrata(t *testing.T) {
 // testInstall starts the registry inside the cluster's network namespace,
 // pushes the dataset image and installs the chart.
 func testInstall(t *testing.T) {
-	var ln net.Listener
-	err := inNetns(c.netns, func() error {
-		var err error
-		ln, err = net.Listen("tcp", registryAddr)
-		return err
-	})
-	if err != nil {
-		t.Fatalf("registry listener in netns %s: %v", c.netns, err)
-	}
-	srv := &http.Server{Handler: registry.New(registry.Logger(log.New(io.Discard, "", 0)))}
-	go srv.Serve(ln)
-	// The registry serves until the test binary exits: later scenarios and
-	// the external suite pull from it.
+	startRegistry(t, registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	pushImages(t)
+	installChart(t)
+}
 
+// startRegistry serves h as the registry at registryAddr inside the
+// cluster's network namespace, until the test binary exits: every scenario
+// and the external suite pull from it.
+func startRegistry(t *testing.T, h http.Handler) {
+	t.Helper()
+	serveInNetns(t, registryAddr, h)
+}
+
+// pushImages pushes the dataset and the external suite's image, and notes
+// the dataset's layers.
+func pushImages(t *testing.T) {
+	t.Helper()
 	base := testimage.Layer(t, testimage.Tar(t,
 		testimage.Dir("data"),
 		testimage.File("data/README", "dataset v1\n"),
@@ -117,26 +120,38 @@ func testInstall(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		b, err := l.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
 		datasetLayers = append(datasetLayers, d.String())
+		datasetBlobs = append(datasetBlobs, b.String())
 	}
+}
 
+// installChart installs the chart with the e2e settings and extra --set
+// arguments, and waits until a plugin pod on every node is registered with
+// its kubelet.
+func installChart(t *testing.T, extra ...string) {
+	t.Helper()
 	repo, tag := splitImage(c.pluginImage)
 	start := time.Now()
-	out, err := helm("install", release, chartDir(),
+	args := []string{"install", release, chartDir(),
 		"--namespace", releaseNS, "--create-namespace", "--wait", "--timeout", "3m",
-		"--set", "image.repository="+repo, "--set-string", "image.tag="+tag, "--set", "image.pullPolicy=Never",
-		"--set", "kubeletDir="+c.kubeletDir, "--set", "stateDir="+c.stateDir,
+		"--set", "image.repository=" + repo, "--set-string", "image.tag=" + tag, "--set", "image.pullPolicy=Never",
+		"--set", "kubeletDir=" + c.kubeletDir, "--set", "stateDir=" + c.stateDir,
 		"--set", "logLevel=4", "--set", "metrics.enabled=true", "--set", "volumeCommits.enabled=true",
 		// The state dir is on the host's shared disk: the default budget,
 		// half of that disk, may be more than is free, which would leave
 		// the node no room for clones (docs/clones.md) and keep every
 		// clone's claim Pending.
-		"--set", "cache.maxBytes=4Gi")
+		"--set", "cache.maxBytes=4Gi"}
+	out, err := helm(append(args, extra...)...)
 	if err != nil {
 		t.Fatalf("helm install: %v\n%s", err, out)
 	}
 	waitPluginReady(t)
-	t.Logf("helm install -> plugin registered with kubelet: %.1f s", time.Since(start).Seconds())
+	t.Logf("helm install -> plugin registered with kubelet on %d node(s): %.1f s", len(c.nodes), time.Since(start).Seconds())
 }
 
 func splitImage(ref string) (repo, tag string) {
@@ -501,7 +516,7 @@ func testHelmUpgradeUninstall(t *testing.T) {
 		return err == nil && len(pods.Items) == 0, err
 	})
 	eventually(t, time.Minute, "kubelet deregistered the driver", func() (bool, error) {
-		has, err := csiNodeHasDriver()
+		has, err := csiNodeHasDriver(c.nodeName)
 		return !has, err
 	})
 

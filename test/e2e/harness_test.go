@@ -56,6 +56,19 @@ type cluster struct {
 	// [Disruptive] specs use to restart the kubelet (make conformance).
 	sshKey                                     string
 	pluginImage, e2eTest, e2eBuild, helm, repo string
+	// nodes are the cluster's nodes in order (hack/cluster-up's NODES):
+	// with one, its dirs are kubeletDir and stateDir above.
+	nodes []node
+}
+
+// node is one of the cluster's nodes, with the host paths of what it holds
+// privately: with many nodes, its kubelet dir and state dir are under
+// CLUSTER_NODES_DIR/<name> on the host, and its mounts are seen only in its
+// own mount namespace.
+type node struct {
+	name, ip             string
+	kubeletDir, stateDir string // host paths
+	mntns                string // its mount namespace's file; "" with one node (the host's)
 }
 
 var (
@@ -93,9 +106,27 @@ func setup() error {
 	}
 	c.kubectlBin = filepath.Join(c.dir, "bin", "kubectl")
 	c.ctrBin = filepath.Join(c.dir, "bin", "ctr")
-	for k, v := range map[string]string{"CLUSTER_DIR": c.dir, "CLUSTER_NETNS": c.netns, "KUBECONFIG": c.kubeconfig,
+	need := map[string]string{"CLUSTER_DIR": c.dir, "CLUSTER_NETNS": c.netns, "KUBECONFIG": c.kubeconfig,
 		"KUBELET_DIR": c.kubeletDir, "STATE_DIR": c.stateDir, "NODE_NAME": c.nodeName,
-		"STRATA_E2E_IMAGE": c.pluginImage, "STRATA_E2E_TEST_BIN or STRATA_E2E_TEST_BUILD": c.e2eTest + c.e2eBuild, "HELM": c.helm} {
+		"STRATA_E2E_IMAGE": c.pluginImage, "HELM": c.helm}
+	if n := get("NODES"); n == "" || n == "1" {
+		// The external-storage suite runs on one node only (TestStrata).
+		need["STRATA_E2E_TEST_BIN or STRATA_E2E_TEST_BUILD"] = c.e2eTest + c.e2eBuild
+		c.nodes = []node{{name: c.nodeName, ip: get("NODE_IP"), kubeletDir: c.kubeletDir, stateDir: c.stateDir}}
+	} else {
+		names, ips := strings.Fields(get("NODE_NAMES")), strings.Fields(get("NODE_IPS"))
+		if fmt.Sprint(len(names)) != n || len(ips) != len(names) || get("CLUSTER_NODES_DIR") == "" {
+			return fmt.Errorf("cluster env %s: NODES=%s, but NODE_NAMES %q, NODE_IPS %q, CLUSTER_NODES_DIR %q", envFile, n, names, ips, get("CLUSTER_NODES_DIR"))
+		}
+		for i, name := range names {
+			dir := filepath.Join(get("CLUSTER_NODES_DIR"), name)
+			c.nodes = append(c.nodes, node{name: name, ip: ips[i],
+				kubeletDir: filepath.Join(dir, "kubelet"), stateDir: filepath.Join(dir, "strata"),
+				mntns: filepath.Join(get("CLUSTER_MNTNS_DIR"), name)})
+		}
+		need["CLUSTER_MNTNS_DIR"] = get("CLUSTER_MNTNS_DIR")
+	}
+	for k, v := range need {
 		if v == "" {
 			return fmt.Errorf("%s is not set (cluster env %s, or hack/e2e)", k, envFile)
 		}
@@ -133,6 +164,9 @@ func readEnvFile(path string) (map[string]string, error) {
 	for sc.Scan() {
 		line := strings.TrimPrefix(strings.TrimSpace(sc.Text()), "export ")
 		if k, v, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(k, "#") {
+			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+				v = v[1 : len(v)-1] // NODE_NAMES="a b c"
+			}
 			vars[k] = v
 		}
 	}
@@ -459,30 +493,40 @@ func pluginPod(t *testing.T) *corev1.Pod {
 	return nil
 }
 
-// waitPluginReady waits until the DaemonSet's pod is ready and kubelet has
-// the driver registered in the node's CSINode.
+// waitPluginReady waits until the DaemonSet has one ready pod on each node
+// and every node's kubelet has the driver registered in its CSINode.
 func waitPluginReady(t *testing.T) {
 	t.Helper()
-	eventually(t, 2*time.Minute, "plugin pod ready and registered with kubelet", func() (bool, error) {
+	eventually(t, 2*time.Minute, "a plugin pod ready on every node and registered with its kubelet", func() (bool, error) {
 		pods, err := kube.CoreV1().Pods(releaseNS).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=node"})
 		if err != nil {
 			return false, err
 		}
-		ready := 0
+		ready := map[string]int{}
 		for i := range pods.Items {
 			if p := &pods.Items[i]; p.DeletionTimestamp == nil && podReady(p) {
-				ready++
+				ready[p.Spec.NodeName]++
 			}
 		}
-		if ready != 1 || len(pods.Items) != 1 {
-			return false, fmt.Errorf("%d plugin pods, %d ready", len(pods.Items), ready)
+		for _, n := range c.nodes {
+			if ready[n.name] != 1 {
+				return false, fmt.Errorf("%d plugin pods, ready per node %v", len(pods.Items), ready)
+			}
 		}
-		return csiNodeHasDriver()
+		if len(pods.Items) != len(c.nodes) {
+			return false, fmt.Errorf("%d plugin pods for %d nodes", len(pods.Items), len(c.nodes))
+		}
+		for _, n := range c.nodes {
+			if ok, err := csiNodeHasDriver(n.name); !ok {
+				return false, err
+			}
+		}
+		return true, nil
 	})
 }
 
-func csiNodeHasDriver() (bool, error) {
-	cn, err := kube.StorageV1().CSINodes().Get(context.Background(), c.nodeName, metav1.GetOptions{})
+func csiNodeHasDriver(nodeName string) (bool, error) {
+	cn, err := kube.StorageV1().CSINodes().Get(context.Background(), nodeName, metav1.GetOptions{})
 	if err != nil {
 		return false, err
 	}
@@ -491,7 +535,7 @@ func csiNodeHasDriver() (bool, error) {
 			return true, nil
 		}
 	}
-	return false, fmt.Errorf("CSINode %s lists no %s", c.nodeName, driverName)
+	return false, fmt.Errorf("CSINode %s lists no %s", nodeName, driverName)
 }
 
 // example reads a manifest from deploy/examples with the dataset image in
