@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -73,6 +74,57 @@ func boundPV(t *testing.T, ns, claim string) *corev1.PersistentVolume {
 	return pv
 }
 
+// cloneSet is a StatefulSet whose replicas each get a clone of class,
+// claim "data" at /data unless volume and mountPath say otherwise.
+type cloneSet struct {
+	name              string
+	replicas          int
+	class             string
+	size              int64  // bytes each claim requests
+	command           string // the container's command, a YAML flow sequence (default: sleep)
+	podSpec           string // more lines of the pod's spec, indented by 6 spaces (affinity...)
+	parallel          bool   // podManagementPolicy: Parallel
+	volume, mountPath string
+}
+
+func (s cloneSet) manifest() string {
+	volume, mountPath, command := cmp.Or(s.volume, "data"), cmp.Or(s.mountPath, "/data"), cmp.Or(s.command, `["sleep", "86400"]`)
+	policy := ""
+	if s.parallel {
+		policy = "  podManagementPolicy: Parallel\n"
+	}
+	return fmt.Sprintf(`apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: %[1]s
+spec:
+  serviceName: %[1]s
+  replicas: %[2]d
+%[3]s  selector:
+    matchLabels: {app: %[1]s}
+  template:
+    metadata:
+      labels: {app: %[1]s}
+    spec:
+      terminationGracePeriodSeconds: 1
+%[4]s      containers:
+      - name: main
+        image: %[5]s
+        command: %[6]s
+        volumeMounts:
+        - {name: %[7]s, mountPath: %[8]s}
+  volumeClaimTemplates:
+  - metadata:
+      name: %[7]s
+    spec:
+      accessModes: [ReadWriteOnce]
+      storageClassName: %[9]s
+      resources:
+        requests:
+          storage: %[10]d
+`, s.name, s.replicas, policy, s.podSpec, busybox, command, volume, mountPath, s.class, s.size)
+}
+
 // diskBytes is the space a directory tree takes on the node's disk.
 func diskBytes(t *testing.T, dir string) int64 {
 	t.Helper()
@@ -100,38 +152,7 @@ func diskBytes(t *testing.T, dir string) int64 {
 func testCloneStatefulSet(t *testing.T) {
 	createCloneClass(t)
 	ns := namespace(t, "e2e-clones")
-	apply(t, ns, fmt.Sprintf(`apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: clones
-spec:
-  serviceName: clones
-  replicas: 3
-  podManagementPolicy: Parallel
-  selector:
-    matchLabels: {app: clones}
-  template:
-    metadata:
-      labels: {app: clones}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: main
-        image: %s
-        command: ["sleep", "86400"]
-        volumeMounts:
-        - name: data
-          mountPath: /data
-  volumeClaimTemplates:
-  - metadata:
-      name: data
-    spec:
-      accessModes: [ReadWriteOnce]
-      storageClassName: %s
-      resources:
-        requests:
-          storage: %d
-`, busybox, cloneClass, cloneSize))
+	apply(t, ns, cloneSet{name: "clones", replicas: 3, class: cloneClass, size: cloneSize, parallel: true}.manifest())
 
 	handles := map[string]string{} // pod -> volume handle
 	for i := range 3 {

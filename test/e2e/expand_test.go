@@ -33,38 +33,9 @@ func testCloneExpand(t *testing.T) {
 	createClass(t, growClass, "allowVolumeExpansion: true\n")
 	ns := namespace(t, "e2e-expand")
 	const from, to = 64 << 20, 192 << 20
-	apply(t, ns, fmt.Sprintf(`apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: grow
-spec:
-  serviceName: grow
-  replicas: 1
-  selector:
-    matchLabels: {app: grow}
-  template:
-    metadata:
-      labels: {app: grow}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: main
-        image: %s
-        # Writes a line a second for the whole scenario.
-        command: ["sh", "-c", "while true; do date >> /data/ticks; sleep 1; done"]
-        volumeMounts:
-        - name: data
-          mountPath: /data
-  volumeClaimTemplates:
-  - metadata:
-      name: data
-    spec:
-      accessModes: [ReadWriteOnce]
-      storageClassName: %s
-      resources:
-        requests:
-          storage: %d
-`, busybox, growClass, from))
+	apply(t, ns, cloneSet{name: "grow", replicas: 1, class: growClass, size: from,
+		// Writes a line a second for the whole scenario.
+		command: `["sh", "-c", "while true; do date >> /data/ticks; sleep 1; done"]`}.manifest())
 	const pod, claim = "grow-0", "data-grow-0"
 	before := waitRunning(t, ns, pod)
 	pv := boundPV(t, ns, claim)

@@ -121,36 +121,7 @@ func testModelFineTune(t *testing.T) {
 	const class = "strata-e2e-model"
 	createClassOf(t, class, modelRef, "")
 	ns := namespace(t, "e2e-finetune")
-	apply(t, ns, fmt.Sprintf(`apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: tune
-spec:
-  serviceName: tune
-  replicas: 1
-  selector:
-    matchLabels: {app: tune}
-  template:
-    metadata:
-      labels: {app: tune}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: main
-        image: %s
-        command: ["sleep", "86400"]
-        volumeMounts:
-        - {name: model, mountPath: /model}
-  volumeClaimTemplates:
-  - metadata:
-      name: model
-    spec:
-      accessModes: [ReadWriteOnce]
-      storageClassName: %s
-      resources:
-        requests:
-          storage: 64Mi
-`, busybox, class))
+	apply(t, ns, cloneSet{name: "tune", replicas: 1, class: class, size: 64 << 20, volume: "model", mountPath: "/model"}.manifest())
 	waitRunning(t, ns, "tune-0")
 	mustExec(t, ns, "tune-0", "echo tuned > /model/weights/model-00002-of-00002.safetensors && echo lora > /model/weights/adapter.safetensors && rm /model/README.md")
 

@@ -223,44 +223,14 @@ func testNodesInstall(t *testing.T) {
 // spreadManifest is the placement step's StatefulSet: replicas pods that
 // may not share a node, each with a clone of the dataset.
 func spreadManifest(replicas int) string {
-	return fmt.Sprintf(`apiVersion: apps/v1
-kind: StatefulSet
-metadata:
-  name: %[1]s
-spec:
-  serviceName: %[1]s
-  replicas: %[2]d
-  podManagementPolicy: Parallel
-  selector:
-    matchLabels: {app: %[1]s}
-  template:
-    metadata:
-      labels: {app: %[1]s}
-    spec:
-      terminationGracePeriodSeconds: 1
-      affinity:
+	return cloneSet{name: spreadSet, replicas: replicas, class: cloneClass, size: cloneSize, parallel: true,
+		podSpec: `      affinity:
         podAntiAffinity:
           requiredDuringSchedulingIgnoredDuringExecution:
           - topologyKey: kubernetes.io/hostname
             labelSelector:
-              matchLabels: {app: %[1]s}
-      containers:
-      - name: main
-        image: %[3]s
-        command: ["sleep", "86400"]
-        volumeMounts:
-        - name: data
-          mountPath: /data
-  volumeClaimTemplates:
-  - metadata:
-      name: data
-    spec:
-      accessModes: [ReadWriteOnce]
-      storageClassName: %[4]s
-      resources:
-        requests:
-          storage: %[5]d
-`, spreadSet, replicas, busybox, cloneClass, cloneSize)
+              matchLabels: {app: ` + spreadSet + `}
+`}.manifest()
 }
 
 // pvNode is the node that a PV's node affinity names (the driver's
