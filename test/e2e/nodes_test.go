@@ -624,14 +624,13 @@ func testRollingUpgrade(t *testing.T) {
 	before := waitRunning(t, nodesNS, "before-upgrade")
 	mustExec(t, nodesNS, before.Name, "echo before > /data/mark")
 
-	// The new version: the plugin image under a new tag on every node.
-	repo, _ := splitImage(c.pluginImage)
-	newTag := "e2e-upgrade"
-	for _, n := range c.nodes {
-		if out, err := inNode(n, "ctr", "images", "tag", "--force", c.pluginImage, repo+":"+newTag); err != nil {
-			t.Fatalf("tag the plugin image on node %s: %v\n%s", n.name, err, out)
-		}
+	// The new version: the plugin built again as another version, which
+	// hack/e2e imported on every node.
+	next := os.Getenv("STRATA_E2E_NEXT_IMAGE")
+	if next == "" {
+		t.Fatal("STRATA_E2E_NEXT_IMAGE is not set: hack/e2e builds the upgrade's image with NODES>1")
 	}
+	repo, newTag := splitImage(next)
 	old := map[string]string{} // node -> plugin pod UID
 	for _, n := range c.nodes {
 		old[n.name] = string(pluginPodOn(t, n.name).UID)
@@ -701,7 +700,7 @@ func testRollingUpgrade(t *testing.T) {
 			t.Errorf("%s's clone after the upgrade reads %q", name, out)
 		}
 	}
-	// A new volume on every node, served by the new plugin pods.
+	// A new volume on every node, published by the new version.
 	for _, n := range c.nodes {
 		name := "after-upgrade-" + strings.TrimPrefix(n.name, "strata-")
 		apply(t, nodesNS, pinnedInlinePod(name, n.name))
@@ -709,6 +708,12 @@ func testRollingUpgrade(t *testing.T) {
 		checkDatasetView(t, nodesNS, name, "/data")
 		if !n.overlayAt(t, volumePath(p, "dataset")) {
 			t.Errorf("no overlay for %s in node %s's mount table", name, n.name)
+		}
+		plugin := pluginPodOn(t, n.name).Name
+		l := pluginLog(t, plugin)
+		serving, published := grepLines(l, `"Serving CSI"`), grepLines(grepLines(l, `"Volume published"`), string(p.UID))
+		if !strings.Contains(serving, `version="`+newTag) || published == "" {
+			t.Errorf("node %s's plugin %s: %q, and published %q; want the version of %s and a publish of %s", n.name, plugin, serving, published, newTag, name)
 		}
 		deletePod(t, nodesNS, name)
 	}
@@ -719,12 +724,6 @@ func testRollingUpgrade(t *testing.T) {
 func pinnedInlinePod(name, nodeName string) string {
 	return strings.Replace(inlinePod(name, datasetRef, false), "spec:\n",
 		"spec:\n  nodeSelector:\n    kubernetes.io/hostname: "+nodeName+"\n", 1)
-}
-
-// inNode runs a command on node n the way its kubelet runs (the cluster's
-// in-node: its network and mount namespaces, its containerd's socket).
-func inNode(n node, args ...string) (string, error) {
-	return run(filepath.Join(c.dir, "bin", "in-node"), append([]string{n.name}, args...)...)
 }
 
 // testNodeLoss: the third node goes away (hack/cluster/node stop). A pod of
