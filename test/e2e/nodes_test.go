@@ -415,7 +415,7 @@ func testControllerFailover(t *testing.T) {
 	if len(elsewhere) == 0 {
 		t.Fatalf("every clone is on the leader's node %s", leader.Spec.NodeName)
 	}
-	t.Logf("leader on node %s provisioned the clones of %v", leader.Spec.NodeName, elsewhere)
+	t.Logf("the leader runs on node %s; clones on other nodes: %v", leader.Spec.NodeName, elsewhere)
 
 	var standby string
 	for name := range nodesOf {
