@@ -616,21 +616,16 @@ func testDeletionOnItsNode(t *testing.T) {
 	delete(placed, gone)
 }
 
-// testRollingUpgrade: helm upgrade to a new plugin image replaces the
-// plugin pods one node at a time; the volumes mounted before keep working,
-// and a new volume mounts on the new version.
+// testRollingUpgrade: helm upgrade to a new plugin image (the plugin built
+// again as another version) replaces the plugin pods one node at a time;
+// the volumes mounted before keep working, and a new volume on each node is
+// published by the new version.
 func testRollingUpgrade(t *testing.T) {
 	createPod(t, nodesNS, inlinePod("before-upgrade", datasetRef, false))
 	before := waitRunning(t, nodesNS, "before-upgrade")
 	mustExec(t, nodesNS, before.Name, "echo before > /data/mark")
 
-	// The new version: the plugin built again as another version, which
-	// hack/e2e imported on every node.
-	next := os.Getenv("STRATA_E2E_NEXT_IMAGE")
-	if next == "" {
-		t.Fatal("STRATA_E2E_NEXT_IMAGE is not set: hack/e2e builds the upgrade's image with NODES>1")
-	}
-	repo, newTag := splitImage(next)
+	repo, newTag := nextPluginImage(t)
 	old := map[string]string{} // node -> plugin pod UID
 	for _, n := range c.nodes {
 		old[n.name] = string(pluginPodOn(t, n.name).UID)
@@ -718,6 +713,38 @@ func testRollingUpgrade(t *testing.T) {
 		deletePod(t, nodesNS, name)
 	}
 	deletePod(t, nodesNS, before.Name)
+}
+
+// nextPluginImage builds the plugin again as version <tag>-next (the
+// plugin image's tag), a link of the cached build, into the image
+// <repo>:<tag>-next, and imports it on every node: the new version of the
+// rolling upgrade.
+func nextPluginImage(t *testing.T) (repo, tag string) {
+	t.Helper()
+	repo, tag = splitImage(c.pluginImage)
+	tag += "-next"
+	dir := t.TempDir()
+	start := time.Now()
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -X main.version="+tag, "-o", filepath.Join(dir, "strata-csi"), "./cmd/strata-csi")
+	build.Dir, build.Env = c.repo, append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build strata-csi %s: %v\n%s", tag, err, out)
+	}
+	if out, err := run("cp", filepath.Join(c.repo, "bin", "strata"), filepath.Join(dir, "strata")); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	image := exec.Command("go", "run", "./hack/buildimage", "--bin", dir, "--version", tag, "--tag", repo+":"+tag, "--out", filepath.Join(dir, "image.tar"))
+	image.Dir = c.repo
+	if out, err := image.CombinedOutput(); err != nil {
+		t.Fatalf("buildimage %s: %v\n%s", tag, err, out)
+	}
+	for _, n := range c.nodes {
+		if out, err := run(filepath.Join(c.dir, "bin", "in-node"), n.name, "ctr", "images", "import", filepath.Join(dir, "image.tar")); err != nil {
+			t.Fatalf("import %s:%s on node %s: %v\n%s", repo, tag, n.name, err, out)
+		}
+	}
+	t.Logf("built %s:%s and imported it on %d nodes in %.1f s", repo, tag, len(c.nodes), time.Since(start).Seconds())
+	return repo, tag
 }
 
 // pinnedInlinePod is an inline volume pod on the named node.
