@@ -322,7 +322,7 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 	}
 	t.Logf("kind %s: %d passed, %d failed, %d skipped", k.name, passed, failed, skipped)
 	if undeclared > 0 {
-		t.Logf("kind %s: %d specs of test patterns the definition does not declare, which this suite's version skips at run time (v1.37 does not register them), not counted", k.name, undeclared)
+		t.Logf("kind %s: %d specs of test patterns or capabilities the definition does not declare, which this suite's version skips when they run (v1.37 does not register them), not counted", k.name, undeclared)
 	}
 	if passed < k.minPassed {
 		t.Errorf("%d specs passed, want at least the %d known to apply", passed, k.minPassed)
@@ -333,15 +333,33 @@ func runSuiteKind(t *testing.T, bin string, k suiteKind) {
 }
 
 // undeclaredPattern matches the skip messages with which a suite before
-// v1.36 passes over the specs of a test pattern (volume type, volume mode,
-// filesystem type) that the driver definition does not declare: the
-// checks that v1.37's suite makes before it registers a spec
+// v1.36 passes over the specs that do not apply to the driver definition
+// at all: a test pattern (volume type, volume mode, filesystem type) it
+// does not declare, or a suite whose capability it does not declare (raw
+// block, fsGroup, ReadWriteOncePod, volume limits, snapshots...). These are
+// the checks that v1.37's suite makes before it registers a spec
 // (storageframework.SkipInvalidDriverPatternCombination, the external
-// driver's SkipUnsupportedTest and each suite's SkipUnsupportedTests), so
-// that those specs never run or count there. Skips of a declared pattern
-// (a capability, a cluster shape) are not matched: they keep needing their
-// reason.
-var undeclaredPattern = regexp.MustCompile(`(Driver "?[^ "]+"? (doesn't support|does not support volume type) "?(` + patternValues + `)?"? -{1,2} skipping|Suite "[^"]+" does not support (` + patternValues + `)$)`)
+// driver's SkipUnsupportedTest, each suite's SkipUnsupportedTests), so
+// that those specs never run or count there; v1.35 makes them when the
+// spec runs, in the same words followed by "skipping". A skip inside a
+// spec that applies (a cluster shape, a mode the spec needs) is not
+// matched: it keeps needing its reason.
+var undeclaredPattern = regexp.MustCompile(strings.Join([]string{
+	// storageframework and the external driver: the pattern.
+	`Driver ` + driverWord + ` (doesn't support|does not support volume type) "?(` + patternValues + `)?"? -{1,2} skipping`,
+	`Suite "[^"]+" does not support (` + patternValues + `)\s*$`,
+	// The suites' SkipUnsupportedTests: a capability.
+	`Driver ` + driverWord + ` (does not support|doesn't support) (FsGroup|ReadWriteOncePod|SELinuxMount|snapshots|dynamic provisioning|topology|volume expansion|block volume mode|group snapshots|VolumeAttributesClass tests) - skipping`,
+	`Driver ` + driverWord + ` does not support volume limits\s*$`,
+	`Driver ` + driverWord + ` does not provide raw block - skipping`,
+	`Driver ` + driverWord + ` doesn't publish storage capacity -- skipping`,
+	`Driver ` + driverWord + ` doesn't specify (snapshot |volume modify )?stress test options -- skipping`,
+	`Driver ` + driverWord + ` doesn't implement (SnapshottableTestDriver|DynamicPVTestDriver) -{1,2} skipping`,
+	`Test does not support non-filesystem volume mode - skipping`,
+}, "|"))
+
+// driverWord is a driver's name in a skip message, quoted or not.
+const driverWord = `"?[^ "]+"?`
 
 // patternValues are the values of a test pattern's volume type, volume
 // mode and filesystem type.
