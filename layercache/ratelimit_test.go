@@ -146,12 +146,7 @@ func TestRateLimitSharedByConcurrentPulls(t *testing.T) {
 	if elapsed < 3*time.Second {
 		t.Errorf("resolutions took %s, want at least the 3 s window", elapsed)
 	}
-	limited := 0
-	for _, r := range lim.Requests() {
-		if r.Limited {
-			limited++
-		}
-	}
+	limited := lim.Refused()
 	if limited > n+1 {
 		t.Errorf("the registry refused %d requests during its window, want at most %d: one per resolution, then one probe", limited, n+1)
 	}
@@ -277,12 +272,7 @@ func TestRateLimitedTokenServer(t *testing.T) {
 	if elapsed < 2*time.Second {
 		t.Errorf("pull took %s, want at least the 2 s wait", elapsed)
 	}
-	refused := 0
-	for _, r := range lim.Requests() {
-		if r.Limited {
-			refused++
-		}
-	}
+	refused := lim.Refused()
 	if refused != 1 {
 		t.Errorf("the token server refused %d requests, want 1", refused)
 	}

@@ -54,12 +54,7 @@ func TestPublishRateLimited(t *testing.T) {
 	if elapsed < 4*time.Second {
 		t.Errorf("the publish took %s, want at least the config's and the layers' 2 s waits", elapsed)
 	}
-	refused := 0
-	for _, r := range lim.Requests() {
-		if r.Limited {
-			refused++
-		}
-	}
+	refused := lim.Refused()
 	if refused != 4 { // manifest, config, two layers: each once
 		t.Errorf("the registry refused %d requests, want 4: each manifest and blob once, not at each retry", refused)
 	}

@@ -101,6 +101,17 @@ func (l *RateLimit) Requests() []Request {
 	return append([]Request(nil), l.served...)
 }
 
+// Refused is how many requests so far were answered 429.
+func (l *RateLimit) Refused() int {
+	n := 0
+	for _, r := range l.Requests() {
+		if r.Limited {
+			n++
+		}
+	}
+	return n
+}
+
 // Arm forgets every request seen and starts refusing: the next matching
 // request opens a new window, and every path is new again.
 func (l *RateLimit) Arm() {
