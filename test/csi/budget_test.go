@@ -3,7 +3,6 @@ package csitest
 import (
 	"crypto/rand"
 	"fmt"
-	"path/filepath"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -16,13 +15,8 @@ import (
 // much is needed; once a volume goes, its layers make room.
 func TestCacheBudget(t *testing.T) {
 	t.Parallel()
-	RequireRoot(t)
-	dir := t.TempDir()
-	CleanupMounts(t, dir)
-	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
 	addr := freePort(t)
-	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node",
-		Args: []string{"--cache-max-bytes", "15000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns", "--metrics-address", addr}})
+	e := newEnvWith(t, []string{"--cache-max-bytes", "15000", "--cache-low-watermark", "0.75", "--cache-min-age", "1ns", "--metrics-address", addr})
 	reg := testimage.Registry(t)
 	var refs []string
 	for _, n := range []string{"a", "b", "c"} {

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"testing"
@@ -61,12 +60,8 @@ func scrape(t *testing.T, addr string) string {
 // duration, registry errors by kind, cache size and published volumes.
 func TestMetrics(t *testing.T) {
 	t.Parallel()
-	RequireRoot(t)
-	dir := t.TempDir()
-	CleanupMounts(t, dir)
 	addr := freePort(t)
-	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
-	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node", Args: []string{"--metrics-address", addr}})
+	e := newEnvWith(t, []string{"--metrics-address", addr})
 
 	reg := testimage.Registry(t)
 	ref := reg + "/metrics/img:v1"

@@ -3,7 +3,6 @@ package csitest
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -20,12 +19,8 @@ import (
 // rate_limited registry error.
 func TestPublishRateLimited(t *testing.T) {
 	t.Parallel()
-	RequireRoot(t)
-	dir := t.TempDir()
-	CleanupMounts(t, dir)
 	addr := freePort(t)
-	e := &env{t: t, dir: dir, root: filepath.Join(dir, "root")}
-	e.Plugin = Start(t, Options{Bin: pluginBin, Root: e.root, Mode: "node", Args: []string{"--metrics-address", addr}})
+	e := newEnvWith(t, []string{"--metrics-address", addr})
 
 	lim := &testimage.RateLimit{RetryAfter: "2", Match: testimage.ManifestsAndBlobs, EachPathOnce: true}
 	reg := testimage.Server(t, lim.Wrap)
