@@ -476,10 +476,15 @@ func strataCLI(t *testing.T, args ...string) string {
 	return out
 }
 
-// pluginPod returns the running node plugin pod.
-func pluginPod(t *testing.T) *corev1.Pod {
+// pluginPod returns the running node plugin pod (of the cluster's first
+// node).
+func pluginPod(t *testing.T) *corev1.Pod { return pluginPodOn(t, c.nodeName) }
+
+// pluginPodOn returns the running, ready plugin pod on the node.
+func pluginPodOn(t *testing.T, nodeName string) *corev1.Pod {
 	t.Helper()
-	pods, err := kube.CoreV1().Pods(releaseNS).List(ctx(t), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=node"})
+	pods, err := kube.CoreV1().Pods(releaseNS).List(ctx(t), metav1.ListOptions{
+		LabelSelector: "app.kubernetes.io/component=node", FieldSelector: "spec.nodeName=" + nodeName})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -489,7 +494,7 @@ func pluginPod(t *testing.T) *corev1.Pod {
 			return p
 		}
 	}
-	t.Fatalf("no ready plugin pod in %s (%d pods)", releaseNS, len(pods.Items))
+	t.Fatalf("no ready plugin pod on node %s (%d pods)", nodeName, len(pods.Items))
 	return nil
 }
 

@@ -175,23 +175,6 @@ func (n node) cloneDisk(handle string) string {
 	return filepath.Join(n.stateDir, "clones", handle, "disk.img")
 }
 
-// pluginPodOn is the ready plugin pod on the node.
-func pluginPodOn(t *testing.T, nodeName string) *corev1.Pod {
-	t.Helper()
-	pods, err := kube.CoreV1().Pods(releaseNS).List(ctx(t), metav1.ListOptions{
-		LabelSelector: "app.kubernetes.io/component=node", FieldSelector: "spec.nodeName=" + nodeName})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range pods.Items {
-		if p := &pods.Items[i]; p.DeletionTimestamp == nil && podReady(p) {
-			return p
-		}
-	}
-	t.Fatalf("no ready plugin pod on node %s (%d pods)", nodeName, len(pods.Items))
-	return nil
-}
-
 // pluginLog is the log of the plugin container of a pod.
 func pluginLog(t *testing.T, pod string) string {
 	t.Helper()
